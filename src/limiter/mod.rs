@@ -1,0 +1,319 @@
+//! The quota itself: a token bucket, the queue of requests waiting for it, and the adaptive
+//! controller that sets its rate. Pure logic: nothing here reads the clock, spawns a task or
+//! knows about HTTP; every call is given `now`, so it is tested exactly and without sleeping.
+
+mod bucket;
+mod queue;
+mod retreat;
+mod signals;
+
+pub use bucket::TokenBucket;
+pub use queue::{AdmissionQueue, Priority, Waiter, WaiterId};
+pub use retreat::{RetreatController, RetreatSettings, RetreatState};
+pub use signals::{parse_go_duration, NonRateLimitReason, UpstreamSignal};
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything the limiter is configured with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimiterSettings {
+    pub base_rpm: f64,
+    pub capacity: u32,
+    pub queue_max: usize,
+    pub retreat: RetreatSettings,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The queue already holds `queue_max_size` waiters.
+    QueueFull,
+    /// The deadline passed before a token was free.
+    QueueTimeout,
+}
+
+impl Rejection {
+    /// The `code` of the OpenAI-style error body.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::QueueFull => "queue_full",
+            Rejection::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+/// The immediate answer to a request for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Granted,
+    Queued(WaiterId),
+    Rejected {
+        why: Rejection,
+        retry_after: Duration,
+    },
+}
+
+/// What happened to a waiter while time passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Granted(WaiterId),
+    Expired { id: WaiterId, retry_after: Duration },
+}
+
+/// A read-only picture of the limiter for status pages and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimiterSnapshot {
+    pub tokens: f64,
+    pub capacity: f64,
+    pub base_rpm: f64,
+    pub effective_rpm: f64,
+    pub state: RetreatState,
+    pub upstream_429_ratio: f64,
+    /// Waiters by priority: high, normal, low.
+    pub queue_depth: [usize; 3],
+    pub queue_max: usize,
+    pub paused_for: Option<Duration>,
+}
+
+/// One shared quota: bucket, queue and controller together.
+#[derive(Debug)]
+pub struct Limiter {
+    bucket: TokenBucket,
+    queue: AdmissionQueue,
+    controller: RetreatController,
+    queue_max: usize,
+    next_id: WaiterId,
+}
+
+impl Limiter {
+    pub fn new(settings: LimiterSettings, now: Instant) -> Self {
+        Limiter {
+            bucket: TokenBucket::new(settings.capacity, now),
+            queue: AdmissionQueue::new(),
+            controller: RetreatController::new(settings.base_rpm, settings.retreat, now),
+            queue_max: settings.queue_max,
+            next_id: 0,
+        }
+    }
+
+    /// Brings the bucket and the controller up to `now`.
+    fn advance(&mut self, now: Instant) {
+        let rate = self.controller.admission_rate_per_sec(now);
+        if rate == 0.0 {
+            self.bucket.hold(now);
+        } else {
+            self.bucket.refill(now, rate, self.queue.is_empty());
+        }
+        self.controller.tick(now);
+    }
+
+    /// Asks for a token: granted at once when one is free and nobody of equal or higher
+    /// priority waits, otherwise queued until `deadline`, or rejected when the queue is full.
+    pub fn request(
+        &mut self,
+        client: Arc<str>,
+        priority: Priority,
+        deadline: Instant,
+        now: Instant,
+    ) -> Admission {
+        self.advance(now);
+        if self.queue.waiting_at_or_above(priority) == 0 && self.bucket.try_take() {
+            return Admission::Granted;
+        }
+        if self.queue.len() >= self.queue_max {
+            return Admission::Rejected {
+                why: Rejection::QueueFull,
+                retry_after: self.estimated_wait(priority, now),
+            };
+        }
+        if deadline <= now {
+            return Admission::Rejected {
+                why: Rejection::QueueTimeout,
+                retry_after: self.estimated_wait(priority, now),
+            };
+        }
+        self.enqueue(client, priority, deadline, now, false)
+    }
+
+    /// Queues a request that already had a token and must be sent again (the upstream answered
+    /// 429): ahead of its class, and never refused for a full queue, since it was admitted once.
+    pub fn request_again(
+        &mut self,
+        client: Arc<str>,
+        priority: Priority,
+        deadline: Instant,
+        now: Instant,
+    ) -> Admission {
+        self.advance(now);
+        if deadline <= now {
+            return Admission::Rejected {
+                why: Rejection::QueueTimeout,
+                retry_after: self.estimated_wait(priority, now),
+            };
+        }
+        if self.queue.waiting_at_or_above(priority) == 0 && self.bucket.try_take() {
+            return Admission::Granted;
+        }
+        self.enqueue(client, priority, deadline, now, true)
+    }
+
+    fn enqueue(
+        &mut self,
+        client: Arc<str>,
+        priority: Priority,
+        deadline: Instant,
+        now: Instant,
+        front: bool,
+    ) -> Admission {
+        let id = self.next_id;
+        self.next_id += 1;
+        let waiter = Waiter {
+            client,
+            priority,
+            deadline,
+            enqueued: now,
+        };
+        if front {
+            self.queue.push_front(id, waiter);
+        } else {
+            self.queue.push_back(id, waiter);
+        }
+        Admission::Queued(id)
+    }
+
+    /// Takes a waiter out of the queue (its client went away). Returns false if it was no
+    /// longer waiting (already granted or expired); nothing is consumed either way.
+    pub fn cancel(&mut self, id: WaiterId, now: Instant) -> bool {
+        self.advance(now);
+        self.queue.remove(id).is_some()
+    }
+
+    /// Returns a token that was granted but never used.
+    pub fn refund(&mut self, now: Instant) {
+        self.advance(now);
+        self.bucket.refund();
+    }
+
+    /// Expires waiters whose deadline passed and grants tokens to the next waiters in line.
+    pub fn poll(&mut self, now: Instant) -> Vec<Resolution> {
+        self.advance(now);
+        let mut resolved: Vec<Resolution> = Vec::new();
+        for (id, waiter) in self.queue.expire(now) {
+            let retry_after = self.estimated_wait(waiter.priority, now);
+            resolved.push(Resolution::Expired { id, retry_after });
+        }
+        while !self.queue.is_empty() && self.bucket.try_take() {
+            let (id, _) = self.queue.pop_next().expect("queue is not empty");
+            resolved.push(Resolution::Granted(id));
+        }
+        if self.queue.is_empty() {
+            // Nobody is owed the surplus any more.
+            self.bucket.refill(now, 0.0, true);
+        }
+        resolved
+    }
+
+    /// When `poll` next has something to do; `None` while nobody waits.
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+        let deadline = self.queue.next_deadline()?;
+        let token = match self.controller.pause_until().filter(|p| *p > now) {
+            Some(resume) => Some(resume),
+            None => self
+                .bucket
+                .time_to_next_token(self.controller.admission_rate_per_sec(now))
+                .map(|wait| now + wait),
+        };
+        Some(token.map_or(deadline, |t| t.min(deadline)))
+    }
+
+    /// Feeds an upstream answer to the controller; a pause empties the bucket.
+    pub fn observe(&mut self, signal: &UpstreamSignal, now: Instant) {
+        self.advance(now);
+        self.controller.observe(signal, now);
+        if self.controller.is_paused(now) {
+            self.bucket.drain();
+        }
+    }
+
+    /// An honest guess at how long a request of `priority` would wait now: the waiters ahead
+    /// of it, less the tokens in hand, at the current rate, plus any pause.
+    pub fn estimated_wait(&self, priority: Priority, now: Instant) -> Duration {
+        let ahead = self.queue.waiting_at_or_above(priority) as f64 + 1.0;
+        let missing = (ahead - self.bucket.tokens()).max(0.0);
+        let paused = self
+            .controller
+            .pause_until()
+            .map_or(Duration::ZERO, |p| p.saturating_duration_since(now));
+        let rate = self.controller.effective_rpm()
+            * (1.0 - self.controller.settings().safety_margin)
+            / 60.0;
+        let refill = if rate > 0.0 {
+            Duration::from_secs_f64((missing / rate).min(86_400.0))
+        } else {
+            Duration::from_secs(86_400)
+        };
+        paused + refill
+    }
+
+    pub fn set_base_rpm(&mut self, rpm: f64, now: Instant) {
+        self.advance(now);
+        self.controller.set_base_rpm(rpm);
+    }
+
+    pub fn set_capacity(&mut self, capacity: u32, now: Instant) {
+        self.advance(now);
+        self.bucket.set_capacity(capacity);
+    }
+
+    pub fn set_queue_max(&mut self, queue_max: usize) {
+        self.queue_max = queue_max;
+    }
+
+    pub fn set_retreat_settings(&mut self, settings: RetreatSettings, now: Instant) {
+        self.advance(now);
+        self.controller.set_settings(settings);
+    }
+
+    pub fn snapshot(&mut self, now: Instant) -> LimiterSnapshot {
+        self.advance(now);
+        LimiterSnapshot {
+            tokens: self.bucket.tokens().min(self.bucket.capacity()),
+            capacity: self.bucket.capacity(),
+            base_rpm: self.controller.base_rpm(),
+            effective_rpm: self.controller.effective_rpm(),
+            state: self.controller.state(),
+            upstream_429_ratio: self.controller.upstream_429_ratio(now),
+            queue_depth: [
+                self.queue.depth(Priority::High),
+                self.queue.depth(Priority::Normal),
+                self.queue.depth(Priority::Low),
+            ],
+            queue_max: self.queue_max,
+            paused_for: self
+                .controller
+                .pause_until()
+                .map(|p| p.saturating_duration_since(now))
+                .filter(|d| !d.is_zero()),
+        }
+    }
+
+    pub fn is_waiting(&self, id: WaiterId) -> bool {
+        self.queue.contains(id)
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn tokens(&self) -> f64 {
+        self.bucket.tokens()
+    }
+
+    pub fn controller(&self) -> &RetreatController {
+        &self.controller
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! What an upstream answer tells the limiter: accepted, rate limited (and for how long), or a
+//! 429 that is not about the request rate at all.
+//!
+//! Formats understood: `Retry-After` (seconds or HTTP date), `retry-after-ms`, OpenAI's
+//! `x-ratelimit-remaining-requests` / `x-ratelimit-reset-requests` (duration strings such as
+//! `1s`, `6m0s`, `20ms`), and the IETF draft's `RateLimit` header (`remaining=0, reset=5` or
+//! the structured `r=0;t=5`). Bodies matter only for 429s: OpenAI's `insufficient_quota` is a
+//! billing state and NVIDIA's "Worker local total request limit reached" is a per-model
+//! concurrency limit; neither says anything about our request rate.
+
+use std::time::{Duration, SystemTime};
+
+/// Longest pause an upstream header can impose; protects against absurd or hostile values.
+const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// The limiter's reading of one upstream response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpstreamSignal {
+    /// Not a 429. `pause` is set when the upstream says the quota is used up until then.
+    Accepted { pause: Option<Duration> },
+    /// A 429 about the request rate; `retry_after` when the upstream said how long to wait.
+    RateLimited { retry_after: Option<Duration> },
+    /// A 429 that retreating or replaying cannot help (billing, per-model concurrency).
+    NotRateLimit(NonRateLimitReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonRateLimitReason {
+    InsufficientQuota,
+    WorkerConcurrency,
+}
+
+impl UpstreamSignal {
+    /// Reads a response from its status, a header lookup and (for 429s) the start of its body.
+    pub fn read<'a>(
+        status: u16,
+        header: impl Fn(&str) -> Option<&'a str>,
+        body: &[u8],
+        now: SystemTime,
+    ) -> UpstreamSignal {
+        if status != 429 {
+            let exhausted = header("x-ratelimit-remaining-requests")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|remaining| remaining <= 0.0);
+            let pause = if exhausted {
+                header("x-ratelimit-reset-requests").and_then(parse_go_duration)
+            } else {
+                ietf_reset_when_exhausted(&header)
+            };
+            return UpstreamSignal::Accepted {
+                pause: pause.map(|p| p.min(MAX_PAUSE)),
+            };
+        }
+        if let Some(reason) = non_rate_limit_reason(body) {
+            return UpstreamSignal::NotRateLimit(reason);
+        }
+        UpstreamSignal::RateLimited {
+            retry_after: retry_after(&header, now).map(|p| p.min(MAX_PAUSE)),
+        }
+    }
+}
+
+/// The upstream's own word on how long to wait after a 429, most precise header first.
+fn retry_after<'a>(header: &impl Fn(&str) -> Option<&'a str>, now: SystemTime) -> Option<Duration> {
+    if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    if let Some(value) = header("retry-after") {
+        let value = value.trim();
+        if let Ok(secs) = value.parse::<f64>() {
+            if secs.is_finite() && secs >= 0.0 {
+                return Some(Duration::from_secs_f64(secs));
+            }
+        } else if let Ok(when) = httpdate::parse_http_date(value) {
+            return Some(when.duration_since(now).unwrap_or(Duration::ZERO));
+        }
+    }
+    if let Some(reset) = header("x-ratelimit-reset-requests").and_then(parse_go_duration) {
+        return Some(reset);
+    }
+    ietf_reset_when_exhausted(header)
+}
+
+/// The IETF draft `RateLimit` header's reset time, when it says nothing remains.
+fn ietf_reset_when_exhausted<'a>(header: &impl Fn(&str) -> Option<&'a str>) -> Option<Duration> {
+    let value = header("ratelimit")?;
+    let mut remaining = None;
+    let mut reset = None;
+    for part in value.split([',', ';']) {
+        let Some((key, val)) = part.split_once('=') else {
+            continue;
+        };
+        let val = val.trim().trim_matches('"');
+        match key.trim() {
+            "remaining" | "r" => remaining = val.parse::<f64>().ok(),
+            "reset" | "t" => reset = val.parse::<f64>().ok(),
+            _ => {}
+        }
+    }
+    match (remaining, reset) {
+        (Some(r), Some(t)) if r <= 0.0 && t.is_finite() && t >= 0.0 => {
+            Some(Duration::from_secs_f64(t))
+        }
+        _ => None,
+    }
+}
+
+/// Parses Go-style duration strings as OpenAI sends them: `1s`, `6m0s`, `20ms`, `1h2m3.5s`.
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if let Ok(secs) = text.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0.0f64;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if number_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += number * scale;
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+fn non_rate_limit_reason(body: &[u8]) -> Option<NonRateLimitReason> {
+    let body = String::from_utf8_lossy(body);
+    if body.contains("insufficient_quota") {
+        Some(NonRateLimitReason::InsufficientQuota)
+    } else if body.contains("Worker local total request limit reached") {
+        Some(NonRateLimitReason::WorkerConcurrency)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(status: u16, headers: &[(&str, &str)], body: &str) -> UpstreamSignal {
+        let lookup = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        };
+        UpstreamSignal::read(status, lookup, body.as_bytes(), SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_go_duration("20ms"), Some(Duration::from_millis(20)));
+        assert_eq!(
+            parse_go_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_go_duration("2.5"), Some(Duration::from_secs_f64(2.5)));
+        assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration("5x"), None);
+    }
+
+    #[test]
+    fn nvidia_429_without_headers_is_a_rate_limit() {
+        let signal = read(429, &[], r#"{"status":429,"title":"Too Many Requests"}"#);
+        assert_eq!(signal, UpstreamSignal::RateLimited { retry_after: None });
+    }
+
+    #[test]
+    fn retry_after_formats() {
+        let secs = read(429, &[("Retry-After", "7")], "");
+        assert_eq!(
+            secs,
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        let ms = read(429, &[("retry-after-ms", "250"), ("Retry-After", "7")], "");
+        assert_eq!(
+            ms,
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_millis(250))
+            }
+        );
+        let date = read(429, &[("Retry-After", "Thu, 01 Jan 1970 00:00:30 GMT")], "");
+        assert_eq!(
+            date,
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(30))
+            }
+        );
+        let openai = read(429, &[("x-ratelimit-reset-requests", "6m0s")], "");
+        assert_eq!(
+            openai,
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(360))
+            }
+        );
+        let ietf = read(429, &[("RateLimit", "limit=10, remaining=0, reset=4")], "");
+        assert_eq!(
+            ietf,
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(4))
+            }
+        );
+        let huge = read(429, &[("Retry-After", "99999999")], "");
+        assert_eq!(
+            huge,
+            UpstreamSignal::RateLimited {
+                retry_after: Some(MAX_PAUSE)
+            }
+        );
+    }
+
+    #[test]
+    fn billing_and_worker_limits_are_not_rate_limits() {
+        let billing = read(429, &[], r#"{"error":{"code":"insufficient_quota"}}"#);
+        assert_eq!(
+            billing,
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::InsufficientQuota)
+        );
+        let worker = read(
+            429,
+            &[],
+            r#"{"detail":"Worker local total request limit reached"}"#,
+        );
+        assert_eq!(
+            worker,
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::WorkerConcurrency)
+        );
+    }
+
+    #[test]
+    fn exhausted_quota_on_a_success_pauses() {
+        let used_up = read(
+            200,
+            &[
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "2s"),
+            ],
+            "",
+        );
+        assert_eq!(
+            used_up,
+            UpstreamSignal::Accepted {
+                pause: Some(Duration::from_secs(2))
+            }
+        );
+        let fine = read(
+            200,
+            &[
+                ("x-ratelimit-remaining-requests", "3"),
+                ("x-ratelimit-reset-requests", "2s"),
+            ],
+            "",
+        );
+        assert_eq!(fine, UpstreamSignal::Accepted { pause: None });
+        let ietf = read(200, &[("RateLimit", "\"default\";r=0;t=3")], "");
+        assert_eq!(
+            ietf,
+            UpstreamSignal::Accepted {
+                pause: Some(Duration::from_secs(3))
+            }
+        );
+    }
+}

@@ -1,0 +1,470 @@
+//! Limiter tests on explicit instants: no sleeping, no clock.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::HashSet;
+
+fn settings(rpm: f64, capacity: u32, queue_max: usize) -> LimiterSettings {
+    LimiterSettings {
+        base_rpm: rpm,
+        capacity,
+        queue_max,
+        retreat: RetreatSettings {
+            safety_margin: 0.0,
+            window: Duration::from_secs(10),
+            quiet_period: Duration::from_secs(5),
+            recover_interval: Duration::from_secs(1),
+            ..RetreatSettings::default()
+        },
+    }
+}
+
+fn client(name: &str) -> Arc<str> {
+    Arc::from(name)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn queued(admission: Admission) -> WaiterId {
+    match admission {
+        Admission::Queued(id) => id,
+        other => panic!("expected to queue, got {other:?}"),
+    }
+}
+
+fn granted(resolutions: &[Resolution]) -> Vec<WaiterId> {
+    resolutions
+        .iter()
+        .filter_map(|r| match r {
+            Resolution::Granted(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn grants_at_the_refill_rate_and_never_early() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    let id = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    assert_eq!(limiter.next_wakeup(t0), Some(t0 + Duration::from_secs(1)));
+    assert!(limiter.poll(t0 + ms(999)).is_empty());
+    assert_eq!(granted(&limiter.poll(t0 + ms(1000))), vec![id]);
+    assert_eq!(limiter.next_wakeup(t0 + ms(1000)), None);
+}
+
+#[test]
+fn capacity_bounds_the_burst() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 3, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    let admitted = (0..5)
+        .filter(|_| {
+            limiter.request(
+                client("a"),
+                Priority::Normal,
+                far,
+                t0 + Duration::from_secs(100),
+            ) == Admission::Granted
+        })
+        .count();
+    assert_eq!(admitted, 3);
+}
+
+#[test]
+fn a_late_wakeup_does_not_lose_the_token_owed_to_a_waiter() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    let a = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    let b = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    // The clock wakes 300 ms late: the first waiter gets its token, the second is due 700 ms later.
+    assert_eq!(granted(&limiter.poll(t0 + ms(1300))), vec![a]);
+    assert!(limiter.poll(t0 + ms(1999)).is_empty());
+    assert_eq!(granted(&limiter.poll(t0 + ms(2000))), vec![b]);
+}
+
+#[test]
+fn priority_classes_are_strict() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    let low = queued(limiter.request(client("a"), Priority::Low, far, t0));
+    let normal = queued(limiter.request(client("b"), Priority::Normal, far, t0));
+    let high = queued(limiter.request(client("c"), Priority::High, far, t0));
+    let order: Vec<_> = (1..=3)
+        .flat_map(|s| granted(&limiter.poll(t0 + Duration::from_secs(s))))
+        .collect();
+    assert_eq!(order, vec![high, normal, low]);
+}
+
+#[test]
+fn a_new_request_waits_behind_equal_priority_but_not_behind_lower() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 2, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    let _low = queued(limiter.request(client("a"), Priority::Low, far, t0));
+    // One token has refilled but the low waiter has not been polled yet: a normal request
+    // does not queue behind a lower class.
+    assert_eq!(
+        limiter.request(client("b"), Priority::Normal, far, t0 + ms(1000)),
+        Admission::Granted
+    );
+    let _normal = queued(limiter.request(client("b"), Priority::Normal, far, t0 + ms(1000)));
+    assert!(matches!(
+        limiter.request(client("c"), Priority::Normal, far, t0 + ms(2500)),
+        Admission::Queued(_)
+    ));
+}
+
+#[test]
+fn round_robin_serves_a_single_client_within_two_grants() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 100), t0);
+    let far = t0 + Duration::from_secs(600);
+    assert_eq!(
+        limiter.request(client("greedy"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    for _ in 0..50 {
+        queued(limiter.request(client("greedy"), Priority::Normal, far, t0));
+    }
+    let polite = queued(limiter.request(client("polite"), Priority::Normal, far, t0));
+    let first_two: Vec<_> = (1..=2)
+        .flat_map(|s| granted(&limiter.poll(t0 + Duration::from_secs(s))))
+        .collect();
+    assert!(first_two.contains(&polite), "granted {first_two:?}");
+}
+
+#[test]
+fn deadlines_expire_with_an_honest_retry_after() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, t0 + ms(10), t0),
+        Admission::Granted
+    );
+    let short = queued(limiter.request(client("a"), Priority::Normal, t0 + ms(500), t0));
+    let long = queued(limiter.request(
+        client("b"),
+        Priority::Normal,
+        t0 + Duration::from_secs(5),
+        t0,
+    ));
+    assert_eq!(limiter.next_wakeup(t0), Some(t0 + ms(500)));
+    let resolved = limiter.poll(t0 + ms(500));
+    assert_eq!(resolved.len(), 1);
+    match resolved[0] {
+        Resolution::Expired { id, retry_after } => {
+            assert_eq!(id, short);
+            // One waiter ahead, half a token in hand, 1 token/s: about 1.5 s.
+            assert!(
+                retry_after >= ms(1400) && retry_after <= ms(1600),
+                "{retry_after:?}"
+            );
+        }
+        other => panic!("expected expiry, got {other:?}"),
+    }
+    assert_eq!(granted(&limiter.poll(t0 + ms(1000))), vec![long]);
+}
+
+#[test]
+fn a_full_queue_rejects_at_once() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 2), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    match limiter.request(client("a"), Priority::High, far, t0) {
+        Admission::Rejected {
+            why: Rejection::QueueFull,
+            retry_after,
+        } => {
+            assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}")
+        }
+        other => panic!("expected queue_full, got {other:?}"),
+    }
+}
+
+#[test]
+fn cancellation_consumes_nothing() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    let gone = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    let stays = queued(limiter.request(client("b"), Priority::Normal, far, t0));
+    assert!(limiter.cancel(gone, t0 + ms(100)));
+    assert!(!limiter.cancel(gone, t0 + ms(100)));
+    assert_eq!(granted(&limiter.poll(t0 + ms(1000))), vec![stays]);
+    // With the queue empty the token that refills next is free for a newcomer right away.
+    assert_eq!(
+        limiter.request(client("c"), Priority::Normal, far, t0 + ms(2000)),
+        Admission::Granted
+    );
+}
+
+#[test]
+fn a_refund_returns_the_token() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    limiter.refund(t0 + ms(1));
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0 + ms(2)),
+        Admission::Granted
+    );
+}
+
+#[test]
+fn upstream_429_halves_the_grant_rate() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    limiter.observe(&UpstreamSignal::RateLimited { retry_after: None }, t0);
+    assert_eq!(limiter.controller().state(), RetreatState::Retreat);
+    let id = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    assert!(
+        limiter.poll(t0 + ms(1999)).is_empty(),
+        "30 rpm: one token every 2 s"
+    );
+    assert_eq!(granted(&limiter.poll(t0 + ms(2000))), vec![id]);
+}
+
+#[test]
+fn no_token_before_retry_after_passes() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(600.0, 5, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    limiter.observe(
+        &UpstreamSignal::RateLimited {
+            retry_after: Some(Duration::from_secs(3)),
+        },
+        t0,
+    );
+    let id = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    assert_eq!(limiter.next_wakeup(t0), Some(t0 + Duration::from_secs(3)));
+    assert!(limiter.poll(t0 + ms(2999)).is_empty());
+    // Refill restarts at the end of the pause: at 300 rpm the first token comes 200 ms later.
+    assert!(limiter.poll(t0 + ms(3000)).is_empty());
+    assert_eq!(granted(&limiter.poll(t0 + ms(3200))), vec![id]);
+}
+
+#[test]
+fn recovery_returns_to_the_base_rate() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
+    limiter.observe(&UpstreamSignal::RateLimited { retry_after: None }, t0);
+    let s = limiter.snapshot(t0 + Duration::from_secs(6));
+    assert_eq!(s.state, RetreatState::Recover);
+    let s = limiter.snapshot(t0 + Duration::from_secs(400));
+    assert_eq!(s.state, RetreatState::Normal);
+    assert_eq!(s.effective_rpm, 60.0);
+}
+
+#[test]
+fn a_rate_change_keeps_tokens_and_state() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 4, 10), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    limiter.set_base_rpm(120.0, t0);
+    assert_eq!(limiter.tokens(), 3.0);
+    let s = limiter.snapshot(t0);
+    assert_eq!(
+        (s.base_rpm, s.effective_rpm, s.state),
+        (120.0, 120.0, RetreatState::Normal)
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            limiter.request(client("a"), Priority::Normal, far, t0),
+            Admission::Granted
+        );
+    }
+    let id = queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    assert_eq!(
+        granted(&limiter.poll(t0 + ms(500))),
+        vec![id],
+        "120 rpm: a token every 500 ms"
+    );
+}
+
+#[test]
+fn a_replay_goes_ahead_of_its_class() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 1), t0);
+    let far = t0 + Duration::from_secs(60);
+    assert_eq!(
+        limiter.request(client("a"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    let first = queued(limiter.request(client("b"), Priority::Normal, far, t0));
+    // The queue is full, yet a replay is not refused, and it is served first.
+    let replay = queued(limiter.request_again(client("a"), Priority::Normal, far, t0));
+    assert_eq!(granted(&limiter.poll(t0 + ms(1000))), vec![replay]);
+    assert_eq!(granted(&limiter.poll(t0 + ms(2000))), vec![first]);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Arrive {
+        client: u8,
+        priority: u8,
+        timeout_ms: u16,
+    },
+    Replay {
+        client: u8,
+    },
+    Cancel {
+        nth: u8,
+    },
+    Advance {
+        ms: u16,
+    },
+    Upstream429 {
+        retry_after_ms: Option<u16>,
+    },
+    UpstreamOk,
+    SetRate {
+        rpm: u16,
+    },
+    SetCapacity {
+        capacity: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..5, 0u8..3, 0u16..5000).prop_map(|(client, priority, timeout_ms)| Op::Arrive { client, priority, timeout_ms }),
+        1 => (0u8..5).prop_map(|client| Op::Replay { client }),
+        1 => any::<u8>().prop_map(|nth| Op::Cancel { nth }),
+        4 => (0u16..3000).prop_map(|ms| Op::Advance { ms }),
+        1 => proptest::option::of(0u16..4000).prop_map(|retry_after_ms| Op::Upstream429 { retry_after_ms }),
+        2 => Just(Op::UpstreamOk),
+        1 => (1u16..600).prop_map(|rpm| Op::SetRate { rpm }),
+        1 => (1u8..6).prop_map(|capacity| Op::SetCapacity { capacity }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever happens, tokens stay in [0, capacity], the effective rate in [floor, base], and
+    /// every request is answered exactly once: granted, rejected, expired or cancelled.
+    #[test]
+    fn invariants_hold_under_random_operations(ops in proptest::collection::vec(op(), 1..200)) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut limiter = Limiter::new(settings(60.0, 2, 20), t0);
+        let mut waiting: Vec<WaiterId> = Vec::new();
+        let mut answered: HashSet<WaiterId> = HashSet::new();
+        let mut base = 60.0;
+        let mut capacity = 2.0;
+
+        let mut settle = |resolutions: Vec<Resolution>, waiting: &mut Vec<WaiterId>, answered: &mut HashSet<WaiterId>| {
+            for r in resolutions {
+                let id = match r { Resolution::Granted(id) => id, Resolution::Expired { id, .. } => id };
+                prop_assert!(answered.insert(id), "waiter {} answered twice", id);
+                let pos = waiting.iter().position(|w| *w == id);
+                prop_assert!(pos.is_some(), "waiter {} answered but was not waiting", id);
+                waiting.remove(pos.unwrap());
+            }
+            Ok(())
+        };
+
+        for op in ops {
+            match op {
+                Op::Arrive { client: c, priority, timeout_ms } => {
+                    let priority = Priority::ALL[priority as usize];
+                    let deadline = now + Duration::from_millis(u64::from(timeout_ms));
+                    if let Admission::Queued(id) = limiter.request(client(&c.to_string()), priority, deadline, now) {
+                        waiting.push(id);
+                    }
+                }
+                Op::Replay { client: c } => {
+                    if let Admission::Queued(id) = limiter.request_again(client(&c.to_string()), Priority::Normal, now + Duration::from_secs(3), now) {
+                        waiting.push(id);
+                    }
+                }
+                Op::Cancel { nth } => {
+                    if !waiting.is_empty() {
+                        let id = waiting[nth as usize % waiting.len()];
+                        prop_assert!(limiter.cancel(id, now));
+                        waiting.retain(|w| *w != id);
+                        answered.insert(id);
+                    }
+                }
+                Op::Advance { ms } => {
+                    now += Duration::from_millis(u64::from(ms));
+                    settle(limiter.poll(now), &mut waiting, &mut answered)?;
+                }
+                Op::Upstream429 { retry_after_ms } => limiter.observe(
+                    &UpstreamSignal::RateLimited { retry_after: retry_after_ms.map(|ms| Duration::from_millis(u64::from(ms))) },
+                    now,
+                ),
+                Op::UpstreamOk => limiter.observe(&UpstreamSignal::Accepted { pause: None }, now),
+                Op::SetRate { rpm } => {
+                    base = f64::from(rpm);
+                    limiter.set_base_rpm(base, now);
+                }
+                Op::SetCapacity { capacity: c } => {
+                    capacity = f64::from(c);
+                    limiter.set_capacity(u32::from(c), now);
+                }
+            }
+            settle(limiter.poll(now), &mut waiting, &mut answered)?;
+            let s = limiter.snapshot(now);
+            prop_assert!(limiter.tokens() >= 0.0 && limiter.tokens() <= capacity + 1e-9, "tokens {}", limiter.tokens());
+            prop_assert!(s.effective_rpm <= base + 1e-9 && s.effective_rpm >= base * 0.1 - 1e-9, "rate {} base {}", s.effective_rpm, base);
+            prop_assert_eq!(limiter.queue_len(), waiting.len(), "lost or phantom waiters");
+            for id in &waiting {
+                prop_assert!(limiter.is_waiting(*id));
+            }
+        }
+        // Far in the future everyone still waiting has been answered.
+        now += Duration::from_secs(3600);
+        settle(limiter.poll(now), &mut waiting, &mut answered)?;
+        prop_assert!(waiting.is_empty(), "never answered: {:?}", waiting);
+    }
+}
