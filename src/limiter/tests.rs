@@ -402,7 +402,7 @@ proptest! {
         let mut base = 60.0;
         let mut capacity = 2.0;
 
-        let mut settle = |resolutions: Vec<Resolution>, waiting: &mut Vec<WaiterId>, answered: &mut HashSet<WaiterId>| {
+        let settle = |resolutions: Vec<Resolution>, waiting: &mut Vec<WaiterId>, answered: &mut HashSet<WaiterId>| {
             for r in resolutions {
                 let id = match r { Resolution::Granted(id) => id, Resolution::Expired { id, .. } => id };
                 prop_assert!(answered.insert(id), "waiter {} answered twice", id);

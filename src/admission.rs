@@ -1,0 +1,346 @@
+//! The async side of the limiter: requests wait here for their token, and one clock task per
+//! bucket hands tokens out on time.
+//!
+//! `Limiter` (pure logic) sits behind a mutex held only for microseconds. A waiting request
+//! holds a `Ticket`; dropping a ticket before its verdict (the client went away) takes the
+//! waiter out of the queue, and a token that was granted but never picked up is refunded, so a
+//! disconnected client never consumes quota.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::limiter::{
+    Admission, Limiter, LimiterSettings, LimiterSnapshot, Priority, Rejection, Resolution,
+    UpstreamSignal, WaiterId,
+};
+
+/// The final answer for a waiting request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Granted,
+    Rejected {
+        why: Rejection,
+        retry_after: Duration,
+    },
+}
+
+/// The clock every admission decision is made with (tokio's, so tests may pause it).
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+struct GateState {
+    limiter: Limiter,
+    waiting: HashMap<WaiterId, oneshot::Sender<Verdict>>,
+}
+
+/// One shared bucket with its queue of waiting requests.
+pub struct AdmissionGate {
+    state: Mutex<GateState>,
+    /// Wakes the clock when the next thing to do may have moved earlier.
+    wake: Notify,
+    clock_started: AtomicBool,
+}
+
+/// A request's place in the queue (or its immediate verdict).
+pub struct Ticket {
+    gate: Arc<AdmissionGate>,
+    pending: Option<(WaiterId, oneshot::Receiver<Verdict>)>,
+    verdict: Option<Verdict>,
+}
+
+impl AdmissionGate {
+    pub fn new(settings: LimiterSettings) -> Arc<Self> {
+        Arc::new(AdmissionGate {
+            state: Mutex::new(GateState {
+                limiter: Limiter::new(settings, now()),
+                waiting: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            clock_started: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        // A panic while holding the lock leaves plain data behind; keep serving with it.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts this gate's clock on the current runtime the first time it is needed; the clock
+    /// ends by itself when the gate is dropped.
+    fn ensure_clock(self: &Arc<Self>) {
+        if !self.clock_started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(run_clock(self.clone()));
+        }
+    }
+
+    /// Asks for a token for a new request.
+    pub fn admit(
+        self: &Arc<Self>,
+        client: Arc<str>,
+        priority: Priority,
+        deadline: Instant,
+    ) -> Ticket {
+        self.ensure_clock();
+        let mut state = self.lock();
+        let admission = state.limiter.request(client, priority, deadline, now());
+        self.ticket(state, admission)
+    }
+
+    /// Asks again for a request the upstream answered with a 429: ahead of its class.
+    pub fn admit_again(
+        self: &Arc<Self>,
+        client: Arc<str>,
+        priority: Priority,
+        deadline: Instant,
+    ) -> Ticket {
+        self.ensure_clock();
+        let mut state = self.lock();
+        let admission = state
+            .limiter
+            .request_again(client, priority, deadline, now());
+        self.ticket(state, admission)
+    }
+
+    fn ticket(
+        self: &Arc<Self>,
+        mut state: MutexGuard<'_, GateState>,
+        admission: Admission,
+    ) -> Ticket {
+        let (pending, verdict) = match admission {
+            Admission::Granted => (None, Some(Verdict::Granted)),
+            Admission::Rejected { why, retry_after } => {
+                (None, Some(Verdict::Rejected { why, retry_after }))
+            }
+            Admission::Queued(id) => {
+                let (tx, rx) = oneshot::channel();
+                state.waiting.insert(id, tx);
+                drop(state);
+                self.wake.notify_one();
+                (Some((id, rx)), None)
+            }
+        };
+        Ticket {
+            gate: self.clone(),
+            pending,
+            verdict,
+        }
+    }
+
+    /// Feeds an upstream answer to the adaptive controller.
+    pub fn observe(&self, signal: &UpstreamSignal) {
+        self.lock().limiter.observe(signal, now());
+        self.wake.notify_one();
+    }
+
+    pub fn snapshot(&self) -> LimiterSnapshot {
+        self.lock().limiter.snapshot(now())
+    }
+
+    /// Applies new limiter settings without resetting tokens, queue or retreat state.
+    pub fn reconfigure(&self, settings: &LimiterSettings) {
+        let t = now();
+        let mut state = self.lock();
+        state.limiter.set_base_rpm(settings.base_rpm, t);
+        state.limiter.set_capacity(settings.capacity, t);
+        state.limiter.set_queue_max(settings.queue_max);
+        state
+            .limiter
+            .set_retreat_settings(settings.retreat.clone(), t);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Grants and expires what is due; returns when to look again.
+    fn tick(&self) -> Option<Instant> {
+        let t = now();
+        let mut state = self.lock();
+        for resolution in state.limiter.poll(t) {
+            let (id, verdict) = match resolution {
+                Resolution::Granted(id) => (id, Verdict::Granted),
+                Resolution::Expired { id, retry_after } => (
+                    id,
+                    Verdict::Rejected {
+                        why: Rejection::QueueTimeout,
+                        retry_after,
+                    },
+                ),
+            };
+            if let Some(tx) = state.waiting.remove(&id) {
+                if tx.send(verdict).is_err() && verdict == Verdict::Granted {
+                    // The waiter vanished between its last poll and this grant.
+                    state.limiter.refund(t);
+                }
+            }
+        }
+        state.limiter.next_wakeup(t)
+    }
+
+    /// How long a new request of `priority` would wait now.
+    pub fn estimated_wait(&self, priority: Priority) -> Duration {
+        self.lock().limiter.estimated_wait(priority, now())
+    }
+
+    fn abandon(&self, id: WaiterId, rx: &mut oneshot::Receiver<Verdict>) {
+        let t = now();
+        let mut state = self.lock();
+        if state.limiter.cancel(id, t) {
+            state.waiting.remove(&id);
+        } else if let Ok(Verdict::Granted) = rx.try_recv() {
+            // Granted, but the request is gone before it could use the token: give it back.
+            state.limiter.refund(t);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+/// The clock of one gate: grants tokens and expires waiters when they are due. It ends when
+/// nobody but the clock holds the gate any more (the route was removed by a reload).
+async fn run_clock(gate: Arc<AdmissionGate>) {
+    /// Longest idle sleep, so that a retired gate's clock notices it is alone.
+    const IDLE_CHECK: Duration = Duration::from_secs(1);
+    loop {
+        if Arc::strong_count(&gate) == 1 {
+            return;
+        }
+        let at = gate.tick().unwrap_or_else(|| now() + IDLE_CHECK);
+        tokio::select! {
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+            _ = gate.wake.notified() => {}
+        }
+    }
+}
+
+impl Ticket {
+    /// Waits for the verdict. Cancel-safe: dropping the future keeps the ticket's place, and
+    /// dropping the ticket gives it up.
+    pub async fn verdict(&mut self) -> Verdict {
+        if let Some(verdict) = self.verdict {
+            return verdict;
+        }
+        let (_, rx) = self
+            .pending
+            .as_mut()
+            .expect("a ticket without verdict is pending");
+        let verdict = rx.await.unwrap_or(Verdict::Rejected {
+            why: Rejection::QueueTimeout,
+            retry_after: Duration::from_secs(1),
+        });
+        self.pending = None;
+        self.verdict = Some(verdict);
+        verdict
+    }
+
+    /// The verdict if it is already known (granted or rejected without queueing).
+    pub fn immediate(&self) -> Option<Verdict> {
+        self.verdict
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some((id, mut rx)) = self.pending.take() {
+            self.gate.abandon(id, &mut rx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::RetreatSettings;
+
+    fn gate(rpm: f64) -> Arc<AdmissionGate> {
+        AdmissionGate::new(LimiterSettings {
+            base_rpm: rpm,
+            capacity: 1,
+            queue_max: 10,
+            retreat: RetreatSettings {
+                safety_margin: 0.0,
+                ..RetreatSettings::default()
+            },
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_grants_waiters_on_time() {
+        let gate = gate(60.0);
+        let deadline = now() + Duration::from_secs(30);
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            gate.admit(Arc::from("a"), Priority::Normal, deadline)
+                .immediate(),
+            Some(Verdict::Granted)
+        );
+        let mut second = gate.admit(Arc::from("a"), Priority::Normal, deadline);
+        let mut third = gate.admit(Arc::from("b"), Priority::Normal, deadline);
+        assert_eq!(second.verdict().await, Verdict::Granted);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert_eq!(third.verdict().await, Verdict::Granted);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_ticket_gives_its_turn_to_the_next_waiter() {
+        let gate = gate(60.0);
+        let deadline = now() + Duration::from_secs(30);
+        let start = tokio::time::Instant::now();
+        let _first = gate.admit(Arc::from("a"), Priority::Normal, deadline);
+        let gone = gate.admit(Arc::from("a"), Priority::Normal, deadline);
+        let mut stays = gate.admit(Arc::from("b"), Priority::Normal, deadline);
+        drop(gone);
+        assert_eq!(stays.verdict().await, Verdict::Granted);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(1),
+            "the dropped waiter consumed nothing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_nobody_picks_up_is_refunded() {
+        let gate = gate(60.0);
+        let deadline = now() + Duration::from_secs(30);
+        let _first = gate.admit(Arc::from("a"), Priority::Normal, deadline);
+        let unclaimed = gate.admit(Arc::from("a"), Priority::Normal, deadline);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The grant was sent at 1 s but never received; dropping the ticket refunds it.
+        drop(unclaimed);
+        assert_eq!(
+            gate.admit(Arc::from("b"), Priority::Normal, deadline)
+                .immediate(),
+            Some(Verdict::Granted)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_time_out_with_a_retry_after() {
+        let gate = gate(6.0);
+        let _first = gate.admit(
+            Arc::from("a"),
+            Priority::Normal,
+            now() + Duration::from_secs(30),
+        );
+        let mut late = gate.admit(
+            Arc::from("a"),
+            Priority::Low,
+            now() + Duration::from_secs(2),
+        );
+        match late.verdict().await {
+            Verdict::Rejected {
+                why: Rejection::QueueTimeout,
+                retry_after,
+            } => {
+                assert!(retry_after >= Duration::from_secs(7), "{retry_after:?}")
+            }
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+}

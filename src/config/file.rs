@@ -1,0 +1,151 @@
+//! The configuration file as operators write it: one YAML document, every field documented.
+//!
+//! These structs are the user-facing contract (their doc comments are the reference in the
+//! README). They are only parsed here; `validate` turns them into the settings the code uses.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::seconds::Seconds;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address the proxy listens on for client traffic.
+    pub listen_host: Option<String>,
+    /// Port of the proxy (client traffic only).
+    pub listen_port: Option<u16>,
+    /// Port of the admin plane: metrics, health, status, dashboard and config API.
+    pub metrics_port: Option<u16>,
+    /// Where admitted requests go, e.g. `https://integrate.api.nvidia.com`.
+    pub upstream_url: Option<String>,
+    /// Base token refill rate of the shared bucket, in requests per minute.
+    pub rate_rpm: Option<f64>,
+    /// Burst size: tokens the bucket holds at most. 1 spaces every request evenly.
+    pub bucket_capacity: Option<u32>,
+    /// Seconds: the whole budget of a normal or high priority request (queue wait + upstream).
+    pub request_timeout: Option<Seconds>,
+    /// Requests that may wait for a token at once; beyond that the answer is 429 `queue_full`.
+    pub queue_max_size: Option<usize>,
+    /// Seconds a low priority request may wait for a token.
+    pub low_priority_timeout: Option<Seconds>,
+    /// Fail open: forward a request without a token instead of rejecting it when the limiter
+    /// cannot admit it in time (counted as passthrough).
+    pub fallback_enabled_passthrough: Option<bool>,
+    /// Log level (`error`, `warn`, `info`, `debug`, `trace`); `RUST_LOG` overrides it.
+    pub log_level: Option<String>,
+    /// Tuning of the adaptive retreat and recovery.
+    pub adaptive: AdaptiveSection,
+    /// The upstream connection: API key source, timeouts, extra headers, trust.
+    pub upstream: UpstreamSection,
+    /// Path-prefix routes; the longest matching prefix wins, unmatched paths use the top level.
+    pub routes: Vec<RouteSection>,
+    /// The admin plane.
+    pub admin: AdminSection,
+    /// Pingora's server knobs.
+    pub server: ServerSection,
+    /// Directory where runtime overrides and limiter state are kept; unset keeps nothing.
+    pub state_dir: Option<String>,
+    /// Several sidecars sharing one quota (not available in this build).
+    pub shared_quota: Option<serde_yaml::Value>,
+}
+
+/// `adaptive:` — how the bucket retreats on upstream 429s and recovers.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptiveSection {
+    /// Seconds: sliding window over which the upstream 429 ratio and accepted rate are measured.
+    pub window: Option<Seconds>,
+    /// Upstream 429 ratio in the window above which the rate is cut; 0 cuts on the first 429.
+    pub retreat_threshold: Option<f64>,
+    /// Factor applied to the effective rate on a retreat (0 < factor < 1).
+    pub decrease_factor: Option<f64>,
+    /// Lowest effective rate, as a fraction of `rate_rpm`.
+    pub floor_fraction: Option<f64>,
+    /// Seconds without an upstream 429 before a retreat turns into recovery.
+    pub quiet_period: Option<Seconds>,
+    /// Fraction of `rate_rpm` added at every recovery step.
+    pub recover_step: Option<f64>,
+    /// Seconds between recovery steps.
+    pub recover_interval: Option<Seconds>,
+    /// Recovery stops this fraction below the rate the upstream was seen to accept.
+    pub ceiling_headroom: Option<f64>,
+    /// Seconds of quiet at that ceiling before recovery probes one step higher.
+    pub probe_interval: Option<Seconds>,
+    /// Tokens are issued this fraction below the effective rate, so that network jitter never
+    /// puts two requests closer together than the upstream's window allows.
+    pub safety_margin: Option<f64>,
+    /// How many times one request is re-sent after an upstream 429 before the 429 reaches the
+    /// client.
+    pub max_replays: Option<u32>,
+}
+
+/// `upstream:` — how the sidecar talks to the upstream API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// Environment variable holding the upstream API key. When set and non-empty the key is
+    /// sent as `Authorization: Bearer …` and the client's own credential is never forwarded.
+    pub api_key_env: Option<String>,
+    /// File holding the upstream API key (e.g. a systemd credential); takes precedence over
+    /// `api_key_env`. A named file that cannot be read is an error.
+    pub api_key_file: Option<String>,
+    /// Seconds to establish a connection (TCP and TLS) to the upstream.
+    pub connect_timeout: Option<Seconds>,
+    /// Seconds the upstream may stay silent while a response is due (between chunks, too).
+    pub read_timeout: Option<Seconds>,
+    /// Seconds an idle pooled upstream connection is kept for reuse.
+    pub idle_timeout: Option<Seconds>,
+    /// Seconds a DNS answer for the upstream host is reused.
+    pub dns_ttl: Option<Seconds>,
+    /// PEM file of CA certificates to trust instead of the system store.
+    pub ca_file: Option<String>,
+    /// Extra headers added to every upstream request.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// One entry of `routes:`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteSection {
+    /// Requests whose path starts with this prefix take this route.
+    pub path_prefix: String,
+    /// Forward without taking a token and without counting against the quota.
+    pub passthrough: bool,
+    /// Upstream of this route (default: the top-level `upstream_url`).
+    pub upstream_url: Option<String>,
+    /// Rate of this route's own bucket; required unless `passthrough`.
+    pub rate_rpm: Option<f64>,
+    /// Burst size of this route's own bucket (default: the top-level `bucket_capacity`).
+    pub bucket_capacity: Option<u32>,
+}
+
+/// `admin:` — the admin plane.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin plane (default: `listen_host`).
+    pub listen_host: Option<String>,
+    /// Environment variable holding the admin bearer token for mutating endpoints.
+    pub token_env: Option<String>,
+    /// File holding the admin bearer token; takes precedence over `token_env`.
+    pub token_file: Option<String>,
+}
+
+/// `server:` — Pingora's server knobs.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads of the proxy service.
+    pub threads: Option<usize>,
+    /// Seconds in-flight and queued requests get to finish after SIGTERM.
+    pub grace_period: Option<Seconds>,
+    /// Seconds the runtimes get to stop after the grace period.
+    pub graceful_shutdown_timeout: Option<Seconds>,
+    /// PID file written in daemon mode.
+    pub pid_file: Option<String>,
+    /// Unix socket through which listeners are handed over on a graceful upgrade (`-u`).
+    pub upgrade_sock: Option<String>,
+}

@@ -1,0 +1,291 @@
+//! Configuration: the YAML file (`file`), its validation into `Settings` (`validate`), and
+//! loading with every problem reported at once.
+
+mod file;
+mod seconds;
+mod validate;
+
+pub use file::{
+    AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, UpstreamSection,
+};
+pub use seconds::Seconds;
+pub use validate::{
+    defaults, validate, AdminSettings, ConfigError, RouteSettings, Secret, ServerSettings,
+    Settings, UpstreamOptions, UpstreamUrl,
+};
+
+use serde_yaml::{Mapping, Value};
+
+/// The default configuration, compiled in: the same text as `conf/sidecar.yaml`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/sidecar.yaml");
+
+/// Parses YAML text into the file structs, reporting every unknown key and wrongly typed value
+/// at once rather than stopping at the first.
+pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
+    let (file, errors) = parse_lenient(text)?;
+    if errors.is_empty() {
+        Ok(file)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Parses what can be parsed: the file with its bad entries left out, and the problems with
+/// those entries. Fails outright only when the text is not a YAML mapping at all.
+fn parse_lenient(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Vec<ConfigError>> {
+    let doc: Value =
+        serde_yaml::from_str(text).map_err(|e| vec![ConfigError::new("(file)", clean(&e))])?;
+    let entries = match doc {
+        Value::Null => Mapping::new(),
+        Value::Mapping(m) => m,
+        _ => {
+            return Err(vec![ConfigError::new(
+                "(file)",
+                "must be a YAML mapping of keys to values",
+            )])
+        }
+    };
+    let mut errors = Vec::new();
+    let mut good = Mapping::new();
+    for (key, value) in entries {
+        let Some(name) = key.as_str().map(str::to_string) else {
+            errors.push(ConfigError::new(format!("{key:?}"), "keys must be strings"));
+            continue;
+        };
+        let problems = probe(&name, &key, &value);
+        if problems.is_empty() {
+            good.insert(key, value);
+        } else {
+            errors.extend(problems);
+        }
+    }
+    let file = serde_yaml::from_value(Value::Mapping(good))
+        .map_err(|e| vec![ConfigError::new("(file)", clean(&e))])?;
+    Ok((file, errors))
+}
+
+/// Tries one top-level entry on its own; for sections and lists, each field and item on its
+/// own too, so that every bad field is named.
+fn probe(name: &str, key: &Value, value: &Value) -> Vec<ConfigError> {
+    let try_entry = |v: Value| -> Result<(), String> {
+        let mut single = Mapping::new();
+        single.insert(key.clone(), v);
+        serde_yaml::from_value::<FileConfig>(Value::Mapping(single))
+            .map(|_| ())
+            .map_err(|e| clean(&e))
+    };
+    let Err(whole) = try_entry(value.clone()) else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    match value {
+        Value::Mapping(fields) if !fields.is_empty() => {
+            for (field, v) in fields {
+                let mut one = Mapping::new();
+                one.insert(field.clone(), v.clone());
+                if let Err(e) = try_entry(Value::Mapping(one)) {
+                    let field = field.as_str().unwrap_or("?");
+                    errors.push(ConfigError::new(format!("{name}.{field}"), e));
+                }
+            }
+        }
+        Value::Sequence(items) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                if let Value::Mapping(fields) = item {
+                    for (field, v) in fields {
+                        let mut one = Mapping::new();
+                        one.insert(field.clone(), v.clone());
+                        if let Err(e) = try_entry(Value::Sequence(vec![Value::Mapping(one)])) {
+                            let field = field.as_str().unwrap_or("?");
+                            errors.push(ConfigError::new(format!("{name}[{i}].{field}"), e));
+                        }
+                    }
+                } else if let Err(e) = try_entry(Value::Sequence(vec![item.clone()])) {
+                    errors.push(ConfigError::new(format!("{name}[{i}]"), e));
+                }
+            }
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        errors.push(ConfigError::new(name, whole));
+    }
+    errors
+}
+
+/// A serde message without the position in the synthetic document it was found in.
+fn clean(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    let text = match text.find(" at line ") {
+        Some(pos) => text[..pos].to_string(),
+        None => text,
+    };
+    // serde_yaml prefixes the path inside the probed document; our key already says it.
+    match text.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') && (path.contains('.') || path.contains('[')) => {
+            rest.to_string()
+        }
+        _ => text,
+    }
+}
+
+/// Loads settings from YAML text with the process environment.
+pub fn load_str(text: &str) -> Result<Settings, Vec<ConfigError>> {
+    let (file, mut errors) = parse_lenient(text)?;
+    // Entries that failed to parse are left out (their defaults are valid), so the values that
+    // did parse are checked too and every problem is reported in one go.
+    match validate(&file, &|name| std::env::var(name).ok()) {
+        Ok(settings) if errors.is_empty() => Ok(settings),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
+
+/// Loads settings from a file, or from the embedded default when `path` is `None`.
+pub fn load(path: Option<&str>) -> Result<Settings, Vec<ConfigError>> {
+    match path {
+        None => load_str(EMBEDDED_DEFAULT),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                vec![ConfigError::new(
+                    "(file)",
+                    format!("cannot read {path}: {e}"),
+                )]
+            })?;
+            load_str(&text)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match load_str(text) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_and_matches_the_spec_defaults() {
+        let s = load_str(EMBEDDED_DEFAULT).expect("embedded default config is valid");
+        assert_eq!(s.listen_host.to_string(), "127.0.0.1");
+        assert_eq!((s.listen_port, s.metrics_port), (9180, 9191));
+        assert_eq!(
+            s.default_route.upstream.to_string(),
+            "https://integrate.api.nvidia.com"
+        );
+        let bucket = s.default_route.bucket.as_ref().unwrap();
+        assert_eq!(bucket.base_rpm, 40.0);
+        assert_eq!(bucket.queue_max, 100);
+        assert_eq!(s.request_timeout, Duration::from_secs(300));
+        assert_eq!(s.low_priority_timeout, Duration::from_secs(30));
+        assert!(!s.fallback_passthrough);
+        assert!(s.route_for("/v1/models").is_passthrough());
+        assert!(!s.route_for("/v1/chat/completions").is_passthrough());
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let s = load_str("").unwrap();
+        assert_eq!(s.listen_port, 9180);
+        assert_eq!(s.default_route.bucket.as_ref().unwrap().capacity, 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let errors = errors_of(
+            "rate_rpm: -3\nlisten_port: 70000\nbogus: 1\nadaptive:\n  window: abc\n  nope: 2\nqueue_max_size: 0\nroutes:\n  - path_prefix: v1\n  - path_prefix: /x\n    colour: red\n",
+        );
+        let joined = errors.join("\n");
+        for expected in [
+            "listen_port:",
+            "bogus: unknown field",
+            "adaptive.window: not a duration",
+            "adaptive.nope: unknown field",
+            "routes[1].colour: unknown field",
+        ] {
+            assert!(
+                joined.contains(expected),
+                "missing {expected:?} in\n{joined}"
+            );
+        }
+        // Range errors are reported together with the parse errors.
+        let errors =
+            errors_of("rate_rpm: -3\nqueue_max_size: 0\nbogus: 1\nroutes:\n  - path_prefix: v1\n");
+        let joined = errors.join("\n");
+        assert!(joined.contains("bogus: unknown field"), "{joined}");
+        assert!(joined.contains("rate_rpm: must be > 0, got -3"), "{joined}");
+        assert!(
+            joined.contains("queue_max_size: must be between 1 and 1000000, got 0"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("routes[0].path_prefix: must start with '/'"),
+            "{joined}"
+        );
+    }
+
+    #[test]
+    fn durations_take_seconds_or_strings() {
+        let s = load_str("request_timeout: 2m\nlow_priority_timeout: 1.5\n").unwrap();
+        assert_eq!(s.request_timeout, Duration::from_secs(120));
+        assert_eq!(s.low_priority_timeout, Duration::from_millis(1500));
+        assert!(errors_of("request_timeout: -1\n")[0].starts_with("request_timeout: must be > 0"));
+    }
+
+    #[test]
+    fn routes_are_checked_and_matched_by_longest_prefix() {
+        let s = load_str(
+            "routes:\n  - {path_prefix: /v1, rate_rpm: 10}\n  - {path_prefix: /v1/models, passthrough: true}\n  - {path_prefix: /other, upstream_url: 'http://127.0.0.1:8080', rate_rpm: 5}\n",
+        )
+        .unwrap();
+        assert!(s.route_for("/v1/models/x").is_passthrough());
+        assert_eq!(s.route_for("/v1/chat").name, "/v1");
+        assert_eq!(s.route_for("/other/a").upstream.authority, "127.0.0.1:8080");
+        assert_eq!(s.route_for("/elsewhere").name, "default");
+        let errors = errors_of("routes:\n  - {path_prefix: /a}\n  - {path_prefix: /b, passthrough: true, rate_rpm: 3}\n");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+    }
+
+    #[test]
+    fn upstream_urls_are_checked() {
+        assert!(UpstreamUrl::parse("ftp://x").is_err());
+        assert!(UpstreamUrl::parse("https://x/v1").is_err());
+        let u = UpstreamUrl::parse("https://api.example.com:8443").unwrap();
+        assert_eq!(
+            (u.tls, u.port, u.authority.as_str()),
+            (true, 8443, "api.example.com:8443")
+        );
+        let u = UpstreamUrl::parse("http://[::1]:80/").unwrap();
+        assert_eq!((u.host.as_str(), u.authority.as_str()), ("::1", "[::1]"));
+    }
+
+    #[test]
+    fn secrets_come_from_env_or_file_and_are_never_printed() {
+        let file = parse("upstream: {api_key_env: TEST_KEY_VAR}\n").unwrap();
+        let s = validate(&file, &|name| {
+            (name == "TEST_KEY_VAR").then(|| "nvapi-secret".to_string())
+        })
+        .unwrap();
+        let key = s.upstream.api_key.as_ref().unwrap();
+        assert_eq!(key.expose(), "nvapi-secret");
+        assert!(!format!("{s:?}").contains("nvapi-secret"));
+        let s = validate(&file, &|_| None).unwrap();
+        assert!(
+            s.upstream.api_key.is_none(),
+            "an unset variable means no injection"
+        );
+        let errors = errors_of("upstream: {api_key_file: /nonexistent/key}\n");
+        assert!(
+            errors[0].starts_with("upstream.api_key_file: cannot read"),
+            "{errors:?}"
+        );
+    }
+}

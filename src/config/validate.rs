@@ -1,0 +1,648 @@
+//! From the file's structs to the settings the code runs on: every value checked, every
+//! problem reported at once, secrets read from where the file points.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::Uri;
+
+use super::file::{FileConfig, RouteSection};
+use crate::limiter::{LimiterSettings, RetreatSettings};
+
+/// One problem with the configuration: which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// A secret read from the environment or a file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where a route's requests go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// The `Host` header value: the host, with the port when it is not the scheme's default.
+    pub authority: String,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.authority)
+    }
+}
+
+impl UpstreamUrl {
+    pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("not a URL: {text:?} ({e})"))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("must start with http:// or https://, got {text:?}")),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("has no host: {text:?}"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "must be scheme://host[:port] without a path (clients send the path), got {text:?}"
+            ));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default_port);
+        let authority = match uri.port_u16() {
+            Some(p) if p != default_port => {
+                uri.authority().map(|a| a.to_string()).unwrap_or_default()
+            }
+            _ => uri.host().unwrap_or_default().to_string(),
+        };
+        Ok(UpstreamUrl {
+            tls,
+            host,
+            port,
+            authority,
+        })
+    }
+}
+
+/// One route: a path prefix, where it goes and which bucket it draws on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSettings {
+    /// Label in metrics and logs: `default` or the path prefix.
+    pub name: String,
+    pub path_prefix: String,
+    pub upstream: UpstreamUrl,
+    /// `None` for passthrough routes.
+    pub bucket: Option<LimiterSettings>,
+}
+
+impl RouteSettings {
+    pub fn is_passthrough(&self) -> bool {
+        self.bucket.is_none()
+    }
+}
+
+/// How the sidecar talks to upstreams.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamOptions {
+    pub api_key: Option<Secret>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub dns_ttl: Duration,
+    pub ca_file: Option<String>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    pub listen_host: IpAddr,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+}
+
+/// The validated configuration the sidecar runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub listen_host: IpAddr,
+    pub listen_port: u16,
+    pub metrics_port: u16,
+    /// The top-level upstream and bucket, for paths no route matches.
+    pub default_route: RouteSettings,
+    /// Configured routes, longest prefix first.
+    pub routes: Vec<RouteSettings>,
+    pub request_timeout: Duration,
+    pub low_priority_timeout: Duration,
+    pub fallback_passthrough: bool,
+    pub max_replays: u32,
+    pub upstream: UpstreamOptions,
+    pub admin: AdminSettings,
+    pub server: ServerSettings,
+    pub state_dir: Option<PathBuf>,
+    pub log_level: String,
+}
+
+impl Settings {
+    /// The route for a request path: the longest matching prefix, else the default route.
+    pub fn route_for(&self, path: &str) -> &RouteSettings {
+        self.routes
+            .iter()
+            .find(|r| path.starts_with(&r.path_prefix))
+            .unwrap_or(&self.default_route)
+    }
+
+    /// Every route, the default one first.
+    pub fn all_routes(&self) -> impl Iterator<Item = &RouteSettings> {
+        std::iter::once(&self.default_route).chain(self.routes.iter())
+    }
+}
+
+/// Collects problems while validating.
+struct Checker {
+    errors: Vec<ConfigError>,
+}
+
+impl Checker {
+    fn fail(&mut self, key: &str, reason: impl Into<String>) {
+        self.errors.push(ConfigError::new(key, reason));
+    }
+
+    fn positive(&mut self, key: &str, value: f64) -> f64 {
+        if !(value.is_finite() && value > 0.0) {
+            self.fail(key, format!("must be > 0, got {value}"));
+        }
+        value
+    }
+
+    fn fraction(
+        &mut self,
+        key: &str,
+        value: f64,
+        low_inclusive: bool,
+        high_inclusive: bool,
+    ) -> f64 {
+        let low_ok = if low_inclusive {
+            value >= 0.0
+        } else {
+            value > 0.0
+        };
+        let high_ok = if high_inclusive {
+            value <= 1.0
+        } else {
+            value < 1.0
+        };
+        if !(value.is_finite() && low_ok && high_ok) {
+            let lo = if low_inclusive { "[0" } else { "(0" };
+            let hi = if high_inclusive { "1]" } else { "1)" };
+            self.fail(key, format!("must be in {lo}, {hi}, got {value}"));
+        }
+        value
+    }
+
+    fn duration(
+        &mut self,
+        key: &str,
+        value: Option<super::Seconds>,
+        default: f64,
+        allow_zero: bool,
+    ) -> Duration {
+        let secs = value.map_or(default, |s| s.0);
+        if !secs.is_finite() || secs < 0.0 || (!allow_zero && secs == 0.0) {
+            let bound = if allow_zero { ">= 0" } else { "> 0" };
+            self.fail(key, format!("must be {bound} seconds, got {secs}"));
+            return Duration::from_secs_f64(default);
+        }
+        if secs > 31_536_000.0 {
+            self.fail(key, format!("must be at most a year, got {secs} seconds"));
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(secs)
+    }
+
+    fn ip(&mut self, key: &str, value: &str) -> IpAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.fail(key, format!("must be an IP address, got {value:?}"));
+            IpAddr::from([127, 0, 0, 1])
+        })
+    }
+
+    fn secret(
+        &mut self,
+        file_key: &str,
+        file: Option<&str>,
+        env_name: Option<&str>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<Secret> {
+        if let Some(path) = file {
+            return match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Some(Secret(text.trim().to_string())),
+                Ok(_) => {
+                    self.fail(file_key, format!("{path} is empty"));
+                    None
+                }
+                Err(e) => {
+                    self.fail(file_key, format!("cannot read {path}: {e}"));
+                    None
+                }
+            };
+        }
+        env_name
+            .and_then(env)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .map(Secret)
+    }
+}
+
+/// Default values, shared by validation and the documentation.
+pub mod defaults {
+    pub const LISTEN_HOST: &str = "127.0.0.1";
+    pub const LISTEN_PORT: u16 = 9180;
+    pub const METRICS_PORT: u16 = 9191;
+    pub const UPSTREAM_URL: &str = "https://integrate.api.nvidia.com";
+    pub const RATE_RPM: f64 = 40.0;
+    pub const BUCKET_CAPACITY: u32 = 1;
+    pub const REQUEST_TIMEOUT: f64 = 300.0;
+    pub const QUEUE_MAX_SIZE: usize = 100;
+    pub const LOW_PRIORITY_TIMEOUT: f64 = 30.0;
+    pub const MAX_REPLAYS: u32 = 3;
+    pub const CONNECT_TIMEOUT: f64 = 10.0;
+    pub const READ_TIMEOUT: f64 = 300.0;
+    pub const IDLE_TIMEOUT: f64 = 60.0;
+    pub const DNS_TTL: f64 = 60.0;
+    pub const THREADS: usize = 2;
+    pub const GRACE_PERIOD: f64 = 30.0;
+    pub const GRACEFUL_SHUTDOWN_TIMEOUT: f64 = 5.0;
+    pub const PID_FILE: &str = "/tmp/nvidia-sidecar.pid";
+    pub const UPGRADE_SOCK: &str = "/tmp/nvidia-sidecar-upgrade.sock";
+}
+
+/// Checks a parsed file and builds the settings; `env` looks up environment variables.
+pub fn validate(
+    file: &FileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, Vec<ConfigError>> {
+    let mut c = Checker { errors: Vec::new() };
+    let listen_host = c.ip(
+        "listen_host",
+        file.listen_host.as_deref().unwrap_or(defaults::LISTEN_HOST),
+    );
+    let listen_port = file.listen_port.unwrap_or(defaults::LISTEN_PORT);
+    let metrics_port = file.metrics_port.unwrap_or(defaults::METRICS_PORT);
+    if listen_port == 0 {
+        c.fail("listen_port", "must be a port number 1-65535, got 0");
+    }
+    if metrics_port == 0 {
+        c.fail("metrics_port", "must be a port number 1-65535, got 0");
+    }
+    if listen_port == metrics_port && listen_port != 0 {
+        c.fail(
+            "metrics_port",
+            format!("must differ from listen_port, both are {listen_port}"),
+        );
+    }
+
+    let a = &file.adaptive;
+    let retreat = RetreatSettings {
+        window: c.duration("adaptive.window", a.window, 60.0, false),
+        threshold: c.fraction(
+            "adaptive.retreat_threshold",
+            a.retreat_threshold.unwrap_or(0.0),
+            true,
+            false,
+        ),
+        decrease_factor: c.fraction(
+            "adaptive.decrease_factor",
+            a.decrease_factor.unwrap_or(0.5),
+            false,
+            false,
+        ),
+        floor_fraction: c.fraction(
+            "adaptive.floor_fraction",
+            a.floor_fraction.unwrap_or(0.1),
+            false,
+            true,
+        ),
+        quiet_period: c.duration("adaptive.quiet_period", a.quiet_period, 15.0, true),
+        recover_step: c.fraction(
+            "adaptive.recover_step",
+            a.recover_step.unwrap_or(0.1),
+            false,
+            true,
+        ),
+        recover_interval: c.duration("adaptive.recover_interval", a.recover_interval, 5.0, false),
+        ceiling_headroom: c.fraction(
+            "adaptive.ceiling_headroom",
+            a.ceiling_headroom.unwrap_or(0.05),
+            true,
+            false,
+        ),
+        probe_interval: c.duration("adaptive.probe_interval", a.probe_interval, 300.0, false),
+        safety_margin: c.fraction(
+            "adaptive.safety_margin",
+            a.safety_margin.unwrap_or(0.01),
+            true,
+            false,
+        ),
+    };
+    let max_replays = a.max_replays.unwrap_or(defaults::MAX_REPLAYS);
+    if max_replays > 10 {
+        c.fail(
+            "adaptive.max_replays",
+            format!("must be at most 10, got {max_replays}"),
+        );
+    }
+
+    let queue_max = file.queue_max_size.unwrap_or(defaults::QUEUE_MAX_SIZE);
+    if queue_max == 0 || queue_max > 1_000_000 {
+        c.fail(
+            "queue_max_size",
+            format!("must be between 1 and 1000000, got {queue_max}"),
+        );
+    }
+    let capacity = file.bucket_capacity.unwrap_or(defaults::BUCKET_CAPACITY);
+    if capacity == 0 || capacity > 100_000 {
+        c.fail(
+            "bucket_capacity",
+            format!("must be between 1 and 100000, got {capacity}"),
+        );
+    }
+    let bucket = |c: &mut Checker, key: &str, rpm: f64, capacity: u32| {
+        let rpm = c.positive(key, rpm);
+        LimiterSettings {
+            base_rpm: rpm,
+            capacity,
+            queue_max,
+            retreat: retreat.clone(),
+        }
+    };
+    let upstream_text = file
+        .upstream_url
+        .as_deref()
+        .unwrap_or(defaults::UPSTREAM_URL);
+    let default_upstream = UpstreamUrl::parse(upstream_text).unwrap_or_else(|e| {
+        c.fail("upstream_url", e);
+        UpstreamUrl::parse(defaults::UPSTREAM_URL).expect("the default upstream URL is valid")
+    });
+    let default_route = RouteSettings {
+        name: "default".to_string(),
+        path_prefix: "/".to_string(),
+        upstream: default_upstream.clone(),
+        bucket: Some(bucket(
+            &mut c,
+            "rate_rpm",
+            file.rate_rpm.unwrap_or(defaults::RATE_RPM),
+            capacity,
+        )),
+    };
+
+    let mut routes = Vec::new();
+    for (i, r) in file.routes.iter().enumerate() {
+        if let Some(route) = validate_route(&mut c, i, r, &default_upstream, capacity, &bucket) {
+            if routes
+                .iter()
+                .any(|o: &RouteSettings| o.path_prefix == route.path_prefix)
+            {
+                c.fail(
+                    &format!("routes[{i}].path_prefix"),
+                    format!("{:?} is listed twice", route.path_prefix),
+                );
+            }
+            routes.push(route);
+        }
+    }
+    routes.sort_by(|x, y| y.path_prefix.len().cmp(&x.path_prefix.len()));
+
+    let u = &file.upstream;
+    let mut headers = Vec::new();
+    for (name, value) in &u.headers {
+        match (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            (Err(_), _) => c.fail(
+                &format!("upstream.headers.{name}"),
+                "is not a valid header name",
+            ),
+            (_, Err(_)) => c.fail(
+                &format!("upstream.headers.{name}"),
+                "is not a valid header value",
+            ),
+        }
+    }
+    if let Some(ca) = &u.ca_file {
+        if std::fs::metadata(ca).is_err() {
+            c.fail("upstream.ca_file", format!("cannot read {ca}"));
+        }
+    }
+    let upstream = UpstreamOptions {
+        api_key: c.secret(
+            "upstream.api_key_file",
+            u.api_key_file.as_deref(),
+            u.api_key_env.as_deref(),
+            env,
+        ),
+        connect_timeout: c.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+            false,
+        ),
+        read_timeout: c.duration(
+            "upstream.read_timeout",
+            u.read_timeout,
+            defaults::READ_TIMEOUT,
+            false,
+        ),
+        idle_timeout: c.duration(
+            "upstream.idle_timeout",
+            u.idle_timeout,
+            defaults::IDLE_TIMEOUT,
+            true,
+        ),
+        dns_ttl: c.duration("upstream.dns_ttl", u.dns_ttl, defaults::DNS_TTL, true),
+        ca_file: u.ca_file.clone(),
+        headers,
+    };
+
+    let admin = AdminSettings {
+        listen_host: match &file.admin.listen_host {
+            Some(h) => c.ip("admin.listen_host", h),
+            None => listen_host,
+        },
+        token: c.secret(
+            "admin.token_file",
+            file.admin.token_file.as_deref(),
+            file.admin.token_env.as_deref(),
+            env,
+        ),
+    };
+
+    let s = &file.server;
+    let threads = s.threads.unwrap_or(defaults::THREADS);
+    if threads == 0 || threads > 256 {
+        c.fail(
+            "server.threads",
+            format!("must be between 1 and 256, got {threads}"),
+        );
+    }
+    let server = ServerSettings {
+        threads,
+        grace_period: c.duration(
+            "server.grace_period",
+            s.grace_period,
+            defaults::GRACE_PERIOD,
+            true,
+        ),
+        graceful_shutdown_timeout: c.duration(
+            "server.graceful_shutdown_timeout",
+            s.graceful_shutdown_timeout,
+            defaults::GRACEFUL_SHUTDOWN_TIMEOUT,
+            true,
+        ),
+        pid_file: s
+            .pid_file
+            .clone()
+            .unwrap_or_else(|| defaults::PID_FILE.to_string()),
+        upgrade_sock: s
+            .upgrade_sock
+            .clone()
+            .unwrap_or_else(|| defaults::UPGRADE_SOCK.to_string()),
+    };
+
+    let log_level = file.log_level.clone().unwrap_or_else(|| "info".to_string());
+    if !matches!(
+        log_level.as_str(),
+        "error" | "warn" | "info" | "debug" | "trace" | "off"
+    ) {
+        c.fail(
+            "log_level",
+            format!("must be one of error, warn, info, debug, trace, off; got {log_level:?}"),
+        );
+    }
+    if file.shared_quota.is_some() {
+        c.fail(
+            "shared_quota",
+            "is not supported by this version of nvidia-sidecar",
+        );
+    }
+
+    let settings = Settings {
+        listen_host,
+        listen_port,
+        metrics_port,
+        default_route,
+        routes,
+        request_timeout: c.duration(
+            "request_timeout",
+            file.request_timeout,
+            defaults::REQUEST_TIMEOUT,
+            false,
+        ),
+        low_priority_timeout: c.duration(
+            "low_priority_timeout",
+            file.low_priority_timeout,
+            defaults::LOW_PRIORITY_TIMEOUT,
+            false,
+        ),
+        fallback_passthrough: file.fallback_enabled_passthrough.unwrap_or(false),
+        max_replays,
+        upstream,
+        admin,
+        server,
+        state_dir: file.state_dir.as_ref().map(PathBuf::from),
+        log_level,
+    };
+    if c.errors.is_empty() {
+        Ok(settings)
+    } else {
+        Err(c.errors)
+    }
+}
+
+fn validate_route(
+    c: &mut Checker,
+    i: usize,
+    r: &RouteSection,
+    default_upstream: &UpstreamUrl,
+    default_capacity: u32,
+    bucket: &dyn Fn(&mut Checker, &str, f64, u32) -> LimiterSettings,
+) -> Option<RouteSettings> {
+    let key = |field: &str| format!("routes[{i}].{field}");
+    if !r.path_prefix.starts_with('/') {
+        c.fail(
+            &key("path_prefix"),
+            format!("must start with '/', got {:?}", r.path_prefix),
+        );
+        return None;
+    }
+    let upstream = match &r.upstream_url {
+        Some(text) => match UpstreamUrl::parse(text) {
+            Ok(u) => u,
+            Err(e) => {
+                c.fail(&key("upstream_url"), e);
+                return None;
+            }
+        },
+        None => default_upstream.clone(),
+    };
+    let bucket = match (r.passthrough, r.rate_rpm) {
+        (true, Some(_)) => {
+            c.fail(
+                &key("rate_rpm"),
+                "a passthrough route takes no token, so it has no rate",
+            );
+            return None;
+        }
+        (true, None) => None,
+        (false, None) => {
+            c.fail(
+                &key("rate_rpm"),
+                "is required unless the route is passthrough: true",
+            );
+            return None;
+        }
+        (false, Some(rpm)) => Some(bucket(
+            c,
+            &key("rate_rpm"),
+            rpm,
+            r.bucket_capacity.unwrap_or(default_capacity),
+        )),
+    };
+    Some(RouteSettings {
+        name: r.path_prefix.clone(),
+        path_prefix: r.path_prefix.clone(),
+        upstream,
+        bucket,
+    })
+}

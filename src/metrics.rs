@@ -1,0 +1,222 @@
+//! Every metric the sidecar exports (prefix `nvidia_sidecar_`), defined in one place.
+//!
+//! Label values are bounded: routes come from the config, codes are HTTP status numbers,
+//! priorities and outcomes are fixed sets. Client ids never become labels.
+
+use prometheus::core::Collector;
+use prometheus::{
+    exponential_buckets, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// How a request ended, as counted in `requests_total{outcome}` and written to the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent upstream with a token.
+    Forwarded,
+    /// Sent upstream without a token (passthrough route, or fail-open fallback).
+    Passthrough,
+    RejectedQueueFull,
+    RejectedQueueTimeout,
+    /// The client went away (while queued or while the answer streamed).
+    ClientClosed,
+    /// The upstream could not be reached, timed out or broke off.
+    UpstreamError,
+    /// Refused before admission: CONNECT, a foreign absolute-form target.
+    Refused,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Passthrough => "passthrough",
+            Outcome::RejectedQueueFull => "rejected_queue_full",
+            Outcome::RejectedQueueTimeout => "rejected_queue_timeout",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// The sidecar's metrics, registered in their own registry.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub upstream_responses: IntCounterVec,
+    pub replays: IntCounterVec,
+    pub queue_depth: IntGaugeVec,
+    pub queue_wait: HistogramVec,
+    pub tokens_available: GaugeVec,
+    pub rate_effective_rpm: GaugeVec,
+    pub rate_base_rpm: GaugeVec,
+    pub retreat_state: IntGaugeVec,
+    pub upstream_429_ratio: GaugeVec,
+    pub upstream_duration: HistogramVec,
+    pub inflight: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+    pub uptime: Gauge,
+}
+
+const PREFIX: &str = "nvidia_sidecar";
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(PREFIX)
+}
+
+/// Registers a freshly built metric; names and labels are fixed here, so failure is a bug.
+fn register<T: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<T>,
+) -> T {
+    let metric = metric.expect("metric definitions are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("every metric is registered once");
+    metric
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        // Queue waits run from milliseconds to minutes, upstream times up to several minutes.
+        let wait_buckets = exponential_buckets(0.005, 2.0, 17).expect("valid bucket layout");
+        let upstream_buckets = exponential_buckets(0.01, 2.0, 16).expect("valid bucket layout");
+        let per_route =
+            |name: &str, help: &str| register(r, GaugeVec::new(opts(name, help), &["route"]));
+        let m = Metrics {
+            requests: register(
+                r,
+                IntCounterVec::new(
+                    opts("requests_total", "Requests by route and outcome."),
+                    &["route", "outcome"],
+                ),
+            ),
+            upstream_responses: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "upstream_responses_total",
+                        "Upstream responses by route and status code.",
+                    ),
+                    &["route", "code"],
+                ),
+            ),
+            replays: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "replays_total",
+                        "Requests sent again after an upstream 429.",
+                    ),
+                    &["route"],
+                ),
+            ),
+            queue_depth: register(
+                r,
+                IntGaugeVec::new(
+                    opts("queue_depth", "Requests waiting for a token."),
+                    &["priority"],
+                ),
+            ),
+            queue_wait: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "queue_wait_seconds",
+                        "Time admitted requests waited for a token.",
+                    )
+                    .namespace(PREFIX)
+                    .buckets(wait_buckets),
+                    &["priority"],
+                ),
+            ),
+            tokens_available: per_route("tokens_available", "Tokens in the bucket."),
+            rate_effective_rpm: per_route(
+                "rate_effective_rpm",
+                "Effective refill rate, requests per minute.",
+            ),
+            rate_base_rpm: per_route(
+                "rate_base_rpm",
+                "Configured base rate, requests per minute.",
+            ),
+            retreat_state: register(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "retreat_state",
+                        "Adaptive controller state: 0 normal, 1 retreat, 2 recover.",
+                    ),
+                    &["route"],
+                ),
+            ),
+            upstream_429_ratio: per_route(
+                "upstream_429_ratio",
+                "Share of upstream 429s over the controller's window.",
+            ),
+            upstream_duration: register(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "upstream_duration_seconds",
+                        "Time from sending upstream to the end of the answer.",
+                    )
+                    .namespace(PREFIX)
+                    .buckets(upstream_buckets),
+                    &["route"],
+                ),
+            ),
+            inflight: register(
+                r,
+                IntGauge::with_opts(opts(
+                    "inflight_requests",
+                    "Requests being handled right now.",
+                )),
+            ),
+            config_reloads: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "config_reloads_total",
+                        "Configuration reloads by source and result.",
+                    ),
+                    &["source", "result"],
+                ),
+            ),
+            build_info: register(
+                r,
+                IntGaugeVec::new(
+                    opts("build_info", "Build information; the value is always 1."),
+                    &["version"],
+                ),
+            ),
+            uptime: register(
+                r,
+                Gauge::with_opts(opts("uptime_seconds", "Seconds since start.")),
+            ),
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Text exposition format of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

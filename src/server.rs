@@ -1,0 +1,69 @@
+//! Builds the Pingora server from the settings: server knobs, the proxy service on
+//! `listen_host:listen_port`.
+
+use std::sync::Arc;
+
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+
+use crate::app::App;
+use crate::proxy::SidecarProxy;
+
+/// How the process was asked to run (from the command line).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunMode {
+    /// Take over the listeners of a running instance (graceful upgrade).
+    pub upgrade: bool,
+    /// Detach and run in the background.
+    pub daemon: bool,
+}
+
+/// Pingora's own configuration, derived from ours.
+pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
+    let settings = app.settings();
+    let s = &settings.server;
+    let mut conf = ServerConf::default();
+    conf.threads = s.threads;
+    conf.grace_period_seconds = Some(s.grace_period.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(s.graceful_shutdown_timeout.as_secs());
+    conf.pid_file = s.pid_file.clone();
+    conf.upgrade_sock = s.upgrade_sock.clone();
+    conf.daemon = mode.daemon;
+    conf.ca_file = settings.upstream.ca_file.clone();
+    // Our replay bound (at most 10, see validation) must be the one that counts, plus room for
+    // Pingora's own retries of stale pooled connections.
+    conf.max_retries = 16;
+    conf
+}
+
+/// The whole server, ready for `run_forever`.
+pub fn build(app: Arc<App>, mode: RunMode) -> Server {
+    let settings = app.settings();
+    let opt = Opt {
+        upgrade: mode.upgrade,
+        daemon: mode.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(&app, mode));
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        SidecarProxy::new(app.clone()),
+        "nvidia-sidecar proxy",
+    );
+    proxy.add_tcp(&format!(
+        "{}:{}",
+        format_host(settings.listen_host),
+        settings.listen_port
+    ));
+    server.add_service(proxy);
+    server
+}
+
+/// An IP address as it goes before `:port` (IPv6 in brackets).
+pub fn format_host(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+    }
+}
