@@ -211,8 +211,15 @@ impl SidecarProxy {
             respond_json(session, 405, body, None).await?;
             return Ok(true);
         }
-        if let Some(host) = req.uri.host() {
-            let port = req.uri.port_u16().or(match req.uri.scheme_str() {
+        // Pingora normalises the parsed URI; the raw target shows an absolute-form request.
+        let raw_target = String::from_utf8_lossy(req.raw_path()).to_string();
+        let absolute = raw_target
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|uri| uri.scheme().is_some() && uri.host().is_some());
+        if let Some(uri) = absolute {
+            let host = uri.host().unwrap_or_default();
+            let port = uri.port_u16().or(match uri.scheme_str() {
                 Some("https") => Some(443),
                 Some("http") => Some(80),
                 _ => None,
@@ -433,7 +440,7 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let route = ctx.route.clone().expect("request_filter sets the route");
-        if request.uri.authority().is_some() {
+        if request.uri.authority().is_some() || !request.raw_path().starts_with(b"/") {
             // Absolute-form target (client used us as HTTP_PROXY): send origin-form upstream.
             let origin_form = request
                 .uri

@@ -1,0 +1,25 @@
+//! Test support: the mock upstream, a test CA, the real sidecar as a child process, and a
+//! plain HTTP client.
+#![allow(dead_code)]
+
+pub mod mock_upstream;
+pub mod sidecar;
+pub mod tls;
+
+pub use mock_upstream::{LimitStyle, MockUpstream, Quota};
+
+pub use sidecar::{free_port, Sidecar};
+
+/// An HTTP client that never goes through a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// A small chat completion request body.
+pub fn chat_body() -> serde_json::Value {
+    serde_json::json!({"model": "mock", "messages": [{"role": "user", "content": "hi"}]})
+}

@@ -1,0 +1,123 @@
+//! Starts the real `nvidia-sidecar` binary with a config written for the test, waits until
+//! its proxy port answers, and stops it when dropped.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound, read and released; the sidecar binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Sidecar {
+    child: Child,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts the sidecar with `extra` YAML appended to a base config that sets the ports,
+    /// the upstream and private pid/upgrade-socket paths.
+    pub fn start(upstream_url: &str, extra: &str) -> Sidecar {
+        Self::start_with_env(upstream_url, extra, &[])
+    }
+
+    pub fn start_with_env(upstream_url: &str, extra: &str, env: &[(&str, &str)]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let metrics_port = free_port();
+        let config = format!(
+            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\nlog_level: info\n{extra}\nserver:\n  threads: 2\n  grace_period: 1\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
+            pid = dir.path().join("sidecar.pid").display(),
+            sock = dir.path().join("upgrade.sock").display(),
+        );
+        let conf_path = dir.path().join("sidecar.yaml");
+        std::fs::write(&conf_path, config).unwrap();
+        let log = dir.path().join("sidecar.log");
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
+        command
+            .arg("-c")
+            .arg(&conf_path)
+            .env_remove("RUST_LOG")
+            .env_remove("NVIDIA_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("the sidecar binary starts");
+        let mut sidecar = Sidecar {
+            child,
+            port,
+            metrics_port,
+            dir,
+            log,
+        };
+        sidecar.wait_ready();
+        sidecar
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sidecar exited early ({status}):\n{}", self.log_text());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("sidecar did not listen within 20 s:\n{}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits (up to 10 s) for an access-log line that satisfies `matches`; the line is written
+    /// just after the client got its answer, so it may lag a moment behind.
+    pub fn wait_for_access_line(&self, matches: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self.access_log().into_iter().find(|l| matches(l)) {
+                return Some(line);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Access-log lines written so far.
+    pub fn access_log(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(" access]"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
