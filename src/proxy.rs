@@ -153,15 +153,13 @@ async fn wait_for_token(
     if !watch_client {
         return Some(ticket.verdict().await);
     }
-    loop {
-        tokio::select! {
-            verdict = ticket.verdict() => return Some(verdict),
-            read = session.downstream_session.read_body_or_idle(true) => match read {
-                Err(e) if matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError) => return None,
-                // Anything else (pipelined bytes): stop watching, keep waiting.
-                _ => return Some(ticket.verdict().await),
-            },
-        }
+    tokio::select! {
+        verdict = ticket.verdict() => Some(verdict),
+        read = session.downstream_session.read_body_or_idle(true) => match read {
+            Err(e) if matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError) => None,
+            // Anything else (pipelined bytes): stop watching, keep waiting.
+            _ => Some(ticket.verdict().await),
+        },
     }
 }
 
@@ -253,7 +251,7 @@ impl SidecarProxy {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<usize>().ok());
-        if !declared.is_some_and(|len| len <= REPLAY_BODY_LIMIT) {
+        if declared.is_none_or(|len| len > REPLAY_BODY_LIMIT) {
             return Ok(());
         }
         session.downstream_session.enable_retry_buffering();

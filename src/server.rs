@@ -22,18 +22,19 @@ pub struct RunMode {
 pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
     let settings = app.settings();
     let s = &settings.server;
-    let mut conf = ServerConf::default();
-    conf.threads = s.threads;
-    conf.grace_period_seconds = Some(s.grace_period.as_secs());
-    conf.graceful_shutdown_timeout_seconds = Some(s.graceful_shutdown_timeout.as_secs());
-    conf.pid_file = s.pid_file.clone();
-    conf.upgrade_sock = s.upgrade_sock.clone();
-    conf.daemon = mode.daemon;
-    conf.ca_file = settings.upstream.ca_file.clone();
-    // Our replay bound (at most 10, see validation) must be the one that counts, plus room for
-    // Pingora's own retries of stale pooled connections.
-    conf.max_retries = 16;
-    conf
+    ServerConf {
+        threads: s.threads,
+        grace_period_seconds: Some(s.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.as_secs()),
+        pid_file: s.pid_file.clone(),
+        upgrade_sock: s.upgrade_sock.clone(),
+        daemon: mode.daemon,
+        ca_file: settings.upstream.ca_file.clone(),
+        // Our replay bound (at most 10, see validation) must be the one that counts, with room
+        // for Pingora's own retries of stale pooled connections.
+        max_retries: 16,
+        ..ServerConf::default()
+    }
 }
 
 /// The whole server, ready for `run_forever`.

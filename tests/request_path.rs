@@ -27,7 +27,10 @@ async fn forwards_and_rewrites_host() {
     assert_eq!(body["choices"][0]["message"]["content"], "ok");
     let arrivals = mock.state.arrivals();
     assert_eq!(arrivals.len(), 1);
-    assert_eq!(arrivals[0].host.as_deref(), Some(mock.addr.to_string().as_str()));
+    assert_eq!(
+        arrivals[0].host.as_deref(),
+        Some(mock.addr.to_string().as_str())
+    );
     let line = sidecar.wait_for_access_line(|l| {
         l.contains("client=a route=default method=POST path=/v1/chat/completions status=200")
             && l.contains("outcome=forwarded")
@@ -53,7 +56,10 @@ async fn the_upstream_key_replaces_the_clients_credential() {
     assert_eq!(response.status(), 200);
     let seen = mock.state.arrivals()[0].authorization.clone();
     assert_eq!(seen.as_deref(), Some("Bearer nvapi-test-secret"));
-    assert!(!sidecar.log_text().contains("nvapi-test-secret"), "the key must never be logged");
+    assert!(
+        !sidecar.log_text().contains("nvapi-test-secret"),
+        "the key must never be logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,14 +74,20 @@ async fn without_a_configured_key_the_clients_credential_is_forwarded() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(mock.state.arrivals()[0].authorization.as_deref(), Some("Bearer client-own-key"));
+    assert_eq!(
+        mock.state.arrivals()[0].authorization.as_deref(),
+        Some("Bearer client-own-key")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_answers_429_with_retry_after_and_openai_json() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     // One token every 10 s; two may wait, for at most 2 s.
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nqueue_max_size: 2\nrequest_timeout: 2");
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 6\nqueue_max_size: 2\nrequest_timeout: 2",
+    );
     let url = sidecar.url("/v1/chat/completions");
     assert_eq!(post_chat(&url, "a").await.status(), 200);
     let waiting: Vec<_> = (0..2)
@@ -88,7 +100,11 @@ async fn a_full_queue_answers_429_with_retry_after_and_openai_json() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let full = post_chat(&url, "late").await;
     assert_eq!(full.status(), 429);
-    let retry_after: u64 = full.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = full.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=30).contains(&retry_after), "retry-after {retry_after}");
     let body: serde_json::Value = full.json().await.unwrap();
     assert_eq!(body["error"]["type"], "rate_limit_exceeded");
@@ -102,7 +118,11 @@ async fn a_full_queue_answers_429_with_retry_after_and_openai_json() {
         let body: serde_json::Value = timed_out.json().await.unwrap();
         assert_eq!(body["error"]["code"], "queue_timeout");
     }
-    assert_eq!(mock.state.arrivals().len(), 1, "rejected requests never reach the upstream");
+    assert_eq!(
+        mock.state.arrivals().len(),
+        1,
+        "rejected requests never reach the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -125,24 +145,36 @@ async fn a_waiter_that_disconnects_consumes_no_token() {
         .json(&support::chat_body())
         .send()
         .await;
-    assert!(gave_up.is_err(), "the impatient client times out while queued");
+    assert!(
+        gave_up.is_err(),
+        "the impatient client times out while queued"
+    );
     // C queues behind nobody: it gets the token due at 2 s, not the one at 4 s.
     let c = post_chat(&url, "c").await;
     assert_eq!(c.status(), 200);
     let waited = start.elapsed();
-    assert!(waited < Duration::from_millis(3500), "C waited {waited:?}: B's abandoned place took a token");
+    assert!(
+        waited < Duration::from_millis(3500),
+        "C waited {waited:?}: B's abandoned place took a token"
+    );
     let clients: Vec<_> = mock.state.arrivals().iter().map(|a| a.body_len).collect();
     assert_eq!(clients.len(), 2, "B never reached the upstream");
-    let line = sidecar.wait_for_access_line(|l| l.contains("client=b") && l.contains("outcome=client_closed"));
+    let line = sidecar
+        .wait_for_access_line(|l| l.contains("client=b") && l.contains("outcome=client_closed"));
     assert!(line.is_some(), "{:?}", sidecar.access_log());
-    assert!(!sidecar.log_text().contains(" ERROR "), "a client leaving is not an error:\n{}", sidecar.log_text());
+    assert!(
+        !sidecar.log_text().contains(" ERROR "),
+        "a client leaving is not an error:\n{}",
+        sidecar.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_streams_arrive_chunk_by_chunk() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
-    let body = serde_json::json!({"model": "mock", "stream": true, "chunks": 5, "chunk_delay_ms": 200});
+    let body =
+        serde_json::json!({"model": "mock", "stream": true, "chunks": 5, "chunk_delay_ms": 200});
     let response = client()
         .post(sidecar.url("/v1/chat/completions"))
         .json(&body)
@@ -155,7 +187,9 @@ async fn sse_streams_arrive_chunk_by_chunk() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("chunk0"));
     assert_eq!(
-        mock.state.streams_finished.load(std::sync::atomic::Ordering::SeqCst),
+        mock.state
+            .streams_finished
+            .load(std::sync::atomic::Ordering::SeqCst),
         0,
         "the first chunk reached the client before the upstream finished its stream"
     );
@@ -164,14 +198,18 @@ async fn sse_streams_arrive_chunk_by_chunk() {
         rest.extend_from_slice(&chunk.unwrap());
     }
     let rest = String::from_utf8_lossy(&rest);
-    assert!(rest.contains("chunk4") && rest.contains("data: [DONE]"), "{rest}");
+    assert!(
+        rest.contains("chunk4") && rest.contains("data: [DONE]"),
+        "{rest}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_hanging_up_mid_stream_is_counted_not_logged_as_an_error() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
-    let body = serde_json::json!({"model": "mock", "stream": true, "chunks": 20, "chunk_delay_ms": 100});
+    let body =
+        serde_json::json!({"model": "mock", "stream": true, "chunks": 20, "chunk_delay_ms": 100});
     let response = client()
         .post(sidecar.url("/v1/chat/completions"))
         .header("x-client-id", "leaver")
@@ -183,8 +221,16 @@ async fn a_client_hanging_up_mid_stream_is_counted_not_logged_as_an_error() {
     stream.next().await.unwrap().unwrap();
     drop(stream);
     let line = sidecar.wait_for_access_line(|l| l.contains("client=leaver"));
-    assert!(line.is_some_and(|l| l.contains("outcome=client_closed")), "{:?}", sidecar.access_log());
-    assert!(!sidecar.log_text().contains(" ERROR "), "{}", sidecar.log_text());
+    assert!(
+        line.is_some_and(|l| l.contains("outcome=client_closed")),
+        "{:?}",
+        sidecar.access_log()
+    );
+    assert!(
+        !sidecar.log_text().contains(" ERROR "),
+        "{}",
+        sidecar.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -199,7 +245,11 @@ async fn upstream_down_is_a_502_and_a_timeout_a_504_in_the_same_json_shape() {
 
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nupstream:\n  read_timeout: 0.5");
-    let response = client().get(sidecar.url("/slow?ms=3000")).send().await.unwrap();
+    let response = client()
+        .get(sidecar.url("/slow?ms=3000"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 504);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["type"], "upstream_error");
@@ -223,15 +273,19 @@ async fn connect_and_foreign_targets_are_refused() {
     let raw = |request: String| {
         let port = sidecar.port;
         async move {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             stream.write_all(request.as_bytes()).await.unwrap();
             let mut answer = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
             String::from_utf8_lossy(&answer).to_string()
         }
     };
-    let connect = raw("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".into()).await;
+    let connect =
+        raw("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".into()).await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
     let foreign = raw("GET http://example.com/v1/models HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n".into()).await;
     assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
@@ -241,7 +295,11 @@ async fn connect_and_foreign_targets_are_refused() {
     ))
     .await;
     assert!(own.starts_with("HTTP/1.1 200"), "{own}");
-    assert_eq!(mock.state.arrivals().len(), 1, "only the configured upstream was reached");
+    assert_eq!(
+        mock.state.arrivals().len(),
+        1,
+        "only the configured upstream was reached"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -252,23 +310,51 @@ async fn passthrough_routes_take_no_token() {
         "rate_rpm: 1\nrequest_timeout: 1\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}",
     );
     for _ in 0..5 {
-        let response = client().get(sidecar.url("/v1/models")).send().await.unwrap();
+        let response = client()
+            .get(sidecar.url("/v1/models"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
     }
     // The counted route has one token per minute: the first passes, the second times out.
-    assert_eq!(post_chat(&sidecar.url("/v1/chat/completions"), "a").await.status(), 200);
-    assert_eq!(post_chat(&sidecar.url("/v1/chat/completions"), "a").await.status(), 429);
+    assert_eq!(
+        post_chat(&sidecar.url("/v1/chat/completions"), "a")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        post_chat(&sidecar.url("/v1/chat/completions"), "a")
+            .await
+            .status(),
+        429
+    );
     sidecar.wait_for_access_line(|l| l.contains("status=429"));
     let log = sidecar.access_log();
-    assert_eq!(log.iter().filter(|l| l.contains("outcome=passthrough")).count(), 5, "{log:?}");
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("outcome=passthrough"))
+            .count(),
+        5,
+        "{log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fail_open_forwards_instead_of_rejecting() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 1\nrequest_timeout: 0.5\nfallback_enabled_passthrough: true");
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 1\nrequest_timeout: 0.5\nfallback_enabled_passthrough: true",
+    );
     for _ in 0..3 {
-        assert_eq!(post_chat(&sidecar.url("/v1/chat/completions"), "a").await.status(), 200);
+        assert_eq!(
+            post_chat(&sidecar.url("/v1/chat/completions"), "a")
+                .await
+                .status(),
+            200
+        );
     }
     assert_eq!(mock.state.arrivals().len(), 3);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -276,21 +362,34 @@ async fn fail_open_forwards_instead_of_rejecting() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let log = sidecar.access_log();
-    assert_eq!(log.iter().filter(|l| l.contains("fallback=fail_open")).count(), 2, "{log:?}");
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("fallback=fail_open"))
+            .count(),
+        2,
+        "{log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_429_is_replayed_not_passed_on() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  quiet_period: 0.2\n  recover_interval: 0.1");
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 600\nadaptive:\n  quiet_period: 0.2\n  recover_interval: 0.1",
+    );
     mock.state.fail_next(2);
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 200, "two upstream 429s were absorbed");
     let statuses: Vec<_> = mock.state.arrivals().iter().map(|a| a.status).collect();
     assert_eq!(statuses, vec![429, 429, 200]);
     let bodies: Vec<_> = mock.state.arrivals().iter().map(|a| a.body_len).collect();
-    assert!(bodies.iter().all(|len| *len == bodies[0] && *len > 0), "the body was re-sent each time: {bodies:?}");
-    let line = sidecar.wait_for_access_line(|l| l.contains("replays=2") && l.contains("status=200"));
+    assert!(
+        bodies.iter().all(|len| *len == bodies[0] && *len > 0),
+        "the body was re-sent each time: {bodies:?}"
+    );
+    let line =
+        sidecar.wait_for_access_line(|l| l.contains("replays=2") && l.contains("status=200"));
     assert!(line.is_some(), "{:?}", sidecar.access_log());
 }
 
@@ -305,7 +404,10 @@ async fn replays_are_bounded_then_the_upstream_429_reaches_the_client() {
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 429);
     let body = response.text().await.unwrap();
-    assert!(body.contains("Too Many Requests"), "the upstream's own 429: {body}");
+    assert!(
+        body.contains("Too Many Requests"),
+        "the upstream's own 429: {body}"
+    );
     assert_eq!(mock.state.arrivals().len(), 3, "one try and two replays");
 }
 
@@ -318,7 +420,11 @@ async fn insufficient_quota_reaches_the_client_at_once() {
     assert_eq!(response.status(), 429);
     let body = response.text().await.unwrap();
     assert!(body.contains("insufficient_quota"), "{body}");
-    assert_eq!(mock.state.arrivals().len(), 1, "no replay of a billing error");
+    assert_eq!(
+        mock.state.arrivals().len(),
+        1,
+        "no replay of a billing error"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -328,7 +434,10 @@ async fn tls_upstream_with_a_test_ca() {
     let ca_path = std::env::temp_dir().join(format!("sidecar-test-ca-{}.pem", std::process::id()));
     std::fs::write(&ca_path, &identity.ca_pem).unwrap();
     let url = format!("https://localhost:{}", mock.addr.port());
-    let sidecar = Sidecar::start(&url, &format!("rate_rpm: 600\nupstream:\n  ca_file: {}", ca_path.display()));
+    let sidecar = Sidecar::start(
+        &url,
+        &format!("rate_rpm: 600\nupstream:\n  ca_file: {}", ca_path.display()),
+    );
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 200);
     assert_eq!(

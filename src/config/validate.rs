@@ -440,7 +440,7 @@ pub fn validate(
             routes.push(route);
         }
     }
-    routes.sort_by(|x, y| y.path_prefix.len().cmp(&x.path_prefix.len()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
 
     let u = &file.upstream;
     let mut headers = Vec::new();

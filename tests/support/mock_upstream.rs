@@ -66,14 +66,20 @@ impl MockState {
         self.arrivals().iter().filter(|a| a.status == 429).count()
     }
 
-    pub fn violations_since(&self, since: Instant) -> usize {
-        self.arrivals().iter().filter(|a| a.status == 429 && a.at >= since).count()
-    }
-
-    pub fn accepted_since(&self, since: Instant) -> usize {
+    /// Chat requests accepted in `[from, to)`.
+    pub fn accepted_between(&self, from: Instant, to: Instant) -> usize {
         self.arrivals()
             .iter()
-            .filter(|a| a.status == 200 && a.at >= since && a.path.starts_with("/v1/chat"))
+            .filter(|a| {
+                a.status == 200 && a.at >= from && a.at < to && a.path.starts_with("/v1/chat")
+            })
+            .count()
+    }
+
+    pub fn violations_between(&self, from: Instant, to: Instant) -> usize {
+        self.arrivals()
+            .iter()
+            .filter(|a| a.status == 429 && a.at >= from && a.at < to)
             .count()
     }
 
@@ -98,7 +104,10 @@ impl MockState {
             return true;
         };
         let mut accepted = self.accepted.lock().unwrap();
-        while accepted.front().is_some_and(|t| at.duration_since(*t) >= quota.window) {
+        while accepted
+            .front()
+            .is_some_and(|t| at.duration_since(*t) >= quota.window)
+        {
             accepted.pop_front();
         }
         if accepted.len() >= quota.limit {
@@ -110,7 +119,12 @@ impl MockState {
     }
 
     fn record(&self, at: Instant, path: &str, status: u16, headers: &HeaderMap, body_len: usize) {
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         self.arrivals.lock().unwrap().push(Arrival {
             at,
             path: path.to_string(),
@@ -207,7 +221,8 @@ fn too_many(style: LimitStyle) -> Response {
 
 async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     let at = Instant::now();
-    let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let request: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     if !state.admit(at) {
         state.record(at, "/v1/chat/completions", 429, &headers, body.len());
         let style = *state.style.lock().unwrap();
@@ -260,7 +275,11 @@ fn async_stream(
 
 async fn models(State(state): State<Arc<MockState>>, headers: HeaderMap) -> Response {
     state.record(Instant::now(), "/v1/models", 200, &headers, 0);
-    ([("content-type", "application/json")], r#"{"object":"list","data":[{"id":"mock"}]}"#).into_response()
+    (
+        [("content-type", "application/json")],
+        r#"{"object":"list","data":[{"id":"mock"}]}"#,
+    )
+        .into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -268,13 +287,22 @@ struct SlowQuery {
     ms: u64,
 }
 
-async fn slow(State(state): State<Arc<MockState>>, headers: HeaderMap, Query(q): Query<SlowQuery>) -> Response {
+async fn slow(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    Query(q): Query<SlowQuery>,
+) -> Response {
     state.record(Instant::now(), "/slow", 200, &headers, 0);
     tokio::time::sleep(Duration::from_millis(q.ms)).await;
     "slow".into_response()
 }
 
-async fn echo(State(state): State<Arc<MockState>>, headers: HeaderMap, uri: axum::http::Uri, body: Bytes) -> Response {
+async fn echo(
+    State(state): State<Arc<MockState>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: Bytes,
+) -> Response {
     state.record(Instant::now(), uri.path(), 200, &headers, body.len());
     format!("echo {}", uri.path()).into_response()
 }

@@ -6,8 +6,10 @@ pub mod mock_upstream;
 pub mod sidecar;
 pub mod tls;
 
+#[allow(unused_imports)]
 pub use mock_upstream::{LimitStyle, MockUpstream, Quota};
 
+#[allow(unused_imports)]
 pub use sidecar::{free_port, Sidecar};
 
 /// An HTTP client that never goes through a proxy from the environment.

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 /// A free loopback port (bound, read and released; the sidecar binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Sidecar {

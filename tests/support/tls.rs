@@ -27,7 +27,9 @@ impl TestIdentity {
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let server_key = KeyPair::generate().unwrap();
         let server_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        let server_cert = server_params.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+        let server_cert = server_params
+            .signed_by(&server_key, &ca_cert, &ca_key)
+            .unwrap();
         TestIdentity {
             ca_pem: ca_cert.pem(),
             server_cert: server_cert.der().clone(),
