@@ -3,13 +3,13 @@
 //! plane both read it; configuration changes swap the route table atomically while keeping
 //! every bucket that still exists, so a change never resets tokens, queue or retreat state.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
 use crate::admission::AdmissionGate;
-use crate::config::{RouteSettings, Settings};
+use crate::config::{self, ConfigError, ConfigLayers, Overrides, RouteSettings, Settings};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -91,23 +91,75 @@ impl RouteTable {
     }
 }
 
+/// Where a configuration change came from (the `source` label of `config_reloads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeSource {
+    Signal,
+    AdminReload,
+    AdminConfig,
+}
+
+impl ChangeSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeSource::Signal => "sighup",
+            ChangeSource::AdminReload => "api_reload",
+            ChangeSource::AdminConfig => "api_config",
+        }
+    }
+}
+
+/// What to change.
+#[derive(Debug, Clone)]
+pub enum ChangeRequest {
+    /// Read the file again; the overrides stay on top.
+    Reload,
+    /// Lay these runtime overrides over the current ones.
+    Patch(Overrides),
+    /// Drop every runtime override: the file's values apply again.
+    ClearOverrides,
+}
+
+/// The result of a successful change.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChangeReport {
+    /// Keys whose effective value changed and took effect.
+    pub changed: Vec<String>,
+    /// Keys that changed in the file but need a restart (new listeners); they keep their
+    /// running values until then.
+    pub restart_required: Vec<String>,
+}
+
 /// Shared state of the running sidecar.
 pub struct App {
     table: ArcSwap<RouteTable>,
+    /// The file and overrides in force; the mutex serialises every configuration change.
+    layers: Mutex<ConfigLayers>,
     pub metrics: Metrics,
     pub started: Instant,
     pub started_at: SystemTime,
 }
 
 impl App {
-    pub fn new(settings: Settings) -> Arc<App> {
+    pub fn new(layers: ConfigLayers, settings: Settings) -> Arc<App> {
         let table = RouteTable::build(Arc::new(settings), None);
         Arc::new(App {
             table: ArcSwap::from_pointee(table),
+            layers: Mutex::new(layers),
             metrics: Metrics::new(),
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
+    }
+
+    /// An app on already validated settings with no file behind them (tests, benchmarks).
+    pub fn from_settings(settings: Settings) -> Arc<App> {
+        let layers = ConfigLayers {
+            path: None,
+            file: config::FileConfig::default(),
+            overrides: Overrides::default(),
+        };
+        App::new(layers, settings)
     }
 
     /// The route table in force.
@@ -119,10 +171,120 @@ impl App {
         self.table.load().settings.clone()
     }
 
+    /// The file and overrides in force.
+    pub fn layers(&self) -> ConfigLayers {
+        self.layers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The one path every configuration change takes: build the new layers, validate the
+    /// result as a whole, keep restart-only settings at their running values, swap the route
+    /// table (buckets, queues and retreat state carry over), count the outcome. A change that
+    /// does not validate changes nothing.
+    pub fn change(&self, source: ChangeSource, request: ChangeRequest) -> Result<ChangeReport, Vec<ConfigError>> {
+        let result = self.try_change(request);
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.config_reloads.with_label_values(&[source.as_str(), outcome]).inc();
+        match &result {
+            Ok(report) => log::info!(
+                "configuration change from {} applied; changed: [{}]{}",
+                source.as_str(),
+                report.changed.join(", "),
+                if report.restart_required.is_empty() {
+                    String::new()
+                } else {
+                    format!("; restart required for: [{}]", report.restart_required.join(", "))
+                }
+            ),
+            Err(errors) => {
+                let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                log::warn!(
+                    "configuration change from {} rejected, running configuration kept: {}",
+                    source.as_str(),
+                    list.join("; ")
+                );
+            }
+        }
+        result
+    }
+
+    fn try_change(&self, request: ChangeRequest) -> Result<ChangeReport, Vec<ConfigError>> {
+        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = layers.clone();
+        match request {
+            ChangeRequest::Reload => next.file = config::read_file(next.path.as_deref())?,
+            ChangeRequest::Patch(patch) => next.overrides = next.overrides.merged(&patch),
+            ChangeRequest::ClearOverrides => next.overrides = Overrides::default(),
+        }
+        let mut settings = config::validate_with_env(&next.effective())?;
+        let current = self.settings();
+        let restart_required = keep_restart_only(&current, &mut settings);
+        let changed = changed_keys(&layers.effective(), &next.effective())
+            .into_iter()
+            .filter(|k| !restart_required.contains(k))
+            .collect();
+        self.apply(settings);
+        *layers = next;
+        Ok(ChangeReport {
+            changed,
+            restart_required,
+        })
+    }
+
     /// Puts new settings in force, keeping the buckets of routes that remain.
     pub fn apply(&self, settings: Settings) {
         let current = self.table.load_full();
         let next = RouteTable::build(Arc::new(settings), Some(&current));
         self.table.store(Arc::new(next));
     }
+}
+
+/// Copies settings that only a restart can change from `running` into `next`; returns the
+/// config keys whose new value therefore waits for a restart.
+fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
+    let mut keys = Vec::new();
+    macro_rules! keep {
+        ($key:literal, $($field:tt)+) => {
+            if running.$($field)+ != next.$($field)+ {
+                keys.push($key.to_string());
+                next.$($field)+ = running.$($field)+.clone();
+            }
+        };
+    }
+    keep!("listen_host", listen_host);
+    keep!("listen_port", listen_port);
+    keep!("metrics_port", metrics_port);
+    keep!("admin.listen_host", admin.listen_host);
+    keep!("server.threads", server.threads);
+    keep!("server.grace_period", server.grace_period);
+    keep!("server.graceful_shutdown_timeout", server.graceful_shutdown_timeout);
+    keep!("server.pid_file", server.pid_file);
+    keep!("server.upgrade_sock", server.upgrade_sock);
+    keep!("upstream.ca_file", upstream.ca_file);
+    keep!("state_dir", state_dir);
+    keys
+}
+
+/// Keys (`rate_rpm`, `adaptive.window`, …) whose value differs between two configurations.
+fn changed_keys(before: &config::FileConfig, after: &config::FileConfig) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(before), serde_json::to_value(after))
+    else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for (key, new) in &b {
+        let old = a.get(key).unwrap_or(&serde_json::Value::Null);
+        match (old, new) {
+            (serde_json::Value::Object(o), serde_json::Value::Object(n)) => {
+                for (field, value) in n {
+                    if o.get(field) != Some(value) {
+                        keys.push(format!("{key}.{field}"));
+                    }
+                }
+            }
+            _ if old != new => keys.push(key.clone()),
+            _ => {}
+        }
+    }
+    keys
 }

@@ -3,9 +3,11 @@
 //! Layout: `config` (file format and validation), `limiter` (bucket, queue and adaptive
 //! controller: pure logic), `admission` (waiting for tokens), `upstream` (where requests go),
 //! `proxy` (the request path), `app` (shared state), `metrics`, `server` (Pingora wiring),
-//! `cli` (command line).
+//! `cli` (command line), `admin` (the admin plane: metrics, health, status, dashboard,
+//! config API).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod cli;

@@ -10,8 +10,12 @@ use nvidia_sidecar::{config, server, App};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let source = cli.conf.as_deref().unwrap_or("(embedded default)");
-    let settings = match config::load(cli.conf.as_deref()) {
-        Ok(settings) => settings,
+    let loaded = config::read_file(cli.conf.as_deref()).and_then(|file| {
+        let settings = config::validate_with_env(&file)?;
+        Ok((file, settings))
+    });
+    let (file, settings) = match loaded {
+        Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors {
                 eprintln!("{source}: {e}");
@@ -49,5 +53,16 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
     };
-    server::build(App::new(settings), mode).run_forever()
+    let layers = config::ConfigLayers {
+        path: cli.conf.clone(),
+        file,
+        overrides: config::Overrides::default(),
+    };
+    match server::build(App::new(layers, settings), mode) {
+        Ok(server) => server.run_forever(),
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -27,6 +27,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Forwarded,
+        Outcome::Passthrough,
+        Outcome::RejectedQueueFull,
+        Outcome::RejectedQueueTimeout,
+        Outcome::ClientClosed,
+        Outcome::UpstreamError,
+        Outcome::Refused,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Forwarded => "forwarded",
@@ -203,6 +213,14 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         m
+    }
+
+    /// Requests of `outcome` over the given routes.
+    pub fn requests_with<'a>(&self, routes: impl IntoIterator<Item = &'a str>, outcome: Outcome) -> u64 {
+        routes
+            .into_iter()
+            .map(|route| self.requests.with_label_values(&[route, outcome.as_str()]).get())
+            .sum()
     }
 
     /// Text exposition format of every metric.

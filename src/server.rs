@@ -37,8 +37,8 @@ pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
     }
 }
 
-/// The whole server, ready for `run_forever`.
-pub fn build(app: Arc<App>, mode: RunMode) -> Server {
+/// The whole server, ready for `run_forever`. Fails when the admin port cannot be bound.
+pub fn build(app: Arc<App>, mode: RunMode) -> std::io::Result<Server> {
     let settings = app.settings();
     let opt = Opt {
         upgrade: mode.upgrade,
@@ -58,7 +58,15 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
         settings.listen_port
     ));
     server.add_service(proxy);
-    server
+
+    let admin_addr = std::net::SocketAddr::new(settings.admin.listen_host, settings.metrics_port);
+    let listener = crate::admin::bind(admin_addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("admin plane cannot listen on {admin_addr}: {e}")))?;
+    server.add_service(pingora::services::background::background_service(
+        "admin plane",
+        crate::admin::AdminService::new(app, listener),
+    ));
+    Ok(server)
 }
 
 /// An IP address as it goes before `:port` (IPv6 in brackets).

@@ -2,12 +2,14 @@
 //! loading with every problem reported at once.
 
 mod file;
+mod layers;
 mod seconds;
 mod validate;
 
 pub use file::{
     AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, UpstreamSection,
 };
+pub use layers::{ConfigLayers, Overrides, LIVE_FIELDS};
 pub use seconds::Seconds;
 pub use validate::{
     defaults, validate, AdminSettings, ConfigError, RouteSettings, Secret, ServerSettings,
@@ -127,6 +129,31 @@ fn clean(e: &serde_yaml::Error) -> String {
         }
         _ => text,
     }
+}
+
+/// Reads and parses the file at `path`, or the embedded default when `path` is `None`.
+pub fn read_file(path: Option<&str>) -> Result<FileConfig, Vec<ConfigError>> {
+    let text = match path {
+        None => EMBEDDED_DEFAULT.to_string(),
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| vec![ConfigError::new("(file)", format!("cannot read {path}: {e}"))])?,
+    };
+    let (file, errors) = parse_lenient(&text)?;
+    if errors.is_empty() {
+        Ok(file)
+    } else {
+        // Report range problems of the parsable part too.
+        let mut all = errors;
+        if let Err(more) = validate(&file, &|name| std::env::var(name).ok()) {
+            all.extend(more);
+        }
+        Err(all)
+    }
+}
+
+/// Validates a file's contents with the process environment.
+pub fn validate_with_env(file: &FileConfig) -> Result<Settings, Vec<ConfigError>> {
+    validate(file, &|name| std::env::var(name).ok())
 }
 
 /// Loads settings from YAML text with the process environment.

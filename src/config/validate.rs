@@ -28,6 +28,18 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    /// The problem as one sentence, e.g. `rate_rpm must be > 0, got 0`.
+    pub fn sentence(&self) -> String {
+        let joins_as_sentence = ["must", "is ", "has ", "names "].iter().any(|w| self.reason.starts_with(w));
+        if joins_as_sentence {
+            format!("{} {}", self.key, self.reason)
+        } else {
+            format!("{}: {}", self.key, self.reason)
+        }
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.reason)
@@ -507,6 +519,16 @@ pub fn validate(
             env,
         ),
     };
+
+    if !admin.listen_host.is_loopback() && admin.token.is_none() {
+        c.fail(
+            "admin.listen_host",
+            format!(
+                "is {}, which is not loopback: set admin.token_env or admin.token_file, or the admin API would be open to the network",
+                admin.listen_host
+            ),
+        );
+    }
 
     let s = &file.server;
     let threads = s.threads.unwrap_or(defaults::THREADS);

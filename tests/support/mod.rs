@@ -21,6 +21,22 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Runs an optional system tool, or explains why a test cannot. By hand a missing tool skips
+/// the test with a printed reason; under `CI=true` it is a failure.
+pub fn require_tool(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{tool} is required under CI=true but is not installed");
+        }
+        eprintln!("skipping: {tool} is not installed (CI installs it; see .ci/run)");
+    }
+    found
+}
+
 /// A small chat completion request body.
 pub fn chat_body() -> serde_json::Value {
     serde_json::json!({"model": "mock", "messages": [{"role": "user", "content": "hi"}]})

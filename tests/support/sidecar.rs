@@ -74,7 +74,8 @@ impl Sidecar {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("sidecar exited early ({status}):\n{}", self.log_text());
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let up = |port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if up(self.port) && up(self.metrics_port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -84,6 +85,36 @@ impl Sidecar {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A URL on the admin plane.
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.metrics_port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the sidecar process (`kill -s NAME`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// Waits (up to `limit`) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,127 @@
+//! Admin routes: metrics, health, status and the dashboard stream; the config API is in
+//! `config_api`, the dashboard page in `dashboard`.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{config_api, dashboard, AdminState};
+
+/// Largest request body the admin API accepts (config patches are tiny).
+const BODY_LIMIT: usize = 64 * 1024;
+
+pub(crate) fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .route("/status", get(status))
+        .route("/api/dashboard/stream", get(stream))
+        .route("/", get(dashboard::page))
+        .route("/api/dashboard", get(dashboard::page))
+        .route("/static/vendor/uplot/{file}", get(dashboard::vendor))
+        .route("/api/admin/config", get(config_api::show).post(config_api::patch))
+        .route("/api/admin/config/overrides", delete(config_api::clear_overrides))
+        .route("/api/admin/reload", post(config_api::reload))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// A JSON error answer `{"detail": …}`.
+pub(crate) fn detail(status: StatusCode, text: impl Into<String>) -> Response {
+    (status, Json(json!({"detail": text.into()}))).into_response()
+}
+
+/// Mutating endpoints need `Authorization: Bearer <admin token>` when a token is configured.
+pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+    let settings = state.app.settings();
+    let Some(token) = &settings.admin.token else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+        Ok(())
+    } else {
+        let mut response = detail(StatusCode::UNAUTHORIZED, "this endpoint needs the admin bearer token");
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header value"));
+        Err(response)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    // Gauges are refreshed by the sampler every second; refresh them for this scrape too.
+    let _ = state.snapshot_json();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+async fn ready(State(state): State<Arc<AdminState>>) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "reason": "draining"})))
+            .into_response();
+    }
+    let settings = state.app.settings();
+    let host = if settings.listen_host.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        settings.listen_host
+    };
+    let probe = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect((host, settings.listen_port)),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) => Json(json!({"status": "ready"})).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": "proxy listener is not accepting connections"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], state.snapshot_json()).into_response()
+}
+
+/// One `data: <snapshot>` event per second per subscriber, starting with the current one;
+/// ends when the sidecar shuts down.
+async fn stream(
+    State(state): State<Arc<AdminState>>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let mut rx = state.status.clone();
+    rx.mark_changed();
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let json = rx.borrow_and_update().clone();
+        Some((Ok(Event::default().data(&*json)), rx))
+    });
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
+}

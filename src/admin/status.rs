@@ -1,0 +1,272 @@
+//! The status snapshot of `GET /status` and the dashboard stream, compatible field for field
+//! with the earlier Python service (fields are added, never renamed).
+//!
+//! One sampler task builds the snapshot once per second, refreshes the gauges, and publishes
+//! the serialised JSON on a watch channel; every subscriber reads that one string, so a
+//! hundred dashboards cost no more snapshot work than one.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::limiter::{LimiterSnapshot, Priority};
+use crate::metrics::Outcome;
+
+#[derive(Debug, Serialize)]
+pub struct Snapshot {
+    pub timestamp: f64,
+    pub uptime_seconds: u64,
+    pub token_bucket: BucketView,
+    pub retreat: RetreatView,
+    pub requests: RequestsView,
+    pub errors: ErrorsView,
+    pub inflight: i64,
+    pub upstream_429_per_minute: u64,
+    pub routes: Vec<RouteView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BucketView {
+    pub tokens: f64,
+    pub capacity: f64,
+    pub rate_rpm: f64,
+    pub queue_size: usize,
+    pub queue_max_size: usize,
+    pub queue_by_priority: QueueView,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueueView {
+    pub high: usize,
+    pub normal: usize,
+    pub low: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RetreatView {
+    pub state: &'static str,
+    pub effective_rpm: f64,
+    pub base_rpm: f64,
+    pub upstream_429_rate: f64,
+    /// Seconds until the upstream's `Retry-After` pause ends (0 when not paused).
+    pub pause_remaining_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RequestsView {
+    pub total: u64,
+    /// Forwarded upstream with a token.
+    pub nvidia: u64,
+    pub passthrough: u64,
+    /// Answered 429 by the sidecar itself.
+    pub ratelimited: u64,
+    /// Requests finished during the last second.
+    pub per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorsView {
+    pub queue_full_rejects: u64,
+    pub upstream_errors: u64,
+    pub queue_timeouts: u64,
+    pub client_closed: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteView {
+    pub name: String,
+    pub path_prefix: String,
+    pub upstream: String,
+    pub passthrough: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<BucketView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retreat: Option<RetreatView>,
+}
+
+fn bucket_view(s: &LimiterSnapshot) -> BucketView {
+    BucketView {
+        tokens: round3(s.tokens),
+        capacity: s.capacity,
+        rate_rpm: s.base_rpm,
+        queue_size: s.queue_depth.iter().sum(),
+        queue_max_size: s.queue_max,
+        queue_by_priority: QueueView {
+            high: s.queue_depth[0],
+            normal: s.queue_depth[1],
+            low: s.queue_depth[2],
+        },
+    }
+}
+
+fn retreat_view(s: &LimiterSnapshot) -> RetreatView {
+    RetreatView {
+        state: s.state.as_str(),
+        effective_rpm: round3(s.effective_rpm),
+        base_rpm: s.base_rpm,
+        upstream_429_rate: round3(s.upstream_429_ratio),
+        pause_remaining_seconds: round3(s.paused_for.map_or(0.0, |d| d.as_secs_f64())),
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Totals kept once per second, for rates over time.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    finished: u64,
+    upstream_429: u64,
+}
+
+/// Builds snapshots and keeps the short history that per-second and per-minute rates need.
+pub struct StatusBuilder {
+    app: Arc<App>,
+    history: VecDeque<Sample>,
+}
+
+impl StatusBuilder {
+    pub fn new(app: Arc<App>) -> Self {
+        StatusBuilder {
+            app,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// A snapshot of now; also refreshes the gauges of `/metrics`.
+    pub fn build(&mut self) -> Snapshot {
+        let app = &self.app;
+        let m = &app.metrics;
+        let table = app.table();
+        let names: Vec<&str> = table.all().map(|r| r.name()).collect();
+        let count = |o: Outcome| m.requests_with(names.iter().copied(), o);
+        let finished: u64 = Outcome::ALL.iter().map(|o| count(*o)).sum();
+        let upstream_429: u64 = names
+            .iter()
+            .map(|r| m.upstream_responses.with_label_values(&[r, "429"]).get())
+            .sum();
+
+        let now = Instant::now();
+        self.history.push_back(Sample {
+            at: now,
+            finished,
+            upstream_429,
+        });
+        while self
+            .history
+            .front()
+            .is_some_and(|s| now.duration_since(s.at) > Duration::from_secs(61))
+        {
+            self.history.pop_front();
+        }
+        let per_second = self.rate_over(Duration::from_secs(1), |s| s.finished);
+        let minute_ago = self
+            .history
+            .iter()
+            .find(|s| now.duration_since(s.at) <= Duration::from_secs(60))
+            .copied();
+        let per_minute_429 = minute_ago.map_or(0, |s| upstream_429.saturating_sub(s.upstream_429));
+
+        let mut depth = [0i64; 3];
+        let mut routes = Vec::new();
+        let mut main = None;
+        for route in table.all() {
+            let snapshot = route.gate.as_ref().map(|g| g.snapshot());
+            if let Some(s) = &snapshot {
+                let name = route.name();
+                m.tokens_available.with_label_values(&[name]).set(s.tokens);
+                m.rate_effective_rpm.with_label_values(&[name]).set(s.effective_rpm);
+                m.rate_base_rpm.with_label_values(&[name]).set(s.base_rpm);
+                m.retreat_state.with_label_values(&[name]).set(s.state.as_gauge());
+                m.upstream_429_ratio.with_label_values(&[name]).set(s.upstream_429_ratio);
+                for (d, q) in depth.iter_mut().zip(s.queue_depth) {
+                    *d += q as i64;
+                }
+            }
+            if main.is_none() {
+                main = snapshot.clone();
+            }
+            routes.push(RouteView {
+                name: route.name().to_string(),
+                path_prefix: route.settings.path_prefix.clone(),
+                upstream: route.settings.upstream.to_string(),
+                passthrough: route.settings.is_passthrough(),
+                bucket: snapshot.as_ref().map(bucket_view),
+                retreat: snapshot.as_ref().map(retreat_view),
+            });
+        }
+        for (priority, d) in Priority::ALL.iter().zip(depth) {
+            m.queue_depth.with_label_values(&[priority.as_str()]).set(d);
+        }
+        let uptime = app.started.elapsed();
+        m.uptime.set(uptime.as_secs_f64());
+        let main = main.expect("the default route always has a bucket");
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| round3(d.as_secs_f64()));
+        Snapshot {
+            timestamp,
+            uptime_seconds: uptime.as_secs(),
+            token_bucket: bucket_view(&main),
+            retreat: retreat_view(&main),
+            requests: RequestsView {
+                total: finished,
+                nvidia: count(Outcome::Forwarded),
+                passthrough: count(Outcome::Passthrough),
+                ratelimited: count(Outcome::RejectedQueueFull) + count(Outcome::RejectedQueueTimeout),
+                per_second: round3(per_second),
+            },
+            errors: ErrorsView {
+                queue_full_rejects: count(Outcome::RejectedQueueFull),
+                upstream_errors: count(Outcome::UpstreamError),
+                queue_timeouts: count(Outcome::RejectedQueueTimeout),
+                client_closed: count(Outcome::ClientClosed),
+            },
+            inflight: m.inflight.get(),
+            upstream_429_per_minute: per_minute_429,
+            routes,
+        }
+    }
+
+    /// Events per second of `value` over about `span`, from the history.
+    fn rate_over(&self, span: Duration, value: impl Fn(&Sample) -> u64) -> f64 {
+        let (Some(last), true) = (self.history.back(), self.history.len() > 1) else {
+            return 0.0;
+        };
+        let first = self
+            .history
+            .iter()
+            .rev()
+            .skip(1)
+            .find(|s| last.at.duration_since(s.at) >= span)
+            .or(self.history.front())
+            .expect("history has at least two samples");
+        let elapsed = last.at.duration_since(first.at).as_secs_f64();
+        if elapsed <= 0.0 {
+            0.0
+        } else {
+            value(last).saturating_sub(value(first)) as f64 / elapsed
+        }
+    }
+}
+
+/// Publishes one serialised snapshot per second until `stop`; when it returns, every
+/// subscriber's stream ends.
+pub(crate) async fn run_sampler(state: Arc<super::AdminState>, tx: watch::Sender<Arc<str>>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                tx.send_replace(Arc::from(state.snapshot_json()));
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
