@@ -173,17 +173,27 @@ impl App {
 
     /// The file and overrides in force.
     pub fn layers(&self) -> ConfigLayers {
-        self.layers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The one path every configuration change takes: build the new layers, validate the
     /// result as a whole, keep restart-only settings at their running values, swap the route
     /// table (buckets, queues and retreat state carry over), count the outcome. A change that
     /// does not validate changes nothing.
-    pub fn change(&self, source: ChangeSource, request: ChangeRequest) -> Result<ChangeReport, Vec<ConfigError>> {
+    pub fn change(
+        &self,
+        source: ChangeSource,
+        request: ChangeRequest,
+    ) -> Result<ChangeReport, Vec<ConfigError>> {
         let result = self.try_change(request);
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.config_reloads.with_label_values(&[source.as_str(), outcome]).inc();
+        self.metrics
+            .config_reloads
+            .with_label_values(&[source.as_str(), outcome])
+            .inc();
         match &result {
             Ok(report) => log::info!(
                 "configuration change from {} applied; changed: [{}]{}",
@@ -192,7 +202,10 @@ impl App {
                 if report.restart_required.is_empty() {
                     String::new()
                 } else {
-                    format!("; restart required for: [{}]", report.restart_required.join(", "))
+                    format!(
+                        "; restart required for: [{}]",
+                        report.restart_required.join(", ")
+                    )
                 }
             ),
             Err(errors) => {
@@ -218,10 +231,13 @@ impl App {
         let mut settings = config::validate_with_env(&next.effective())?;
         let current = self.settings();
         let restart_required = keep_restart_only(&current, &mut settings);
-        let changed = changed_keys(&layers.effective(), &next.effective())
-            .into_iter()
-            .filter(|k| !restart_required.contains(k))
-            .collect();
+        let changed = changed_keys(
+            &config::effective_view(&current),
+            &config::effective_view(&settings),
+        )
+        .into_iter()
+        .filter(|k| !restart_required.contains(k))
+        .collect();
         self.apply(settings);
         *layers = next;
         Ok(ChangeReport {
@@ -256,7 +272,10 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
     keep!("admin.listen_host", admin.listen_host);
     keep!("server.threads", server.threads);
     keep!("server.grace_period", server.grace_period);
-    keep!("server.graceful_shutdown_timeout", server.graceful_shutdown_timeout);
+    keep!(
+        "server.graceful_shutdown_timeout",
+        server.graceful_shutdown_timeout
+    );
     keep!("server.pid_file", server.pid_file);
     keep!("server.upgrade_sock", server.upgrade_sock);
     keep!("upstream.ca_file", upstream.ca_file);
@@ -265,14 +284,12 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
 }
 
 /// Keys (`rate_rpm`, `adaptive.window`, …) whose value differs between two configurations.
-fn changed_keys(before: &config::FileConfig, after: &config::FileConfig) -> Vec<String> {
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-        (serde_json::to_value(before), serde_json::to_value(after))
-    else {
+fn changed_keys(before: &serde_json::Value, after: &serde_json::Value) -> Vec<String> {
+    let (serde_json::Value::Object(a), serde_json::Value::Object(b)) = (before, after) else {
         return Vec::new();
     };
     let mut keys = Vec::new();
-    for (key, new) in &b {
+    for (key, new) in b {
         let old = a.get(key).unwrap_or(&serde_json::Value::Null);
         match (old, new) {
             (serde_json::Value::Object(o), serde_json::Value::Object(n)) => {

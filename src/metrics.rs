@@ -216,10 +216,18 @@ impl Metrics {
     }
 
     /// Requests of `outcome` over the given routes.
-    pub fn requests_with<'a>(&self, routes: impl IntoIterator<Item = &'a str>, outcome: Outcome) -> u64 {
+    pub fn requests_with<'a>(
+        &self,
+        routes: impl IntoIterator<Item = &'a str>,
+        outcome: Outcome,
+    ) -> u64 {
         routes
             .into_iter()
-            .map(|route| self.requests.with_label_values(&[route, outcome.as_str()]).get())
+            .map(|route| {
+                self.requests
+                    .with_label_values(&[route, outcome.as_str()])
+                    .get()
+            })
             .sum()
     }
 

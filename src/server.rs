@@ -60,8 +60,12 @@ pub fn build(app: Arc<App>, mode: RunMode) -> std::io::Result<Server> {
     server.add_service(proxy);
 
     let admin_addr = std::net::SocketAddr::new(settings.admin.listen_host, settings.metrics_port);
-    let listener = crate::admin::bind(admin_addr)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("admin plane cannot listen on {admin_addr}: {e}")))?;
+    let listener = crate::admin::bind(admin_addr).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("admin plane cannot listen on {admin_addr}: {e}"),
+        )
+    })?;
     server.add_service(pingora::services::background::background_service(
         "admin plane",
         crate::admin::AdminService::new(app, listener),

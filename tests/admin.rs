@@ -35,7 +35,10 @@ async fn health_status_and_config_answer_in_the_documented_shape() {
         "rate_rpm: 40\nupstream:\n  api_key_env: ADMIN_TEST_KEY",
         &[("ADMIN_TEST_KEY", "nvapi-very-secret")],
     );
-    assert_eq!(get_json(&sidecar.admin("/health")).await, (200, json!({"status": "ok"})));
+    assert_eq!(
+        get_json(&sidecar.admin("/health")).await,
+        (200, json!({"status": "ok"}))
+    );
     let (status, ready) = get_json(&sidecar.admin("/health/ready")).await;
     assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
 
@@ -44,8 +47,17 @@ async fn health_status_and_config_answer_in_the_documented_shape() {
     assert!(s["timestamp"].as_f64().unwrap() > 1.7e9);
     assert!(s["uptime_seconds"].is_u64());
     let bucket = &s["token_bucket"];
-    for field in ["tokens", "capacity", "rate_rpm", "queue_size", "queue_max_size"] {
-        assert!(bucket[field].is_number(), "token_bucket.{field} missing: {s}");
+    for field in [
+        "tokens",
+        "capacity",
+        "rate_rpm",
+        "queue_size",
+        "queue_max_size",
+    ] {
+        assert!(
+            bucket[field].is_number(),
+            "token_bucket.{field} missing: {s}"
+        );
     }
     assert_eq!(bucket["rate_rpm"], 40.0);
     assert_eq!(bucket["queue_max_size"], 100);
@@ -55,7 +67,10 @@ async fn health_status_and_config_answer_in_the_documented_shape() {
         assert!(retreat[field].is_number(), "retreat.{field} missing: {s}");
     }
     for field in ["total", "nvidia", "passthrough", "ratelimited"] {
-        assert!(s["requests"][field].is_u64(), "requests.{field} missing: {s}");
+        assert!(
+            s["requests"][field].is_u64(),
+            "requests.{field} missing: {s}"
+        );
     }
     for field in ["queue_full_rejects", "upstream_errors"] {
         assert!(s["errors"][field].is_u64(), "errors.{field} missing: {s}");
@@ -67,7 +82,10 @@ async fn health_status_and_config_answer_in_the_documented_shape() {
     assert_eq!(config["config"]["upstream"]["api_key"], "***");
     assert_eq!(config["override_fields"], json!([]));
     let text = config.to_string();
-    assert!(!text.contains("nvapi-very-secret"), "a secret leaked: {text}");
+    assert!(
+        !text.contains("nvapi-very-secret"),
+        "a secret leaked: {text}"
+    );
 
     let page = client().get(sidecar.admin("/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
@@ -88,14 +106,23 @@ async fn bad_patches_are_rejected_and_change_nothing() {
         (json!({"rate_rpm": 0}), "rate_rpm must be > 0"),
         (json!({"rate_rpm": -5}), "rate_rpm must be > 0, got -5"),
         (json!({"rate_rpm": "abc"}), "rate_rpm: invalid type"),
-        (json!({"colour": "red"}), "colour is not a live-changeable field"),
-        (json!({"queue_max_size": 0}), "queue_max_size must be between 1"),
+        (
+            json!({"colour": "red"}),
+            "colour is not a live-changeable field",
+        ),
+        (
+            json!({"queue_max_size": 0}),
+            "queue_max_size must be between 1",
+        ),
         (json!([1, 2]), "must be a JSON object"),
     ] {
         let (status, answer) = post_config(&sidecar, body.clone()).await;
         assert_eq!(status, 400, "{body} -> {answer}");
         let detail = answer["detail"].as_str().unwrap_or_default();
-        assert!(detail.contains(needle), "{body}: {detail:?} lacks {needle:?}");
+        assert!(
+            detail.contains(needle),
+            "{body}: {detail:?} lacks {needle:?}"
+        );
     }
     let huge = format!("{{\"rate_rpm\": 10, \"pad\": \"{}\"}}", "x".repeat(200_000));
     let response = client()
@@ -111,9 +138,18 @@ async fn bad_patches_are_rejected_and_change_nothing() {
     assert_eq!(s["token_bucket"]["rate_rpm"], 40.0, "nothing changed");
     let (_, config) = get_json(&sidecar.admin("/api/admin/config")).await;
     assert_eq!(config["override_fields"], json!([]));
-    let metrics = client().get(sidecar.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client()
+        .get(sidecar.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
-        metrics.contains("nvidia_sidecar_config_reloads_total{result=\"error\",source=\"api_config\"} 3"),
+        metrics.contains(
+            "nvidia_sidecar_config_reloads_total{result=\"error\",source=\"api_config\"} 3"
+        ),
         "the three patches that parsed but failed validation are counted:\n{metrics}"
     );
 }
@@ -125,17 +161,32 @@ async fn a_valid_patch_changes_the_rate_for_the_very_next_admission() {
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nrequest_timeout: 30");
     let url = sidecar.url("/v1/chat/completions");
     let http = client();
-    assert_eq!(http.post(&url).json(&chat_body()).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.post(&url)
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let waiting = {
         let (http, url) = (http.clone(), url.clone());
         tokio::spawn(async move {
             let start = Instant::now();
-            let status = http.post(&url).json(&chat_body()).send().await.unwrap().status();
+            let status = http
+                .post(&url)
+                .json(&chat_body())
+                .send()
+                .await
+                .unwrap()
+                .status();
             (status, start.elapsed())
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, answer) = post_config(&sidecar, json!({"rate_rpm": 600, "queue_max_size": 50})).await;
+    let (status, answer) =
+        post_config(&sidecar, json!({"rate_rpm": 600, "queue_max_size": 50})).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["status"], "ok");
     let mut changed: Vec<String> = serde_json::from_value(answer["changed"].clone()).unwrap();
@@ -143,14 +194,20 @@ async fn a_valid_patch_changes_the_rate_for_the_very_next_admission() {
     assert_eq!(changed, vec!["queue_max_size", "rate_rpm"]);
     let (status, waited) = waiting.await.unwrap();
     assert_eq!(status, 200);
-    assert!(waited < Duration::from_secs(5), "the waiter still waited {waited:?} for the old 10 s token");
+    assert!(
+        waited < Duration::from_secs(5),
+        "the waiter still waited {waited:?} for the old 10 s token"
+    );
 
     let (_, s) = get_json(&sidecar.admin("/status")).await;
     assert_eq!(s["token_bucket"]["rate_rpm"], 600.0);
     assert_eq!(s["retreat"]["base_rpm"], 600.0);
     assert_eq!(s["token_bucket"]["queue_max_size"], 50);
     let (_, config) = get_json(&sidecar.admin("/api/admin/config")).await;
-    assert_eq!(config["override_fields"], json!(["rate_rpm", "queue_max_size"]));
+    assert_eq!(
+        config["override_fields"],
+        json!(["rate_rpm", "queue_max_size"])
+    );
     assert_eq!(config["overrides"]["rate_rpm"], 600.0);
 }
 
@@ -164,7 +221,12 @@ async fn mutations_need_the_admin_token_when_one_is_configured() {
     );
     let http = client();
     let patch = json!({"rate_rpm": 20});
-    let anonymous = http.post(sidecar.admin("/api/admin/config")).json(&patch).send().await.unwrap();
+    let anonymous = http
+        .post(sidecar.admin("/api/admin/config"))
+        .json(&patch)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status(), 401);
     let wrong = http
         .post(sidecar.admin("/api/admin/config"))
@@ -174,7 +236,11 @@ async fn mutations_need_the_admin_token_when_one_is_configured() {
         .await
         .unwrap();
     assert_eq!(wrong.status(), 401);
-    let reload = http.post(sidecar.admin("/api/admin/reload")).send().await.unwrap();
+    let reload = http
+        .post(sidecar.admin("/api/admin/reload"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(reload.status(), 401);
     let (_, s) = get_json(&sidecar.admin("/status")).await;
     assert_eq!(s["token_bucket"]["rate_rpm"], 40.0);
@@ -204,7 +270,10 @@ fn the_admin_plane_refuses_a_public_address_without_a_token() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("admin.listen_host: is 0.0.0.0, which is not loopback"), "{stderr}");
+    assert!(
+        stderr.contains("admin.listen_host: is 0.0.0.0, which is not loopback"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -213,10 +282,21 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
     let http = client();
     for _ in 0..3 {
-        http.post(sidecar.url("/v1/chat/completions")).json(&chat_body()).send().await.unwrap();
+        http.post(sidecar.url("/v1/chat/completions"))
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
     }
     sidecar.wait_for_access_line(|l| l.contains("outcome=forwarded"));
-    let metrics = http.get(sidecar.admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(sidecar.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for name in [
         "nvidia_sidecar_requests_total{outcome=\"forwarded\",route=\"default\"}",
         "nvidia_sidecar_upstream_responses_total{code=\"200\",route=\"default\"}",
@@ -234,10 +314,22 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
     // Counters of config reloads appear once a reload happened.
-    let reload = http.post(sidecar.admin("/api/admin/reload")).send().await.unwrap();
+    let reload = http
+        .post(sidecar.admin("/api/admin/reload"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(reload.status(), 200);
-    let metrics = http.get(sidecar.admin("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("nvidia_sidecar_config_reloads_total{result=\"ok\",source=\"api_reload\"} 1"));
+    let metrics = http
+        .get(sidecar.admin("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics
+        .contains("nvidia_sidecar_config_reloads_total{result=\"ok\",source=\"api_reload\"} 1"));
 
     if !require_tool("promtool") {
         return;
@@ -249,7 +341,12 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    check.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
     let out = check.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -263,16 +360,27 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
 async fn the_dashboard_stream_sends_a_snapshot_every_second_and_counters_move() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
-    let response = client().get(sidecar.admin("/api/dashboard/stream")).send().await.unwrap();
+    let response = client()
+        .get(sidecar.admin("/api/dashboard/stream"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut stream = response.bytes_stream();
     let mut buffer = String::new();
     let mut events: Vec<Value> = Vec::new();
     let mut sent = false;
     let deadline = Instant::now() + Duration::from_secs(15);
     while events.len() < 4 && Instant::now() < deadline {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         buffer.push_str(&String::from_utf8_lossy(&chunk));
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
@@ -282,19 +390,35 @@ async fn the_dashboard_stream_sends_a_snapshot_every_second_and_counters_move() 
         }
         if events.len() >= 2 && !sent {
             for _ in 0..3 {
-                client().post(sidecar.url("/v1/chat/completions")).json(&chat_body()).send().await.unwrap();
+                client()
+                    .post(sidecar.url("/v1/chat/completions"))
+                    .json(&chat_body())
+                    .send()
+                    .await
+                    .unwrap();
             }
             sent = true;
         }
     }
     assert!(events.len() >= 4, "got {} events", events.len());
-    let stamps: Vec<f64> = events.iter().map(|e| e["timestamp"].as_f64().unwrap()).collect();
+    let stamps: Vec<f64> = events
+        .iter()
+        .map(|e| e["timestamp"].as_f64().unwrap())
+        .collect();
     for pair in stamps[1..].windows(2) {
         let gap = pair[1] - pair[0];
-        assert!((0.5..2.0).contains(&gap), "events should be about a second apart: {stamps:?}");
+        assert!(
+            (0.5..2.0).contains(&gap),
+            "events should be about a second apart: {stamps:?}"
+        );
     }
     assert_eq!(events[0]["requests"]["total"], 0);
-    assert_eq!(events.last().unwrap()["requests"]["total"], 3, "{:?}", events.last());
+    assert_eq!(
+        events.last().unwrap()["requests"]["total"],
+        3,
+        "{:?}",
+        events.last()
+    );
     assert_eq!(events.last().unwrap()["requests"]["nvidia"], 3);
 }
 
@@ -302,7 +426,11 @@ async fn the_dashboard_stream_sends_a_snapshot_every_second_and_counters_move() 
 async fn readiness_turns_503_while_draining_and_streams_end() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
-    let stream = client().get(sidecar.admin("/api/dashboard/stream")).send().await.unwrap();
+    let stream = client()
+        .get(sidecar.admin("/api/dashboard/stream"))
+        .send()
+        .await
+        .unwrap();
     let mut stream = stream.bytes_stream();
     stream.next().await.unwrap().unwrap();
     sidecar.signal("TERM");
@@ -316,7 +444,11 @@ async fn readiness_turns_503_while_draining_and_streams_end() {
         true
     })
     .await;
-    assert_eq!(ended, Ok(true), "the dashboard stream ends cleanly on shutdown");
+    assert_eq!(
+        ended,
+        Ok(true),
+        "the dashboard stream ends cleanly on shutdown"
+    );
     // The base config's grace period is 1 s: readiness is 503 within it.
     let (status, body) = get_json(&sidecar.admin("/health/ready")).await;
     assert_eq!((status, body["reason"].as_str()), (503, Some("draining")));

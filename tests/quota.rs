@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use support::{chat_body, client, LimitStyle, MockUpstream, Quota, Sidecar};
 
+/// The load tests run one at a time: each measures timing-sensitive behaviour on a 2-core
+/// machine, and two hammering at once would measure the machine, not the sidecar.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What the clients saw.
 struct Load {
     statuses: Vec<u16>,
@@ -68,13 +72,19 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn configured_right_uses_the_quota_without_a_single_violation() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let quota = Quota {
         limit: 20,
         window: Duration::from_secs(2),
     };
     let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
-    // 20 per 2 s = 600 per minute.
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
+    // 20 per 2 s = 600 per minute. A 2 s window tolerates only 2 s x margin of jitter between
+    // a grant and the upstream's clock; a debug build on a shared 2-core machine needs 3%
+    // (the shipped 1% is sized for NVIDIA's minute window: 600 ms).
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 600\nrequest_timeout: 30\nadaptive:\n  safety_margin: 0.03",
+    );
     let start = Instant::now();
     let run = Duration::from_secs(8);
     let load = closed_loop(sidecar.url("/v1/chat/completions"), 30, run).await;
@@ -101,6 +111,7 @@ async fn configured_right_uses_the_quota_without_a_single_violation() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn configured_too_high_the_sidecar_retreats_and_converges() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let quota = Quota {
         limit: 20,
         window: Duration::from_secs(2),
@@ -152,6 +163,7 @@ async fn configured_too_high_the_sidecar_retreats_and_converges() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_greedy_client_does_not_starve_a_polite_one() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(
         &mock.url(),

@@ -36,7 +36,11 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 impl AdminState {
     /// A snapshot of this instant, as JSON.
     pub fn snapshot_json(&self) -> String {
-        let snapshot = self.builder.lock().unwrap_or_else(|p| p.into_inner()).build();
+        let snapshot = self
+            .builder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .build();
         serde_json::to_string(&snapshot).expect("snapshots serialise")
     }
 }
@@ -70,7 +74,12 @@ impl AdminService {
 #[async_trait]
 impl BackgroundService for AdminService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(listener) = self.listener.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(listener) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
             return;
         };
         let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -105,7 +114,10 @@ impl BackgroundService for AdminService {
             let _ = stop_tx.send(true);
             tokio::time::sleep(grace).await;
         };
-        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop).await {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+        {
             log::error!("admin plane stopped: {e}");
         }
         let _ = sampler.await;

@@ -29,8 +29,14 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/", get(dashboard::page))
         .route("/api/dashboard", get(dashboard::page))
         .route("/static/vendor/uplot/{file}", get(dashboard::vendor))
-        .route("/api/admin/config", get(config_api::show).post(config_api::patch))
-        .route("/api/admin/config/overrides", delete(config_api::clear_overrides))
+        .route(
+            "/api/admin/config",
+            get(config_api::show).post(config_api::patch),
+        )
+        .route(
+            "/api/admin/config/overrides",
+            delete(config_api::clear_overrides),
+        )
         .route("/api/admin/reload", post(config_api::reload))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -42,7 +48,7 @@ pub(crate) fn detail(status: StatusCode, text: impl Into<String>) -> Response {
 }
 
 /// Mutating endpoints need `Authorization: Bearer <admin token>` when a token is configured.
-pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Response> {
+pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let settings = state.app.settings();
     let Some(token) = &settings.admin.token else {
         return Ok(());
@@ -55,11 +61,15 @@ pub(crate) fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), R
     if constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
         Ok(())
     } else {
-        let mut response = detail(StatusCode::UNAUTHORIZED, "this endpoint needs the admin bearer token");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header value"));
-        Err(response)
+        let mut response = detail(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint needs the admin bearer token",
+        );
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("static header value"),
+        );
+        Err(Box::new(response))
     }
 }
 
@@ -71,7 +81,10 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     // Gauges are refreshed by the sampler every second; refresh them for this scrape too.
     let _ = state.snapshot_json();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.app.metrics.render(),
     )
         .into_response()
@@ -83,7 +96,10 @@ async fn health() -> Response {
 
 async fn ready(State(state): State<Arc<AdminState>>) -> Response {
     if state.draining.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "reason": "draining"})))
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": "draining"})),
+        )
             .into_response();
     }
     let settings = state.app.settings();
@@ -108,7 +124,11 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], state.snapshot_json()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.snapshot_json(),
+    )
+        .into_response()
 }
 
 /// One `data: <snapshot>` event per second per subscriber, starting with the current one;
@@ -123,5 +143,9 @@ async fn stream(
         let json = rx.borrow_and_update().clone();
         Some((Ok(Event::default().data(&*json)), rx))
     });
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keep-alive"))
+    Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(Duration::from_secs(15))
+            .text("keep-alive"),
+    )
 }

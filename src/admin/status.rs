@@ -181,10 +181,16 @@ impl StatusBuilder {
             if let Some(s) = &snapshot {
                 let name = route.name();
                 m.tokens_available.with_label_values(&[name]).set(s.tokens);
-                m.rate_effective_rpm.with_label_values(&[name]).set(s.effective_rpm);
+                m.rate_effective_rpm
+                    .with_label_values(&[name])
+                    .set(s.effective_rpm);
                 m.rate_base_rpm.with_label_values(&[name]).set(s.base_rpm);
-                m.retreat_state.with_label_values(&[name]).set(s.state.as_gauge());
-                m.upstream_429_ratio.with_label_values(&[name]).set(s.upstream_429_ratio);
+                m.retreat_state
+                    .with_label_values(&[name])
+                    .set(s.state.as_gauge());
+                m.upstream_429_ratio
+                    .with_label_values(&[name])
+                    .set(s.upstream_429_ratio);
                 for (d, q) in depth.iter_mut().zip(s.queue_depth) {
                     *d += q as i64;
                 }
@@ -219,7 +225,8 @@ impl StatusBuilder {
                 total: finished,
                 nvidia: count(Outcome::Forwarded),
                 passthrough: count(Outcome::Passthrough),
-                ratelimited: count(Outcome::RejectedQueueFull) + count(Outcome::RejectedQueueTimeout),
+                ratelimited: count(Outcome::RejectedQueueFull)
+                    + count(Outcome::RejectedQueueTimeout),
                 per_second: round3(per_second),
             },
             errors: ErrorsView {
@@ -258,7 +265,11 @@ impl StatusBuilder {
 
 /// Publishes one serialised snapshot per second until `stop`; when it returns, every
 /// subscriber's stream ends.
-pub(crate) async fn run_sampler(state: Arc<super::AdminState>, tx: watch::Sender<Arc<str>>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run_sampler(
+    state: Arc<super::AdminState>,
+    tx: watch::Sender<Arc<str>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -41,7 +41,10 @@ impl Overrides {
     /// Parses a JSON patch, naming every unknown field and every value of the wrong type.
     pub fn from_json(patch: &Value) -> Result<Overrides, Vec<ConfigError>> {
         let Value::Object(fields) = patch else {
-            return Err(vec![ConfigError::new("(body)", "must be a JSON object of fields to change")]);
+            return Err(vec![ConfigError::new(
+                "(body)",
+                "must be a JSON object of fields to change",
+            )]);
         };
         if fields.is_empty() {
             return Err(vec![ConfigError::new("(body)", "names no field to change")]);
@@ -51,7 +54,10 @@ impl Overrides {
             if !LIVE_FIELDS.contains(&name.as_str()) {
                 errors.push(ConfigError::new(
                     name.clone(),
-                    format!("is not a live-changeable field (those are: {})", LIVE_FIELDS.join(", ")),
+                    format!(
+                        "is not a live-changeable field (those are: {})",
+                        LIVE_FIELDS.join(", ")
+                    ),
                 ));
                 continue;
             }
@@ -67,7 +73,8 @@ impl Overrides {
         if !errors.is_empty() {
             return Err(errors);
         }
-        serde_json::from_value(patch.clone()).map_err(|e| vec![ConfigError::new("(body)", e.to_string())])
+        serde_json::from_value(patch.clone())
+            .map_err(|e| vec![ConfigError::new("(body)", e.to_string())])
     }
 
     /// Writes every override into `file`.
@@ -100,7 +107,9 @@ impl Overrides {
             queue_max_size: patch.queue_max_size.or(self.queue_max_size),
             low_priority_timeout: patch.low_priority_timeout.or(self.low_priority_timeout),
             request_timeout: patch.request_timeout.or(self.request_timeout),
-            fallback_enabled_passthrough: patch.fallback_enabled_passthrough.or(self.fallback_enabled_passthrough),
+            fallback_enabled_passthrough: patch
+                .fallback_enabled_passthrough
+                .or(self.fallback_enabled_passthrough),
         }
     }
 
@@ -114,7 +123,12 @@ impl Overrides {
             self.request_timeout.is_some(),
             self.fallback_enabled_passthrough.is_some(),
         ];
-        LIVE_FIELDS.iter().zip(set).filter(|(_, s)| *s).map(|(n, _)| *n).collect()
+        LIVE_FIELDS
+            .iter()
+            .zip(set)
+            .filter(|(_, s)| *s)
+            .map(|(n, _)| *n)
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -147,10 +161,14 @@ mod tests {
 
     #[test]
     fn patches_name_every_bad_field() {
-        let errors = Overrides::from_json(&json!({"rate_rpm": "abc", "colour": 1, "queue_max_size": -5})).unwrap_err();
+        let errors =
+            Overrides::from_json(&json!({"rate_rpm": "abc", "colour": 1, "queue_max_size": -5}))
+                .unwrap_err();
         let text: Vec<_> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(errors.len(), 3, "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("colour: is not a live-changeable field")));
+        assert!(text
+            .iter()
+            .any(|t| t.starts_with("colour: is not a live-changeable field")));
         assert!(text.iter().any(|t| t.starts_with("rate_rpm: invalid type")));
         assert!(Overrides::from_json(&json!([1])).is_err());
         assert!(Overrides::from_json(&json!({})).is_err());
@@ -158,7 +176,8 @@ mod tests {
 
     #[test]
     fn overrides_layer_over_the_file() {
-        let patch = Overrides::from_json(&json!({"rate_rpm": 20, "request_timeout": "2m"})).unwrap();
+        let patch =
+            Overrides::from_json(&json!({"rate_rpm": 20, "request_timeout": "2m"})).unwrap();
         assert_eq!(patch.names(), vec!["rate_rpm", "request_timeout"]);
         let layers = ConfigLayers {
             path: None,

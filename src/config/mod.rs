@@ -5,6 +5,7 @@ mod file;
 mod layers;
 mod seconds;
 mod validate;
+mod view;
 
 pub use file::{
     AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, UpstreamSection,
@@ -15,6 +16,7 @@ pub use validate::{
     defaults, validate, AdminSettings, ConfigError, RouteSettings, Secret, ServerSettings,
     Settings, UpstreamOptions, UpstreamUrl,
 };
+pub use view::effective_view;
 
 use serde_yaml::{Mapping, Value};
 
@@ -135,8 +137,12 @@ fn clean(e: &serde_yaml::Error) -> String {
 pub fn read_file(path: Option<&str>) -> Result<FileConfig, Vec<ConfigError>> {
     let text = match path {
         None => EMBEDDED_DEFAULT.to_string(),
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| vec![ConfigError::new("(file)", format!("cannot read {path}: {e}"))])?,
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            vec![ConfigError::new(
+                "(file)",
+                format!("cannot read {path}: {e}"),
+            )]
+        })?,
     };
     let (file, errors) = parse_lenient(&text)?;
     if errors.is_empty() {

@@ -31,7 +31,9 @@ impl ConfigError {
 impl ConfigError {
     /// The problem as one sentence, e.g. `rate_rpm must be > 0, got 0`.
     pub fn sentence(&self) -> String {
-        let joins_as_sentence = ["must", "is ", "has ", "names "].iter().any(|w| self.reason.starts_with(w));
+        let joins_as_sentence = ["must", "is ", "has ", "names "]
+            .iter()
+            .any(|w| self.reason.starts_with(w));
         if joins_as_sentence {
             format!("{} {}", self.key, self.reason)
         } else {

@@ -2,6 +2,7 @@
 //! plain HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod mock_upstream;
 pub mod sidecar;
 pub mod tls;

@@ -22,6 +22,7 @@ pub struct Sidecar {
     pub metrics_port: u16,
     pub dir: tempfile::TempDir,
     log: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Sidecar {
@@ -43,29 +44,69 @@ impl Sidecar {
         let conf_path = dir.path().join("sidecar.yaml");
         std::fs::write(&conf_path, config).unwrap();
         let log = dir.path().join("sidecar.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
-        command
-            .arg("-c")
-            .arg(&conf_path)
-            .env_remove("RUST_LOG")
-            .env_remove("NVIDIA_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let child = command.spawn().expect("the sidecar binary starts");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = Self::spawn(&conf_path, &log, &env, false);
         let mut sidecar = Sidecar {
             child,
             port,
             metrics_port,
             dir,
             log,
+            env,
         };
         sidecar.wait_ready();
         sidecar
+    }
+
+    fn spawn(
+        conf: &std::path::Path,
+        log: &std::path::Path,
+        env: &[(String, String)],
+        upgrade: bool,
+    ) -> Child {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
+        command
+            .arg("-c")
+            .arg(conf)
+            .env_remove("RUST_LOG")
+            .env_remove("NVIDIA_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file);
+        if upgrade {
+            command.arg("-u");
+        }
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.spawn().expect("the sidecar binary starts")
+    }
+
+    /// The path of the config file the sidecar runs on (tests may rewrite it and reload).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sidecar.yaml")
+    }
+
+    /// Stops the process (SIGKILL) and starts it again on the same config and ports.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.config_path(), &self.log, &self.env, false);
+        self.wait_ready();
+    }
+
+    /// Stops the process hard, leaving it stopped.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn wait_ready(&mut self) {
