@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::limiter::{
-    Admission, Limiter, LimiterSettings, LimiterSnapshot, Priority, Rejection, Resolution,
-    UpstreamSignal, WaiterId,
+    Admission, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority, Rejection,
+    Resolution, UpstreamSignal, WaiterId,
 };
 
 /// The final answer for a waiting request.
@@ -180,6 +180,17 @@ impl AdmissionGate {
             }
         }
         state.limiter.next_wakeup(t)
+    }
+
+    /// The limiter state to save for a restart.
+    pub fn export(&self) -> LimiterState {
+        self.lock().limiter.export(now())
+    }
+
+    /// Takes over a saved state that is `age` old.
+    pub fn restore(&self, saved: &LimiterState, age: Duration) {
+        self.lock().limiter.restore(saved, age, now());
+        self.wake.notify_one();
     }
 
     /// How long a new request of `priority` would wait now.

@@ -231,6 +231,17 @@ impl App {
         let mut settings = config::validate_with_env(&next.effective())?;
         let current = self.settings();
         let restart_required = keep_restart_only(&current, &mut settings);
+        if next.overrides != layers.overrides {
+            if let Some(dir) = &current.state_dir {
+                // Persist first: an override that would be lost on restart is not applied.
+                crate::state::save_overrides(dir, &next.overrides).map_err(|e| {
+                    vec![ConfigError::new(
+                        "state_dir",
+                        format!("cannot save the overrides in {}: {e}", dir.display()),
+                    )]
+                })?;
+            }
+        }
         let changed = changed_keys(
             &config::effective_view(&current),
             &config::effective_view(&settings),

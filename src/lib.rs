@@ -3,7 +3,8 @@
 //! Layout: `config` (file format and validation), `limiter` (bucket, queue and adaptive
 //! controller: pure logic), `admission` (waiting for tokens), `upstream` (where requests go),
 //! `proxy` (the request path), `app` (shared state), `metrics`, `server` (Pingora wiring),
-//! `cli` (command line), `admin` (the admin plane: metrics, health, status, dashboard,
+//! `cli` (command line), `state` (what survives a restart), `lifecycle` (signals,
+//! readiness, state saving), `admin` (the admin plane: metrics, health, status, dashboard,
 //! config API).
 #![forbid(unsafe_code)]
 
@@ -12,10 +13,12 @@ pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod lifecycle;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod state;
 pub mod upstream;
 
 pub use app::App;

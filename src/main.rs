@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nvidia_sidecar::cli::Cli;
-use nvidia_sidecar::{config, server, App};
+use nvidia_sidecar::{config, server, state, App};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         let settings = config::validate_with_env(&file)?;
         Ok((file, settings))
     });
-    let (file, settings) = match loaded {
+    let (file, mut settings) = match loaded {
         Ok(loaded) => loaded,
         Err(errors) => {
             for e in &errors {
@@ -53,16 +53,41 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
     };
-    let layers = config::ConfigLayers {
+    let mut layers = config::ConfigLayers {
         path: cli.conf.clone(),
         file,
         overrides: config::Overrides::default(),
     };
-    match server::build(App::new(layers, settings), mode) {
-        Ok(server) => server.run_forever(),
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::from(1)
+    if let Some(dir) = settings.state_dir.clone() {
+        match state::load_overrides(&dir) {
+            Ok(overrides) if !overrides.is_empty() => {
+                layers.overrides = overrides;
+                match config::validate_with_env(&layers.effective()) {
+                    Ok(layered) => {
+                        log::info!(
+                            "runtime overrides from {}: {}",
+                            dir.display(),
+                            layers.overrides.names().join(", ")
+                        );
+                        settings = layered;
+                    }
+                    Err(errors) => {
+                        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                        log::error!(
+                            "ignoring the saved overrides, they no longer validate: {}",
+                            list.join("; ")
+                        );
+                        layers.overrides = config::Overrides::default();
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("ignoring unreadable overrides {e}"),
         }
     }
+    let app = App::new(layers, settings);
+    if let Some(dir) = app.settings().state_dir.clone() {
+        state::restore_limiters(&dir, &app);
+    }
+    server::build(app, mode).run_forever()
 }

@@ -37,8 +37,10 @@ pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
     }
 }
 
-/// The whole server, ready for `run_forever`. Fails when the admin port cannot be bound.
-pub fn build(app: Arc<App>, mode: RunMode) -> std::io::Result<Server> {
+/// The whole server, ready for `run_forever`: the proxy and the admin plane as listening
+/// services (Pingora binds both and hands both over on a graceful upgrade), the status sampler
+/// and the lifecycle as background services.
+pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     let settings = app.settings();
     let opt = Opt {
         upgrade: mode.upgrade,
@@ -59,18 +61,24 @@ pub fn build(app: Arc<App>, mode: RunMode) -> std::io::Result<Server> {
     ));
     server.add_service(proxy);
 
-    let admin_addr = std::net::SocketAddr::new(settings.admin.listen_host, settings.metrics_port);
-    let listener = crate::admin::bind(admin_addr).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("admin plane cannot listen on {admin_addr}: {e}"),
-        )
-    })?;
-    server.add_service(pingora::services::background::background_service(
-        "admin plane",
-        crate::admin::AdminService::new(app, listener),
+    let (admin, sampler) = crate::admin::admin_plane(app.clone());
+    let mut admin =
+        pingora::services::listening::Service::new("nvidia-sidecar admin".to_string(), admin);
+    admin.add_tcp(&format!(
+        "{}:{}",
+        format_host(settings.admin.listen_host),
+        settings.metrics_port
     ));
-    Ok(server)
+    server.add_service(admin);
+    server.add_service(pingora::services::background::background_service(
+        "status sampler",
+        sampler,
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "lifecycle",
+        crate::lifecycle::LifecycleService::new(app),
+    ));
+    server
 }
 
 /// An IP address as it goes before `:port` (IPv6 in brackets).

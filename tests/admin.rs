@@ -425,7 +425,18 @@ async fn the_dashboard_stream_sends_a_snapshot_every_second_and_counters_move() 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_turns_503_while_draining_and_streams_end() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let mut sidecar = Sidecar::start_full(&mock.url(), "rate_rpm: 600", &[], 3);
+    // A monitor with a kept-alive connection, as a load balancer's health checker has.
+    let monitor = client();
+    assert_eq!(
+        monitor
+            .get(sidecar.admin("/health/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let stream = client()
         .get(sidecar.admin("/api/dashboard/stream"))
         .send()
@@ -449,8 +460,16 @@ async fn readiness_turns_503_while_draining_and_streams_end() {
         Ok(true),
         "the dashboard stream ends cleanly on shutdown"
     );
-    // The base config's grace period is 1 s: readiness is 503 within it.
-    let (status, body) = get_json(&sidecar.admin("/health/ready")).await;
+    // Within the grace period readiness answers 503 on the open connection.
+    let response = monitor
+        .get(sidecar.admin("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
     assert_eq!((status, body["reason"].as_str()), (503, Some("draining")));
+    // (That no new connection is accepted is checked in tests/operations.rs, where no other
+    // sidecar can start on the port meanwhile.)
     assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
 }

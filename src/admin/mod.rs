@@ -1,7 +1,14 @@
-//! The admin plane: a Pingora background service running axum on `admin.listen_host:
-//! metrics_port` — metrics, health, status, the live dashboard and its stream, and the config
-//! API. Its listener is bound with `SO_REUSEPORT` so that a graceful upgrade (`-u`) can bind the
-//! same port in the new process while the old one drains.
+//! The admin plane: metrics, health, status, the live dashboard and its stream, and the config
+//! API, served by axum.
+//!
+//! Its listener belongs to a Pingora listening service (`AdminApp`), exactly like the proxy's:
+//! Pingora accepts the connections and axum serves them. On a graceful upgrade (`-u` and
+//! SIGQUIT) Pingora hands this listening socket to the new process together with the proxy's,
+//! so not one admin connection is refused or reset. (A separate socket bound with
+//! `SO_REUSEPORT` in each process was tried first: when the old process closed its socket, the
+//! connections waiting in that socket's accept queue were reset — one or two per upgrade under
+//! load.) A small background service, `StatusSampler`, publishes the status snapshot once per
+//! second and marks the start of draining.
 
 mod config_api;
 mod dashboard;
@@ -10,27 +17,28 @@ mod status;
 
 pub use status::{Snapshot, StatusBuilder};
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::watch;
 
 use crate::app::App;
 
-/// Binds the admin listener (before the server starts, so a taken port fails start-up).
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+/// State shared by the admin handlers.
+pub(crate) struct AdminState {
+    pub app: Arc<App>,
+    /// Builds snapshots: once per second for the stream, and fresh for `/status` and scrapes.
+    pub builder: Mutex<StatusBuilder>,
+    /// The latest snapshot as JSON, published once per second.
+    pub status: watch::Receiver<Arc<str>>,
+    /// Set when shutdown began: readiness turns 503.
+    pub draining: AtomicBool,
 }
 
 impl AdminState {
@@ -45,82 +53,87 @@ impl AdminState {
     }
 }
 
-/// State shared by the admin handlers.
-pub(crate) struct AdminState {
-    pub app: Arc<App>,
-    /// Builds snapshots: once per second for the stream, and fresh for `/status` and scrapes.
-    pub builder: std::sync::Mutex<StatusBuilder>,
-    /// The latest snapshot as JSON, published once per second.
-    pub status: watch::Receiver<Arc<str>>,
-    /// Set when shutdown began: readiness turns 503.
-    pub draining: AtomicBool,
+/// Builds the two halves of the admin plane: the connection handler for Pingora's listening
+/// service and the sampler background service.
+pub fn admin_plane(app: Arc<App>) -> (AdminApp, StatusSampler) {
+    let mut builder = StatusBuilder::new(app.clone());
+    let first = serde_json::to_string(&builder.build()).expect("snapshots serialise");
+    let (tx, rx) = watch::channel::<Arc<str>>(Arc::from(first));
+    let state = Arc::new(AdminState {
+        app,
+        builder: Mutex::new(builder),
+        status: rx,
+        draining: AtomicBool::new(false),
+    });
+    let router = routes::router(state.clone());
+    let grace = state.app.settings().server.grace_period;
+    let drain = grace.saturating_sub(Duration::from_millis(250).min(grace / 2));
+    (
+        AdminApp { router, drain },
+        StatusSampler {
+            state,
+            publish: Mutex::new(Some(tx)),
+        },
+    )
 }
 
-/// The admin plane as a Pingora background service.
-pub struct AdminService {
-    app: Arc<App>,
-    listener: std::sync::Mutex<Option<TcpListener>>,
-}
-
-impl AdminService {
-    pub fn new(app: Arc<App>, listener: TcpListener) -> Self {
-        AdminService {
-            app,
-            listener: std::sync::Mutex::new(Some(listener)),
-        }
-    }
+/// Serves admin connections accepted by Pingora.
+pub struct AdminApp {
+    router: axum::Router,
+    /// How long an open admin connection keeps serving once shutdown began: most of the grace
+    /// period, so that it closes cleanly before the runtime stops.
+    drain: Duration,
 }
 
 #[async_trait]
-impl BackgroundService for AdminService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(listener) = self
-            .listener
+impl ServerApp for AdminApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        session: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let io = hyper_util::rt::TokioIo::new(session);
+        let service = hyper_util::service::TowerToHyperService::new(self.router.clone());
+        let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        tokio::pin!(connection);
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    log::debug!("admin connection ended: {e}");
+                }
+                return None;
+            }
+            _ = shutdown.changed() => {}
+        }
+        // Draining: keep answering on this connection (readiness says 503) until just before
+        // the grace period ends, then finish the request in hand and close cleanly.
+        let _ = tokio::time::timeout(self.drain, connection.as_mut()).await;
+        connection.as_mut().graceful_shutdown();
+        let _ = connection.await;
+        None
+    }
+}
+
+/// Publishes the status snapshot every second; on shutdown marks draining and ends every
+/// dashboard stream.
+pub struct StatusSampler {
+    state: Arc<AdminState>,
+    publish: Mutex<Option<watch::Sender<Arc<str>>>>,
+}
+
+#[async_trait]
+impl BackgroundService for StatusSampler {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let Some(tx) = self
+            .publish
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
         else {
             return;
         };
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                log::error!("admin plane cannot use its listener: {e}");
-                return;
-            }
-        };
-        let mut builder = StatusBuilder::new(self.app.clone());
-        let first = serde_json::to_string(&builder.build()).expect("snapshots serialise");
-        let (tx, rx) = watch::channel::<Arc<str>>(Arc::from(first));
-        let state = Arc::new(AdminState {
-            app: self.app.clone(),
-            builder: std::sync::Mutex::new(builder),
-            status: rx,
-            draining: AtomicBool::new(false),
-        });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let sampler = tokio::spawn(status::run_sampler(state.clone(), tx, stop_rx));
-        let router = routes::router(state.clone());
-        if let Ok(addr) = listener.local_addr() {
-            log::info!("admin plane listening on {addr}");
-        }
-        let drain_state = state.clone();
-        let grace = self.app.settings().server.grace_period;
-        let stop = async move {
-            let _ = shutdown.changed().await;
-            // Draining: readiness answers 503 and the dashboard streams end now; health and
-            // metrics stay up through the grace period, while requests still finish.
-            drain_state.draining.store(true, Ordering::SeqCst);
-            let _ = stop_tx.send(true);
-            tokio::time::sleep(grace).await;
-        };
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            log::error!("admin plane stopped: {e}");
-        }
-        let _ = sampler.await;
-        log::info!("admin plane stopped");
+        status::run_sampler(self.state.clone(), tx, shutdown).await;
+        self.state.draining.store(true, Ordering::SeqCst);
     }
 }

@@ -76,6 +76,16 @@ pub struct LimiterSnapshot {
     pub paused_for: Option<Duration>,
 }
 
+/// What a limiter carries across a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimiterState {
+    pub tokens: f64,
+    pub effective_rpm: f64,
+    pub state: RetreatState,
+    /// Time left of an upstream-imposed pause when the state was taken.
+    pub pause_remaining: Option<Duration>,
+}
+
 /// One shared quota: bucket, queue and controller together.
 #[derive(Debug)]
 pub struct Limiter {
@@ -296,6 +306,44 @@ impl Limiter {
                 .map(|p| p.saturating_duration_since(now))
                 .filter(|d| !d.is_zero()),
         }
+    }
+
+    /// The state to save for a restart.
+    pub fn export(&mut self, now: Instant) -> LimiterState {
+        self.advance(now);
+        LimiterState {
+            tokens: self.bucket.tokens().min(self.bucket.capacity()),
+            effective_rpm: self.controller.effective_rpm(),
+            state: self.controller.state(),
+            pause_remaining: self
+                .controller
+                .pause_until()
+                .map(|p| p.saturating_duration_since(now))
+                .filter(|d| !d.is_zero()),
+        }
+    }
+
+    /// Takes over a saved state that is `age` old: the pause is shortened by the age, and the
+    /// bucket earns what it would have earned meanwhile at the saved rate, never more than its
+    /// capacity — so a restart neither forgets a retreat nor bursts into the upstream.
+    pub fn restore(&mut self, saved: &LimiterState, age: Duration, now: Instant) {
+        let pause_until = saved
+            .pause_remaining
+            .and_then(|p| p.checked_sub(age))
+            .filter(|p| !p.is_zero())
+            .map(|p| now + p);
+        self.controller
+            .restore(saved.state, saved.effective_rpm, pause_until, now);
+        let earning = age.saturating_sub(saved.pause_remaining.unwrap_or_default());
+        let margin = 1.0 - self.controller.settings().safety_margin;
+        let earned = earning.as_secs_f64() * self.controller.effective_rpm() * margin / 60.0;
+        let tokens = if pause_until.is_some() {
+            0.0
+        } else {
+            saved.tokens + earned
+        };
+        let capacity = self.bucket.capacity() as u32;
+        self.bucket = TokenBucket::with_tokens(capacity, tokens, now);
     }
 
     pub fn is_waiting(&self, id: WaiterId) -> bool {

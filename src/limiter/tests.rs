@@ -468,3 +468,50 @@ proptest! {
         prop_assert!(waiting.is_empty(), "never answered: {:?}", waiting);
     }
 }
+
+#[test]
+fn a_restored_state_is_aged_but_never_bursts() {
+    let t0 = Instant::now();
+    let mut before = Limiter::new(settings(60.0, 5, 10), t0);
+    let far = t0 + Duration::from_secs(600);
+    for _ in 0..5 {
+        assert_eq!(
+            before.request(client("a"), Priority::Normal, far, t0),
+            Admission::Granted
+        );
+    }
+    before.observe(
+        &UpstreamSignal::RateLimited {
+            retry_after: Some(Duration::from_secs(10)),
+        },
+        t0,
+    );
+    let saved = before.export(t0 + Duration::from_secs(1));
+    assert_eq!(saved.state, RetreatState::Retreat);
+    assert_eq!(saved.effective_rpm, 30.0);
+    assert_eq!(saved.pause_remaining, Some(Duration::from_secs(9)));
+
+    // Restarted 4 s later: 5 s of pause left, no tokens, still in retreat.
+    let t1 = Instant::now();
+    let mut after = Limiter::new(settings(60.0, 5, 10), t1);
+    after.restore(&saved, Duration::from_secs(4), t1);
+    let s = after.snapshot(t1);
+    assert_eq!((s.state, s.effective_rpm), (RetreatState::Retreat, 30.0));
+    assert_eq!(s.paused_for, Some(Duration::from_secs(5)));
+    assert_eq!(after.tokens(), 0.0);
+    assert!(matches!(
+        after.request(
+            client("a"),
+            Priority::Normal,
+            t1 + far.duration_since(t0),
+            t1
+        ),
+        Admission::Queued(_)
+    ));
+
+    // Restarted an hour later: the pause is over and the bucket is full, not overfull.
+    let mut late = Limiter::new(settings(60.0, 5, 10), t1);
+    late.restore(&saved, Duration::from_secs(3600), t1);
+    assert_eq!(late.tokens(), 5.0);
+    assert_eq!(late.snapshot(t1).paused_for, None);
+}

@@ -33,11 +33,23 @@ impl Sidecar {
     }
 
     pub fn start_with_env(upstream_url: &str, extra: &str, env: &[(&str, &str)]) -> Sidecar {
+        Self::start_full(upstream_url, extra, env, 1)
+    }
+
+    /// Like `start_with_env`, with the grace period given; `{dir}` in `extra` stands for the
+    /// sidecar's private directory (e.g. `state_dir: {dir}/state`).
+    pub fn start_full(
+        upstream_url: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        grace_period: u64,
+    ) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
         let port = free_port();
         let metrics_port = free_port();
         let config = format!(
-            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\nlog_level: info\n{extra}\nserver:\n  threads: 2\n  grace_period: 1\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
+            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\nlog_level: info\n{extra}\nserver:\n  threads: 2\n  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
             pid = dir.path().join("sidecar.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
         );
@@ -93,6 +105,24 @@ impl Sidecar {
     /// The path of the config file the sidecar runs on (tests may rewrite it and reload).
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("sidecar.yaml")
+    }
+
+    /// Starts a second process on the same config with `-u`: it takes over the listeners when
+    /// this one gets SIGQUIT. Returns the new process; `adopt` makes it the one this handle owns.
+    pub fn start_upgrade(&self) -> Child {
+        Self::spawn(&self.config_path(), &self.log, &self.env, true)
+    }
+
+    /// Makes `child` (started by `start_upgrade`) the process this handle stops on drop; returns
+    /// the old one.
+    pub fn adopt(&mut self, child: Child) -> Child {
+        std::mem::replace(&mut self.child, child)
+    }
+
+    /// Starts the process again after it exited, on the same config and ports.
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn(&self.config_path(), &self.log, &self.env, false);
+        self.wait_ready();
     }
 
     /// Stops the process (SIGKILL) and starts it again on the same config and ports.

@@ -1,0 +1,144 @@
+//! The sidecar's life as a service: readiness notification to systemd, SIGHUP reloads, and
+//! keeping the limiter state in `state_dir` (every few seconds, when shutdown begins, and at
+//! the end of the grace period, when the last queued request is done).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::app::{App, ChangeRequest, ChangeSource};
+use crate::state;
+
+/// How often the limiter state is saved while running (a crash loses at most this much).
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+pub struct LifecycleService {
+    app: Arc<App>,
+}
+
+impl LifecycleService {
+    pub fn new(app: Arc<App>) -> Self {
+        LifecycleService { app }
+    }
+
+    fn save_state(&self) {
+        if let Some(dir) = &self.app.settings().state_dir {
+            if let Err(e) = state::save_limiters(dir, &self.app) {
+                log::warn!("cannot save the limiter state in {}: {e}", dir.display());
+            }
+        }
+    }
+
+    /// Waits (up to 5 s) until the proxy listener accepts connections, then tells systemd we
+    /// are ready.
+    async fn notify_ready(&self) {
+        let settings = self.app.settings();
+        let host = if settings.listen_host.is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            settings.listen_host
+        };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect((host, settings.listen_port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sd_notify("READY=1");
+        log::info!("nvidia-sidecar ready");
+    }
+}
+
+#[async_trait]
+impl BackgroundService for LifecycleService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, reloads only through the admin API: {e}");
+                None
+            }
+        };
+        // Readiness is told as soon as the proxy listens; meanwhile signals and saves go on.
+        let ready = self.notify_ready();
+        tokio::pin!(ready);
+        let mut told_ready = false;
+        let mut save = tokio::time::interval(SAVE_EVERY);
+        save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => {
+                    log::info!("SIGHUP: reloading the configuration");
+                    let _ = self.app.change(ChangeSource::Signal, ChangeRequest::Reload);
+                }
+                () = &mut ready, if !told_ready => told_ready = true,
+                _ = save.tick() => self.save_state(),
+                _ = shutdown.changed() => break,
+            }
+        }
+        sd_notify("STOPPING=1");
+        self.save_state();
+        // Queued and in-flight requests keep running through the grace period; save what they
+        // leave behind.
+        tokio::time::sleep(
+            self.app
+                .settings()
+                .server
+                .grace_period
+                .saturating_sub(Duration::from_millis(200)),
+        )
+        .await;
+        self.save_state();
+    }
+}
+
+/// Sends a state line to systemd when it started us with `Type=notify`.
+fn sd_notify(message: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot notify systemd: {e}");
+            return;
+        }
+    };
+    let target = target.to_string_lossy().to_string();
+    let sent = if let Some(name) = target.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|addr| socket.send_to_addr(message.as_bytes(), &addr))
+    } else {
+        socket.send_to(message.as_bytes(), &target)
+    };
+    if let Err(e) = sent {
+        log::warn!("cannot notify systemd at {target}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_reach_the_socket_systemd_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        // The variable is read by this test only; no other test in this binary sets it.
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        sd_notify("READY=1");
+        std::env::remove_var("NOTIFY_SOCKET");
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+    }
+}
