@@ -210,11 +210,15 @@ impl SidecarProxy {
             return Ok(true);
         }
         // Pingora normalises the parsed URI; the raw target shows an absolute-form request.
-        let raw_target = String::from_utf8_lossy(req.raw_path()).to_string();
-        let absolute = raw_target
-            .parse::<http::Uri>()
-            .ok()
-            .filter(|uri| uri.scheme().is_some() && uri.host().is_some());
+        // Origin-form targets (the usual case) start with '/' and need no parsing.
+        let absolute = if req.raw_path().starts_with(b"/") {
+            None
+        } else {
+            String::from_utf8_lossy(req.raw_path())
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|uri| uri.scheme().is_some() && uri.host().is_some())
+        };
         if let Some(uri) = absolute {
             let host = uri.host().unwrap_or_default();
             let port = uri.port_u16().or(match uri.scheme_str() {
@@ -524,6 +528,23 @@ impl ProxyHttp for SidecarProxy {
             SystemTime::now(),
         );
         gate.observe(&signal);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Tell the client how long it queued and how often it was replayed.
+        if let Some(admitted) = ctx.admitted_at {
+            let wait = admitted.saturating_duration_since(ctx.started).as_millis();
+            response.insert_header("x-sidecar-queue-wait-ms", wait.to_string())?;
+        }
+        if ctx.replays > 0 {
+            response.insert_header("x-sidecar-replays", ctx.replays.to_string())?;
+        }
         Ok(())
     }
 

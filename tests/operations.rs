@@ -328,10 +328,7 @@ async fn a_restart_does_not_burst_into_the_upstream() {
     let _serial = ONE_AT_A_TIME.lock().await;
     // 6 per 2 s upstream; a bucket of 4 refilling at 1 per second stays within it (4 + 2).
     // Right after a burst of 4, a fresh, full bucket would send 4 more at once: 8 in 2 s.
-    let quota = Quota {
-        limit: 6,
-        window: Duration::from_secs(2),
-    };
+    let quota = Quota::sliding(6, Duration::from_secs(2));
     let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
     let mut sidecar = Sidecar::start(
         &mock.url(),

@@ -73,10 +73,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn configured_right_uses_the_quota_without_a_single_violation() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let quota = Quota {
-        limit: 20,
-        window: Duration::from_secs(2),
-    };
+    let quota = Quota::sliding(20, Duration::from_secs(2));
     let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
     // 20 per 2 s = 600 per minute. A 2 s window tolerates only 2 s x margin of jitter between
     // a grant and the upstream's clock; a debug build on a shared 2-core machine needs 3%
@@ -112,10 +109,7 @@ async fn configured_right_uses_the_quota_without_a_single_violation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn configured_too_high_the_sidecar_retreats_and_converges() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let quota = Quota {
-        limit: 20,
-        window: Duration::from_secs(2),
-    };
+    let quota = Quota::sliding(20, Duration::from_secs(2));
     let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
     // 50% above the hidden quota. The controller measures over the quota's window.
     let sidecar = Sidecar::start(

@@ -8,7 +8,7 @@ pub mod sidecar;
 pub mod tls;
 
 #[allow(unused_imports)]
-pub use mock_upstream::{LimitStyle, MockUpstream, Quota};
+pub use mock_upstream::{LimitStyle, MockUpstream, Quota, QuotaKind};
 
 #[allow(unused_imports)]
 pub use sidecar::{free_port, Sidecar};

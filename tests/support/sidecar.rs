@@ -48,8 +48,13 @@ impl Sidecar {
         let extra = extra.replace("{dir}", &dir.path().display().to_string());
         let port = free_port();
         let metrics_port = free_port();
+        let log_level = if extra.contains("log_level:") {
+            ""
+        } else {
+            "log_level: info\n"
+        };
         let config = format!(
-            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\nlog_level: info\n{extra}\nserver:\n  threads: 2\n  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
+            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\n{log_level}{extra}\nserver:\n  threads: 2\n  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
             pid = dir.path().join("sidecar.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
         );

@@ -1,0 +1,594 @@
+//! The benchmark scenarios of BENCHMARKS.md, each one command:
+//!
+//! ```sh
+//! cargo bench --bench scenarios -- precision   # 1: configured right, three quota kinds
+//! cargo bench --bench scenarios -- adaptive    # 2: configured 50% too high, quota halved mid-run
+//! cargo bench --bench scenarios -- baseline    # 3: no sidecar, clients retry 429s with backoff
+//! cargo bench --bench scenarios -- fairness    # 4: one greedy client (50 parallel) beside 9 polite
+//! cargo bench --bench scenarios -- overhead    # 5: wrk: direct vs sidecar vs nginx; streamed TTFB
+//! cargo bench --bench scenarios -- scale       # 6: 10,000 waiting requests: memory and CPU
+//! ```
+//!
+//! Every run uses the real sidecar binary (built with the bench profile) and a mock upstream
+//! on loopback that enforces a quota it does not announce. Quotas are scaled to 20 requests
+//! per 2 s so a run takes seconds instead of hours; `REPEATS` (default 3) sets how many runs
+//! each row's median is taken over.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "support/loadgen.rs"]
+mod loadgen;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use loadgen::{ClientSpec, LoadSpec, Report};
+use support::{LimitStyle, MockUpstream, Quota, QuotaKind, Sidecar};
+
+const WINDOW: Duration = Duration::from_secs(2);
+const LIMIT: usize = 20;
+/// The quota in requests per minute.
+const QUOTA_RPM: f64 = LIMIT as f64 * 60.0 / 2.0;
+/// The adaptive settings scaled to a 2 s quota window (the shipped defaults are for a minute).
+const SCALED_ADAPTIVE: &str = "adaptive:\n  window: 2\n  quiet_period: 0.5\n  recover_interval: 0.17\n  probe_interval: 60\n  max_replays: 10\n";
+
+fn repeats() -> usize {
+    std::env::var("REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// `SAFETY_MARGIN=0.005` runs scenario 1 with another margin than the shipped default.
+fn margin_override() -> String {
+    std::env::var("SAFETY_MARGIN")
+        .map(|m| format!("adaptive:\n  safety_margin: {m}\n"))
+        .unwrap_or_default()
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    xs[xs.len() / 2]
+}
+
+fn clients(n: usize) -> Vec<ClientSpec> {
+    (0..n)
+        .map(|i| ClientSpec::new(format!("client-{i}")))
+        .collect()
+}
+
+fn load(url: String, clients: Vec<ClientSpec>, secs: u64, retry_429: bool) -> LoadSpec {
+    LoadSpec {
+        url,
+        clients,
+        duration: Duration::from_secs(secs),
+        think: Duration::ZERO,
+        retry_429,
+        give_up_after: Duration::from_secs(60),
+    }
+}
+
+/// Accepted upstream requests in `[from, to)` over what the quota allows in that time.
+fn goodput(mock: &MockUpstream, from: Instant, to: Instant, limit_per_window: usize) -> f64 {
+    let allowed =
+        to.duration_since(from).as_secs_f64() / WINDOW.as_secs_f64() * limit_per_window as f64;
+    mock.state.accepted_between(from, to) as f64 / allowed
+}
+
+fn header() {
+    println!("| scenario | variant | goodput / quota | upstream 429s | client errors | queue wait p50 / p99 (ms) | Jain | notes |");
+    println!("|---|---|---|---|---|---|---|---|");
+}
+
+async fn precision() {
+    header();
+    let variants = [
+        (
+            "sliding window, NVIDIA 429",
+            QuotaKind::SlidingWindow,
+            LimitStyle::Nvidia,
+        ),
+        (
+            "fixed window, Retry-After",
+            QuotaKind::FixedWindow,
+            LimitStyle::RetryAfter(2),
+        ),
+        (
+            "token bucket, x-ratelimit-*",
+            QuotaKind::TokenBucket,
+            LimitStyle::RateLimitHeaders,
+        ),
+    ];
+    for (name, kind, style) in variants {
+        let (mut g, mut v, mut e, mut w50, mut w99, mut j) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..repeats() {
+            let quota = Quota {
+                limit: LIMIT,
+                window: WINDOW,
+                kind,
+            };
+            let mock = MockUpstream::start(Some(quota), style).await;
+            let sidecar = Sidecar::start(
+                &mock.url(),
+                &format!(
+                    "rate_rpm: {QUOTA_RPM}\nrequest_timeout: 60\n{}",
+                    margin_override()
+                ),
+            );
+            let start = Instant::now();
+            let report = loadgen::run(load(
+                sidecar.url("/v1/chat/completions"),
+                clients(30),
+                20,
+                false,
+            ))
+            .await;
+            g.push(goodput(
+                &mock,
+                start,
+                start + Duration::from_secs(20),
+                LIMIT,
+            ));
+            v.push(mock.state.violations() as f64);
+            e.push(report.errors() as f64);
+            w50.push(report.queue_wait_ms(0.5, |_| true));
+            w99.push(report.queue_wait_ms(0.99, |_| true));
+            j.push(report.jain());
+        }
+        println!(
+            "| 1 configured right | {name} | {:.3} | {} | {} | {:.0} / {:.0} | {:.3} | 30 clients, 20 s, rate = quota; runs: goodput {:?}, 429s {:?} |",
+            median(g.clone()), median(v.clone()), median(e), median(w50), median(w99), median(j),
+            g.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>(), v
+        );
+    }
+}
+
+async fn adaptive() {
+    header();
+    let (mut conv, mut viol_a, mut viol_b, mut conv_b, mut good, mut errs) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..repeats() {
+        let mock =
+            MockUpstream::start(Some(Quota::sliding(LIMIT, WINDOW)), LimitStyle::Nvidia).await;
+        let sidecar = Sidecar::start(
+            &mock.url(),
+            &format!(
+                "rate_rpm: {}\nrequest_timeout: 60\n{SCALED_ADAPTIVE}",
+                QUOTA_RPM * 1.5
+            ),
+        );
+        let start = Instant::now();
+        let state = mock.state.clone();
+        let halve = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            state.set_quota(Some(Quota::sliding(LIMIT / 2, WINDOW)));
+            Instant::now()
+        });
+        let report = loadgen::run(load(
+            sidecar.url("/v1/chat/completions"),
+            clients(30),
+            40,
+            false,
+        ))
+        .await;
+        let halved_at = halve.await.unwrap();
+        let violations: Vec<Instant> = mock
+            .state
+            .arrivals()
+            .iter()
+            .filter(|a| a.status == 429)
+            .map(|a| a.at)
+            .collect();
+        let before: Vec<&Instant> = violations.iter().filter(|t| **t < halved_at).collect();
+        let after: Vec<&Instant> = violations.iter().filter(|t| **t >= halved_at).collect();
+        conv.push(
+            before
+                .last()
+                .map_or(0.0, |t| t.duration_since(start).as_secs_f64()),
+        );
+        conv_b.push(
+            after
+                .last()
+                .map_or(0.0, |t| t.duration_since(halved_at).as_secs_f64()),
+        );
+        viol_a.push(before.len() as f64);
+        viol_b.push(after.len() as f64);
+        good.push(goodput(
+            &mock,
+            start + Duration::from_secs(30),
+            start + Duration::from_secs(40),
+            LIMIT / 2,
+        ));
+        errs.push(report.samples.iter().filter(|s| s.status == 429).count() as f64);
+    }
+    println!(
+        "| 2 configured 50% too high | start: rate 1.5 x quota | — | {} | {} | — | — | last upstream 429 at {:.1} s after start |",
+        median(viol_a), median(errs.clone()), median(conv)
+    );
+    println!(
+        "| 2 configured 50% too high | quota halved at 20 s | {:.3} (of the new quota, 30–40 s) | {} | {} | — | — | last upstream 429 {:.1} s after the halving; runs: {:?} |",
+        median(good), median(viol_b), median(errs), median(conv_b.clone()), conv_b
+    );
+}
+
+async fn baseline() {
+    header();
+    let (mut g, mut v, mut e, mut l50, mut l99, mut j, mut a) =
+        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..repeats() {
+        let mock =
+            MockUpstream::start(Some(Quota::sliding(LIMIT, WINDOW)), LimitStyle::Nvidia).await;
+        let start = Instant::now();
+        let report: Report = loadgen::run(load(
+            format!("{}/v1/chat/completions", mock.url()),
+            clients(30),
+            20,
+            true,
+        ))
+        .await;
+        g.push(goodput(
+            &mock,
+            start,
+            start + Duration::from_secs(20),
+            LIMIT,
+        ));
+        v.push(mock.state.violations() as f64);
+        e.push(report.errors() as f64);
+        l50.push(report.latency_ms(0.5, |s| s.status == 200));
+        l99.push(report.latency_ms(0.99, |s| s.status == 200));
+        j.push(report.jain());
+        a.push(report.mean_attempts());
+    }
+    println!(
+        "| 3 no sidecar | 30 clients retry 429 with backoff (1 s doubling, ±20%) | {:.3} | {} | {} | latency {:.1} / {:.0} | {:.3} | {:.1} attempts per request |",
+        median(g), median(v), median(e), median(l50), median(l99), median(j), median(a)
+    );
+}
+
+async fn fairness() {
+    header();
+    let mut spec = vec![ClientSpec {
+        id: "greedy".into(),
+        parallel: 50,
+        priority: "normal",
+    }];
+    spec.extend((0..9).map(|i| ClientSpec::new(format!("polite-{i}"))));
+    for (name, through_sidecar) in [
+        ("sidecar, round-robin", true),
+        ("no sidecar, retry with backoff", false),
+    ] {
+        let (mut j, mut share, mut p99, mut v) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..repeats() {
+            let mock =
+                MockUpstream::start(Some(Quota::sliding(LIMIT, WINDOW)), LimitStyle::Nvidia).await;
+            let sidecar = through_sidecar.then(|| {
+                Sidecar::start(
+                    &mock.url(),
+                    &format!("rate_rpm: {QUOTA_RPM}\nrequest_timeout: 120\nqueue_max_size: 200\n"),
+                )
+            });
+            let url = match &sidecar {
+                Some(s) => s.url("/v1/chat/completions"),
+                None => format!("{}/v1/chat/completions", mock.url()),
+            };
+            let report = loadgen::run(load(url, spec.clone(), 20, !through_sidecar)).await;
+            let served = report.served_per_client();
+            j.push(loadgen::jain(&served));
+            share.push(served[0] / served.iter().sum::<f64>().max(1.0));
+            p99.push(report.latency_ms(0.99, |s| s.client != 0 && s.status == 200));
+            v.push(mock.state.violations() as f64);
+        }
+        println!(
+            "| 4 fairness | {name} | — | {} | — | polite latency p99 {:.0} | {:.3} | greedy share {:.1}% (fair: 10%); a polite client's fair wait is one round of 10 clients, {:.0} ms |",
+            median(v), median(p99), median(j), 100.0 * median(share), 10.0 / (QUOTA_RPM * 0.99 / 60.0) * 1000.0
+        );
+    }
+}
+
+/// Runs wrk once; returns (requests/s, p50 ms, p99 ms).
+fn wrk(url: &str) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", "-d8s", "--latency", url])
+        .output()
+        .expect("wrk runs (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = |line: &str| -> f64 {
+        let value = line.split_whitespace().nth(1).unwrap_or("0");
+        let (number, unit) = value.split_at(
+            value
+                .find(|c: char| c.is_alphabetic())
+                .unwrap_or(value.len()),
+        );
+        let n: f64 = number.parse().unwrap_or(0.0);
+        match unit {
+            "us" => n / 1000.0,
+            "s" => n * 1000.0,
+            _ => n,
+        }
+    };
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let p50 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("50%"))
+        .map_or(0.0, ms);
+    let p99 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("99%"))
+        .map_or(0.0, ms);
+    (rps, p50, p99)
+}
+
+/// nginx as a reverse proxy to `upstream` on `port`, with upstream keep-alive; stopped on drop.
+struct Nginx {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx(port: u16, upstream: &str) -> Nginx {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let conf = format!(
+        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         upstream mock {{ server {upstream}; keepalive 64; }}\n\
+         server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new("nginx")
+        .args([
+            "-p",
+            &d.to_string(),
+            "-c",
+            path.to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx starts (apt-get install nginx)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx { child, _dir: dir }
+}
+
+/// Time to the first body byte of a streamed chat completion, median over `n` requests.
+async fn ttfb(url: &str, n: usize) -> f64 {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body =
+        serde_json::json!({"model": "mock", "stream": true, "chunks": 2, "chunk_delay_ms": 20});
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let begun = Instant::now();
+        let response = http.post(url).json(&body).send().await.unwrap();
+        let mut stream = response.bytes_stream();
+        use futures_util::StreamExt;
+        let _ = stream.next().await;
+        times.push(begun.elapsed().as_secs_f64() * 1000.0);
+        while stream.next().await.is_some() {}
+    }
+    median(times)
+}
+
+async fn overhead() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 6000000\nbucket_capacity: 100000\nqueue_max_size: 100000\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}\n",
+    );
+    let nginx_port = support::free_port();
+    let _nginx = nginx(nginx_port, &mock.addr.to_string());
+    let targets = [
+        ("direct", format!("{}/v1/models", mock.url())),
+        ("sidecar (passthrough route)", sidecar.url("/v1/models")),
+        (
+            "nginx reverse proxy",
+            format!("http://127.0.0.1:{nginx_port}/v1/models"),
+        ),
+    ];
+    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
+    for _ in 0..repeats() {
+        for (i, (_, url)) in targets.iter().enumerate() {
+            let (rps, p50, p99) = wrk(url);
+            results[i].0.push(rps);
+            results[i].1.push(p50);
+            results[i].2.push(p99);
+        }
+    }
+    println!(
+        "| path | requests/s | vs direct | latency p50 (ms) | latency p99 (ms) | runs (req/s) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let direct = median(results[0].0.clone());
+    for ((name, _), (rps, p50, p99)) in targets.iter().zip(results) {
+        let m = median(rps.clone());
+        println!(
+            "| {name} | {m:.0} | {:.2} | {:.2} | {:.2} | {:?} |",
+            m / direct,
+            median(p50),
+            median(p99),
+            rps.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+    }
+    let direct_ttfb = ttfb(&format!("{}/v1/chat/completions", mock.url()), 200).await;
+    let sidecar_ttfb = ttfb(&sidecar.url("/v1/chat/completions"), 200).await;
+    println!(
+        "\nstreamed response, time to first byte (median of 200): direct {direct_ttfb:.3} ms, through the sidecar {sidecar_ttfb:.3} ms, added {:.3} ms",
+        sidecar_ttfb - direct_ttfb
+    );
+}
+
+fn proc_value(pid: u32, file: &str, pick: impl Fn(&str) -> Option<f64>) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()
+        .and_then(|t| pick(&t))
+        .unwrap_or(0.0)
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    proc_value(pid, "status", |t| {
+        t.lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    })
+}
+
+fn cpu_ticks(pid: u32) -> f64 {
+    proc_value(pid, "stat", |t| {
+        let fields: Vec<&str> = t.rsplit(')').next()?.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?)
+    })
+}
+
+/// CPU use of `pid` over `span`, in percent of one core.
+async fn cpu_percent(pid: u32, span: Duration) -> f64 {
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(span).await;
+    (cpu_ticks(pid) - before) / ticks_per_s / span.as_secs_f64() * 100.0
+}
+
+async fn scale() {
+    const WAITERS: usize = 10_000;
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 0.5\nqueue_max_size: 20000\nrequest_timeout: 600\nlog_level: warn\n",
+    );
+    let pid = sidecar.pid();
+    let idle_rss = rss_kib(pid);
+    let idle_cpu = cpu_percent(pid, Duration::from_secs(5)).await;
+    let body = r#"{"model":"mock","messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut held = Vec::with_capacity(WAITERS);
+    for chunk in 0..WAITERS / 500 {
+        let batch: Vec<_> = (0..500)
+            .map(|i| {
+                let request = request.clone().replace(
+                    "Host: x",
+                    &format!("Host: x\r\nX-Client-Id: c{}", chunk * 500 + i),
+                );
+                let port = sidecar.port;
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .ok()?;
+                    stream.write_all(request.as_bytes()).await.ok()?;
+                    Some(stream)
+                })
+            })
+            .collect();
+        for b in batch {
+            if let Some(stream) = b.await.unwrap() {
+                held.push(stream);
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut queued = 0;
+    while Instant::now() < deadline {
+        let s: serde_json::Value = support::client()
+            .get(sidecar.admin("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        queued = s["token_bucket"]["queue_size"].as_u64().unwrap_or(0);
+        if queued as usize >= WAITERS - 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy_rss = rss_kib(pid);
+    let busy_cpu = cpu_percent(pid, Duration::from_secs(10)).await;
+    println!("| waiting requests | resident memory (KiB) | CPU while waiting (% of a core) |");
+    println!("|---|---|---|");
+    println!("| 0 | {idle_rss:.0} | {idle_cpu:.2} |");
+    println!("| {queued} | {busy_rss:.0} | {busy_cpu:.2} |");
+    println!(
+        "\nper waiting request: {:.1} KiB ({} connections held open by the load generator)",
+        (busy_rss - idle_rss) / queued.max(1) as f64,
+        held.len()
+    );
+    let dropped_at = Instant::now();
+    drop(held);
+    while Instant::now() - dropped_at < Duration::from_secs(30) {
+        let s: serde_json::Value = support::client()
+            .get(sidecar.admin("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if s["token_bucket"]["queue_size"].as_u64() == Some(0) {
+            println!(
+                "all {queued} waiters left the queue {:.2} s after their clients hung up",
+                dropped_at.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let which = args.first().cloned().unwrap_or_else(|| "all".to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let all = which == "all";
+        if all || which == "precision" {
+            precision().await;
+        }
+        if all || which == "adaptive" {
+            adaptive().await;
+        }
+        if all || which == "baseline" {
+            baseline().await;
+        }
+        if all || which == "fairness" {
+            fairness().await;
+        }
+        if all || which == "overhead" {
+            overhead().await;
+        }
+        if all || which == "scale" {
+            scale().await;
+        }
+    });
+}
