@@ -73,7 +73,7 @@ impl AdmissionGate {
     }
 
     /// Starts this gate's clock on the current runtime the first time it is needed; the clock
-    /// ends by itself when the gate is dropped.
+    /// ends by itself once nothing but the clock holds the gate.
     fn ensure_clock(self: &Arc<Self>) {
         if !self.clock_started.swap(true, Ordering::AcqRel) {
             tokio::spawn(run_clock(self.clone()));
@@ -87,10 +87,7 @@ impl AdmissionGate {
         priority: Priority,
         deadline: Instant,
     ) -> Ticket {
-        self.ensure_clock();
-        let mut state = self.lock();
-        let admission = state.limiter.request(client, priority, deadline, now());
-        self.ticket(state, admission)
+        self.ask(|limiter, now| limiter.request(client, priority, deadline, now))
     }
 
     /// Asks again for a request the upstream answered with a 429: ahead of its class.
@@ -100,11 +97,13 @@ impl AdmissionGate {
         priority: Priority,
         deadline: Instant,
     ) -> Ticket {
+        self.ask(|limiter, now| limiter.request_again(client, priority, deadline, now))
+    }
+
+    fn ask(self: &Arc<Self>, request: impl FnOnce(&mut Limiter, Instant) -> Admission) -> Ticket {
         self.ensure_clock();
         let mut state = self.lock();
-        let admission = state
-            .limiter
-            .request_again(client, priority, deadline, now());
+        let admission = request(&mut state.limiter, now());
         self.ticket(state, admission)
     }
 
