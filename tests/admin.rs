@@ -138,14 +138,7 @@ async fn bad_patches_are_rejected_and_change_nothing() {
     assert_eq!(s["token_bucket"]["rate_rpm"], 40.0, "nothing changed");
     let (_, config) = get_json(&sidecar.admin("/api/admin/config")).await;
     assert_eq!(config["override_fields"], json!([]));
-    let metrics = client()
-        .get(sidecar.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar.metrics_text().await;
     assert!(
         metrics.contains(
             "nvidia_sidecar_config_reloads_total{result=\"error\",source=\"api_config\"} 3"
@@ -289,14 +282,7 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
             .unwrap();
     }
     sidecar.wait_for_access_line(|l| l.contains("outcome=forwarded"));
-    let metrics = http
-        .get(sidecar.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar.metrics_text().await;
     for name in [
         "nvidia_sidecar_requests_total{outcome=\"forwarded\",route=\"default\"}",
         "nvidia_sidecar_upstream_responses_total{code=\"200\",route=\"default\"}",
@@ -320,14 +306,7 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
         .await
         .unwrap();
     assert_eq!(reload.status(), 200);
-    let metrics = http
-        .get(sidecar.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sidecar.metrics_text().await;
     assert!(metrics
         .contains("nvidia_sidecar_config_reloads_total{result=\"ok\",source=\"api_reload\"} 1"));
 

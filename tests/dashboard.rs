@@ -83,14 +83,7 @@ async fn the_dashboard_follows_the_stream_and_its_form_changes_the_rate() {
         .wait_text("base-rpm", Duration::from_secs(5), |t| t == "300.0")
         .await;
     assert_eq!(shown, "300.0");
-    let status: serde_json::Value = client()
-        .get(sidecar.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: serde_json::Value = sidecar.status().await;
     assert_eq!(status["token_bucket"]["rate_rpm"], 300.0);
 
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -13,26 +13,8 @@ use support::{chat_body, client, LimitStyle, MockUpstream, Quota, Sidecar};
 /// The operations tests restart processes and measure timing: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn status(sidecar: &Sidecar) -> Value {
-    client()
-        .get(sidecar.admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 async fn metric(sidecar: &Sidecar, line_start: &str) -> Option<f64> {
-    let text = client()
-        .get(sidecar.admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sidecar.metrics_text().await;
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
@@ -117,7 +99,7 @@ async fn sighup_changes_the_rate_under_load_without_failing_a_request() {
     set_file_rate(&sidecar, 1200);
     sidecar.signal("HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while status(&sidecar).await["token_bucket"]["rate_rpm"] != 1200.0 && Instant::now() < deadline
+    while sidecar.status().await["token_bucket"]["rate_rpm"] != 1200.0 && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -187,7 +169,7 @@ async fn a_broken_file_keeps_the_running_config_and_says_why() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(errors, Some(1.0));
-    assert_eq!(status(&sidecar).await["token_bucket"]["rate_rpm"], 120.0);
+    assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 120.0);
     assert!(
         sidecar.log_text().contains("rate_rpm must be > 0, got -3")
             || sidecar.log_text().contains("rate_rpm: must be > 0, got -3")
@@ -236,14 +218,14 @@ async fn admin_overrides_survive_sighup_and_restart_until_removed() {
     sidecar.signal("HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        status(&sidecar).await["token_bucket"]["rate_rpm"],
+        sidecar.status().await["token_bucket"]["rate_rpm"],
         321.0,
         "SIGHUP kept the override"
     );
 
     sidecar.restart();
     assert_eq!(
-        status(&sidecar).await["token_bucket"]["rate_rpm"],
+        sidecar.status().await["token_bucket"]["rate_rpm"],
         321.0,
         "the restart kept the override"
     );
@@ -263,7 +245,7 @@ async fn admin_overrides_survive_sighup_and_restart_until_removed() {
         .await
         .unwrap();
     assert_eq!(removed.status(), 200);
-    assert_eq!(status(&sidecar).await["token_bucket"]["rate_rpm"], 120.0);
+    assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 120.0);
     assert!(!sidecar.dir.path().join("state/overrides.yaml").exists());
 }
 
@@ -285,7 +267,7 @@ async fn the_retreat_state_survives_a_restart() {
         .await
         .unwrap();
     assert_eq!(answer.status(), 429);
-    let before = status(&sidecar).await;
+    let before = sidecar.status().await;
     assert_eq!(before["retreat"]["state"], "retreat");
     assert!(
         before["retreat"]["pause_remaining_seconds"]
@@ -297,7 +279,7 @@ async fn the_retreat_state_survives_a_restart() {
     sidecar.signal("TERM");
     assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
     sidecar.start_again();
-    let after = status(&sidecar).await;
+    let after = sidecar.status().await;
     assert_eq!(
         after["retreat"]["state"],
         "retreat",
@@ -405,7 +387,7 @@ async fn sigterm_lets_in_flight_and_queued_requests_finish() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let queued = status(&sidecar).await["token_bucket"]["queue_size"]
+    let queued = sidecar.status().await["token_bucket"]["queue_size"]
         .as_u64()
         .unwrap();
     assert!(

@@ -163,6 +163,30 @@ impl Sidecar {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The admin plane's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        super::client()
+            .get(self.admin("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The admin plane's `/status` snapshot.
+    pub async fn status(&self) -> serde_json::Value {
+        super::client()
+            .get(self.admin("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// A URL on the admin plane.
     pub fn admin(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.metrics_port)
