@@ -135,26 +135,32 @@ fn clean(e: &serde_yaml::Error) -> String {
 
 /// Reads and parses the file at `path`, or the embedded default when `path` is `None`.
 pub fn read_file(path: Option<&str>) -> Result<FileConfig, Vec<ConfigError>> {
-    let text = match path {
-        None => EMBEDDED_DEFAULT.to_string(),
-        Some(path) => std::fs::read_to_string(path).map_err(|e| {
-            vec![ConfigError::new(
-                "(file)",
-                format!("cannot read {path}: {e}"),
-            )]
-        })?,
-    };
-    let (file, errors) = parse_lenient(&text)?;
-    if errors.is_empty() {
-        Ok(file)
-    } else {
-        // Report range problems of the parsable part too.
-        let mut all = errors;
-        if let Err(more) = validate(&file, &|name| std::env::var(name).ok()) {
-            all.extend(more);
+    match path {
+        None => parse_checked(EMBEDDED_DEFAULT),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                vec![ConfigError::new(
+                    "(file)",
+                    format!("cannot read {path}: {e}"),
+                )]
+            })?;
+            parse_checked(&text)
         }
-        Err(all)
     }
+}
+
+/// Parses YAML text; when entries fail to parse, the values that did parse are checked too
+/// (the bad entries are left out and their defaults are valid), so that every problem is
+/// reported in one go.
+fn parse_checked(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
+    let (file, mut errors) = parse_lenient(text)?;
+    if errors.is_empty() {
+        return Ok(file);
+    }
+    if let Err(more) = validate_with_env(&file) {
+        errors.extend(more);
+    }
+    Err(errors)
 }
 
 /// Validates a file's contents with the process environment.
@@ -164,33 +170,7 @@ pub fn validate_with_env(file: &FileConfig) -> Result<Settings, Vec<ConfigError>
 
 /// Loads settings from YAML text with the process environment.
 pub fn load_str(text: &str) -> Result<Settings, Vec<ConfigError>> {
-    let (file, mut errors) = parse_lenient(text)?;
-    // Entries that failed to parse are left out (their defaults are valid), so the values that
-    // did parse are checked too and every problem is reported in one go.
-    match validate(&file, &|name| std::env::var(name).ok()) {
-        Ok(settings) if errors.is_empty() => Ok(settings),
-        Ok(_) => Err(errors),
-        Err(more) => {
-            errors.extend(more);
-            Err(errors)
-        }
-    }
-}
-
-/// Loads settings from a file, or from the embedded default when `path` is `None`.
-pub fn load(path: Option<&str>) -> Result<Settings, Vec<ConfigError>> {
-    match path {
-        None => load_str(EMBEDDED_DEFAULT),
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                vec![ConfigError::new(
-                    "(file)",
-                    format!("cannot read {path}: {e}"),
-                )]
-            })?;
-            load_str(&text)
-        }
-    }
+    validate_with_env(&parse_checked(text)?)
 }
 
 #[cfg(test)]

@@ -193,11 +193,6 @@ impl Settings {
             .find(|r| path.starts_with(&r.path_prefix))
             .unwrap_or(&self.default_route)
     }
-
-    /// Every route, the default one first.
-    pub fn all_routes(&self) -> impl Iterator<Item = &RouteSettings> {
-        std::iter::once(&self.default_route).chain(self.routes.iter())
-    }
 }
 
 /// Collects problems while validating.
