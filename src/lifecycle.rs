@@ -35,17 +35,9 @@ impl LifecycleService {
     /// Waits (up to 5 s) until the proxy listener accepts connections, then tells systemd we
     /// are ready.
     async fn notify_ready(&self) {
-        let settings = self.app.settings();
-        let host = if settings.listen_host.is_unspecified() {
-            std::net::IpAddr::from([127, 0, 0, 1])
-        } else {
-            settings.listen_host
-        };
+        let proxy = self.app.settings().proxy_probe_addr();
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect((host, settings.listen_port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(proxy).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -135,6 +135,14 @@ async fn respond_json(
     session.write_response_body(Some(body), true).await
 }
 
+/// The outcome counted for a request the sidecar answered 429 itself.
+fn rejected(why: Rejection) -> Outcome {
+    match why {
+        Rejection::QueueFull => Outcome::RejectedQueueFull,
+        Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
+    }
+}
+
 /// `Retry-After` in whole seconds, rounded up, at least 1.
 fn retry_after_secs(wait: Duration) -> u64 {
     (wait.as_secs_f64().ceil() as u64).max(1)
@@ -291,10 +299,7 @@ impl SidecarProxy {
         why: Rejection,
         retry_after: Duration,
     ) -> Result<()> {
-        ctx.outcome = Some(match why {
-            Rejection::QueueFull => Outcome::RejectedQueueFull,
-            Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
-        });
+        ctx.outcome = Some(rejected(why));
         let message = match why {
             Rejection::QueueFull => "the sidecar's queue is full; retry later",
             Rejection::QueueTimeout => "no request token became free before the request's deadline",
@@ -460,11 +465,8 @@ impl ProxyHttp for SidecarProxy {
             route.settings.upstream.authority.as_str(),
         )?;
         let settings = self.app.settings();
-        if let Some(key) = &settings.upstream.api_key {
-            request.insert_header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", key.expose()),
-            )?;
+        if let Some(authorization) = &settings.upstream.authorization {
+            request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
         }
         for name in [
             "x-client-id",
@@ -608,10 +610,7 @@ impl ProxyHttp for SidecarProxy {
         let answer = if client_gone || session.response_written().is_some() {
             None
         } else if let Some((why, retry_after)) = ctx.rejection {
-            ctx.outcome = Some(match why {
-                Rejection::QueueFull => Outcome::RejectedQueueFull,
-                Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
-            });
+            ctx.outcome = Some(rejected(why));
             let message = "the upstream kept answering 429 and no token became free again before the deadline";
             Some((
                 429,

@@ -102,15 +102,9 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
         )
             .into_response();
     }
-    let settings = state.app.settings();
-    let host = if settings.listen_host.is_unspecified() {
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        settings.listen_host
-    };
     let probe = tokio::time::timeout(
         Duration::from_millis(500),
-        tokio::net::TcpStream::connect((host, settings.listen_port)),
+        tokio::net::TcpStream::connect(state.app.settings().proxy_probe_addr()),
     )
     .await;
     match probe {

@@ -141,6 +141,8 @@ impl RouteSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamOptions {
     pub api_key: Option<Secret>,
+    /// `Bearer <api_key>`, built once at load time and marked sensitive.
+    pub authorization: Option<HeaderValue>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -186,6 +188,17 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Where the proxy can be reached from this host (loopback when it listens on all
+    /// addresses): for readiness probes.
+    pub fn proxy_probe_addr(&self) -> std::net::SocketAddr {
+        let host = if self.listen_host.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.listen_host
+        };
+        std::net::SocketAddr::new(host, self.listen_port)
+    }
+
     /// The route for a request path: the longest matching prefix, else the default route.
     pub fn route_for(&self, path: &str) -> &RouteSettings {
         self.routes
@@ -474,13 +487,32 @@ pub fn validate(
             c.fail("upstream.ca_file", format!("cannot read {ca}"));
         }
     }
+    let api_key = c.secret(
+        "upstream.api_key_file",
+        u.api_key_file.as_deref(),
+        u.api_key_env.as_deref(),
+        env,
+    );
+    let authorization = api_key.as_ref().and_then(|key| {
+        match HeaderValue::try_from(format!("Bearer {}", key.expose())) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                Some(value)
+            }
+            Err(_) => {
+                let source = if u.api_key_file.is_some() {
+                    "upstream.api_key_file"
+                } else {
+                    "upstream.api_key_env"
+                };
+                c.fail(source, "holds a key with characters a header cannot carry");
+                None
+            }
+        }
+    });
     let upstream = UpstreamOptions {
-        api_key: c.secret(
-            "upstream.api_key_file",
-            u.api_key_file.as_deref(),
-            u.api_key_env.as_deref(),
-            env,
-        ),
+        api_key,
+        authorization,
         connect_timeout: c.duration(
             "upstream.connect_timeout",
             u.connect_timeout,
