@@ -522,3 +522,37 @@ async fn graceful_upgrade_hands_over_without_a_refused_connection() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_state_files_are_logged_and_ignored() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state");
+    sidecar.signal("TERM");
+    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
+    let state = sidecar.dir.path().join("state");
+    std::fs::write(
+        state.join("limiter-state.json"),
+        "{\"format\": 1, \"saved_at\": \"yesterday\"",
+    )
+    .unwrap();
+    std::fs::write(state.join("overrides.yaml"), "rate_rpm: [not a number").unwrap();
+
+    sidecar.start_again();
+    let status = sidecar.status().await;
+    assert_eq!(
+        status["token_bucket"]["rate_rpm"], 120.0,
+        "the file's rate applies"
+    );
+    assert_eq!(status["retreat"]["state"], "normal");
+    let log = sidecar.log_text();
+    assert!(log.contains("ignoring limiter state"), "{log}");
+    assert!(log.contains("ignoring unreadable overrides"), "{log}");
+    let answer = client()
+        .post(sidecar.url("/v1/chat/completions"))
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+}

@@ -42,14 +42,17 @@ pub(crate) struct AdminState {
 }
 
 impl AdminState {
-    /// A snapshot of this instant, as JSON.
-    pub fn snapshot_json(&self) -> String {
-        let snapshot = self
-            .builder
+    /// A snapshot of this instant (building one also refreshes the gauges of `/metrics`).
+    pub fn snapshot(&self) -> Snapshot {
+        self.builder
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .build();
-        serde_json::to_string(&snapshot).expect("snapshots serialise")
+            .build()
+    }
+
+    /// A snapshot of this instant, as JSON.
+    pub fn snapshot_json(&self) -> String {
+        serde_json::to_string(&self.snapshot()).expect("snapshots serialise")
     }
 }
 

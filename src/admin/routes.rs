@@ -79,7 +79,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     // Gauges are refreshed by the sampler every second; refresh them for this scrape too.
-    let _ = state.snapshot_json();
+    let _ = state.snapshot();
     (
         [(
             header::CONTENT_TYPE,

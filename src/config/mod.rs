@@ -289,7 +289,10 @@ mod tests {
         .unwrap();
         let key = s.upstream.api_key.as_ref().unwrap();
         assert_eq!(key.expose(), "nvapi-secret");
-        assert_eq!(s.upstream.authorization.as_ref().unwrap(), "Bearer nvapi-secret");
+        assert_eq!(
+            s.upstream.authorization.as_ref().unwrap(),
+            "Bearer nvapi-secret"
+        );
         assert!(!format!("{s:?}").contains("nvapi-secret"));
         let s = validate(&file, &|_| None).unwrap();
         assert!(
