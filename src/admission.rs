@@ -15,7 +15,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::limiter::{
     Admission, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority, Rejection,
-    Resolution, UpstreamSignal, WaiterId,
+    Resolution, SharedControl, Supply, UpstreamSignal, WaiterId,
 };
 
 /// The final answer for a waiting request.
@@ -44,6 +44,25 @@ pub struct AdmissionGate {
     /// Wakes the clock when the next thing to do may have moved earlier.
     wake: Notify,
     clock_started: AtomicBool,
+    /// Set when the bucket is shared with other sidecars (`shared_quota`).
+    shared: AtomicBool,
+    /// Wakes the link to the shared bucket: more waiters, or a controller change to publish.
+    link_wake: Arc<Notify>,
+}
+
+/// What the link to the shared bucket needs from this gate for its next round trip.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeasePlan {
+    /// Slots the waiters need beyond those held (0 while paused).
+    pub wanted: usize,
+    /// Leased slots in hand, open or ahead.
+    pub held: usize,
+    /// Requests waiting here.
+    pub waiting: usize,
+    pub own_rpm: f64,
+    pub margin: f64,
+    pub capacity: u32,
+    pub control: SharedControl,
 }
 
 /// A request's place in the queue (or its immediate verdict).
@@ -62,7 +81,86 @@ impl AdmissionGate {
             }),
             wake: Notify::new(),
             clock_started: AtomicBool::new(false),
+            shared: AtomicBool::new(false),
+            link_wake: Arc::new(Notify::new()),
         })
+    }
+
+    /// Turns this gate into a client of the shared bucket: from now on it grants only slots
+    /// leased by its link (or its local share while the link is down).
+    pub fn share(&self) {
+        self.shared.store(true, Ordering::Release);
+        let t = now();
+        self.lock().limiter.set_supply(Supply::Leased, t, t);
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Acquire)
+    }
+
+    /// Shared, but running on its local share because the shared bucket cannot be reached.
+    pub fn is_degraded(&self) -> bool {
+        self.is_shared() && matches!(self.lock().limiter.supply(), Supply::Refill { .. })
+    }
+
+    /// The link's alarm clock (held apart from the gate so that a sleeping link does not keep
+    /// a retired gate alive).
+    pub fn link_wake(&self) -> Arc<Notify> {
+        self.link_wake.clone()
+    }
+
+    /// What to ask the shared bucket for.
+    pub fn lease_plan(&self) -> LeasePlan {
+        let t = now();
+        let mut state = self.lock();
+        let limiter = &mut state.limiter;
+        let control = limiter.shared_control(t);
+        let controller = limiter.controller();
+        LeasePlan {
+            wanted: if controller.is_paused(t) {
+                0
+            } else {
+                limiter.slots_wanted()
+            },
+            held: limiter.slots_held(),
+            waiting: limiter.queue_len(),
+            own_rpm: controller.effective_rpm(),
+            margin: controller.settings().safety_margin,
+            capacity: limiter.capacity(),
+            control,
+        }
+    }
+
+    /// The controller state as other sidecars should see it.
+    pub fn shared_control(&self) -> SharedControl {
+        self.lock().limiter.shared_control(now())
+    }
+
+    /// Takes leased slots (their starts on this host's clock).
+    pub fn take_slots(&self, starts: &[Instant], grace: Duration) {
+        if starts.is_empty() {
+            return;
+        }
+        self.lock().limiter.add_slots(starts, grace, now());
+        self.wake.notify_one();
+    }
+
+    /// Takes over the controller state the sidecars agreed on.
+    pub fn adopt_shared(&self, control: &SharedControl) {
+        self.lock().limiter.adopt_shared(control, now());
+        self.wake.notify_one();
+    }
+
+    /// The share of the rate this gate takes on its own when `instances` sidecars share it.
+    pub fn fallback_share(&self, instances: Option<u32>) -> f64 {
+        self.lock().limiter.fallback_share(instances)
+    }
+
+    /// Switches between leased slots and the local share; a local bucket earns nothing
+    /// before `refill_from`.
+    pub fn set_supply(&self, supply: Supply, refill_from: Instant) {
+        self.lock().limiter.set_supply(supply, now(), refill_from);
+        self.wake.notify_one();
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -122,6 +220,9 @@ impl AdmissionGate {
                 state.waiting.insert(id, tx);
                 drop(state);
                 self.wake.notify_one();
+                if self.is_shared() {
+                    self.link_wake.notify_one();
+                }
                 (Some((id, rx)), None)
             }
         };
@@ -136,6 +237,9 @@ impl AdmissionGate {
     pub fn observe(&self, signal: &UpstreamSignal) {
         self.lock().limiter.observe(signal, now());
         self.wake.notify_one();
+        if self.is_shared() {
+            self.link_wake.notify_one();
+        }
     }
 
     pub fn snapshot(&self) -> LimiterSnapshot {

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use crate::admission::AdmissionGate;
 use crate::config::{self, ConfigError, ConfigLayers, Overrides, RouteSettings, Settings};
 use crate::metrics::Metrics;
+use crate::shared_quota::SharedQuota;
 use crate::upstream::Upstream;
 
 /// One route at run time.
@@ -53,7 +54,13 @@ impl RouteTable {
                         gate.reconfigure(bucket);
                         gate
                     }
-                    None => AdmissionGate::new(bucket.clone()),
+                    None => {
+                        let gate = AdmissionGate::new(bucket.clone());
+                        if settings.shared_quota.is_some() {
+                            gate.share();
+                        }
+                        gate
+                    }
                 });
             Arc::new(Route {
                 settings: rs.clone(),
@@ -135,18 +142,28 @@ pub struct App {
     table: ArcSwap<RouteTable>,
     /// The file and overrides in force; the mutex serialises every configuration change.
     layers: Mutex<ConfigLayers>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
+    /// Membership in a quota shared with other sidecars (`shared_quota`), fixed at start.
+    pub shared: Option<Arc<SharedQuota>>,
     pub started: Instant,
     pub started_at: SystemTime,
 }
 
 impl App {
     pub fn new(layers: ConfigLayers, settings: Settings) -> Arc<App> {
+        let metrics = Arc::new(Metrics::new());
+        let shared = settings.shared_quota.clone().map(|q| {
+            Arc::new(
+                SharedQuota::new(q, metrics.clone())
+                    .expect("validation accepted only Redis URLs the client opens"),
+            )
+        });
         let table = RouteTable::build(Arc::new(settings), None);
         Arc::new(App {
             table: ArcSwap::from_pointee(table),
             layers: Mutex::new(layers),
-            metrics: Metrics::new(),
+            metrics,
+            shared,
             started: Instant::now(),
             started_at: SystemTime::now(),
         })
@@ -291,6 +308,7 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
     keep!("server.upgrade_sock", server.upgrade_sock);
     keep!("upstream.ca_file", upstream.ca_file);
     keep!("state_dir", state_dir);
+    keep!("shared_quota", shared_quota);
     keys
 }
 

@@ -5,7 +5,7 @@
 //! `proxy` (the request path), `app` (shared state), `metrics`, `server` (Pingora wiring),
 //! `cli` (command line), `state` (what survives a restart), `lifecycle` (signals,
 //! readiness, state saving), `admin` (the admin plane: metrics, health, status, dashboard,
-//! config API).
+//! config API), `shared_quota` (one quota for several sidecars, kept in Redis).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -18,6 +18,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod shared_quota;
 pub mod state;
 pub mod upstream;
 

@@ -5,8 +5,8 @@
 
 use prometheus::core::Collector;
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// How a request ended, as counted in `requests_total{outcome}` and written to the access log.
@@ -68,6 +68,12 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub uptime: Gauge,
+    /// Shared quota (only moves when `shared_quota` is configured).
+    pub shared_degraded: IntGaugeVec,
+    pub shared_instances: IntGauge,
+    pub shared_slots: IntCounterVec,
+    pub redis_calls: IntCounterVec,
+    pub redis_duration: Histogram,
 }
 
 const PREFIX: &str = "nvidia_sidecar";
@@ -206,6 +212,54 @@ impl Metrics {
             uptime: register(
                 r,
                 Gauge::with_opts(opts("uptime_seconds", "Seconds since start.")),
+            ),
+            shared_degraded: register(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "shared_quota_degraded",
+                        "1 while the shared bucket in Redis cannot be reached and the route runs on its local share.",
+                    ),
+                    &["route"],
+                ),
+            ),
+            shared_instances: register(
+                r,
+                IntGauge::with_opts(opts(
+                    "shared_quota_instances",
+                    "Sidecars last seen alive on the shared quota.",
+                )),
+            ),
+            shared_slots: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "shared_quota_slots_total",
+                        "Slots of the shared quota leased by this sidecar.",
+                    ),
+                    &["route"],
+                ),
+            ),
+            redis_calls: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "redis_calls_total",
+                        "Round trips to Redis by result (ok, error, timeout).",
+                    ),
+                    &["result"],
+                ),
+            ),
+            redis_duration: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "redis_call_duration_seconds",
+                        "Time of one round trip to Redis.",
+                    )
+                    .namespace(PREFIX)
+                    .buckets(exponential_buckets(0.0001, 2.0, 14).expect("valid bucket layout")),
+                ),
             ),
             registry,
         };

@@ -378,6 +378,11 @@ impl ProxyHttp for SidecarProxy {
             return Ok(false); // passthrough route: no token
         };
 
+        if settings.fallback_passthrough && gate.is_shared() && gate.is_degraded() {
+            // The shared quota is out of reach and the operator chose to fail open.
+            ctx.fallback = true;
+            return Ok(false);
+        }
         self.buffer_small_body(session, ctx).await?;
         let mut ticket = gate.admit(ctx.client.clone(), ctx.priority, ctx.deadline);
         match wait_for_token(session, &mut ticket, ctx.body_buffered).await {

@@ -74,6 +74,12 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
         "status sampler",
         sampler,
     ));
+    if let Some(shared) = app.shared.clone() {
+        server.add_service(pingora::services::background::background_service(
+            "shared quota",
+            crate::shared_quota::SharedQuotaService::new(app.clone(), shared),
+        ));
+    }
     server.add_service(pingora::services::background::background_service(
         "lifecycle",
         crate::lifecycle::LifecycleService::new(app),

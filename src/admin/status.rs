@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::app::App;
 use crate::limiter::{LimiterSnapshot, Priority};
 use crate::metrics::Outcome;
+use crate::shared_quota::SharedQuotaStatus;
 
 #[derive(Debug, Serialize)]
 pub struct Snapshot {
@@ -27,6 +28,9 @@ pub struct Snapshot {
     pub inflight: i64,
     pub upstream_429_per_minute: u64,
     pub routes: Vec<RouteView>,
+    /// Present when the quota is shared with other sidecars through Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_quota: Option<SharedQuotaStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -238,6 +242,7 @@ impl StatusBuilder {
             inflight: m.inflight.get(),
             upstream_429_per_minute: per_minute_429,
             routes,
+            shared_quota: app.shared.as_ref().map(|q| q.status()),
         }
     }
 

@@ -48,8 +48,8 @@ pub struct FileConfig {
     pub server: ServerSection,
     /// Directory where runtime overrides and limiter state are kept; unset keeps nothing.
     pub state_dir: Option<String>,
-    /// Several sidecars sharing one quota (not available in this build).
-    pub shared_quota: Option<serde_yaml::Value>,
+    /// One quota shared by several sidecars through Redis; unset, each sidecar has its own.
+    pub shared_quota: Option<SharedQuotaSection>,
 }
 
 /// `adaptive:` — how the bucket retreats on upstream 429s and recovers.
@@ -148,4 +148,32 @@ pub struct ServerSection {
     pub pid_file: Option<String>,
     /// Unix socket through which listeners are handed over on a graceful upgrade (`-u`).
     pub upgrade_sock: Option<String>,
+}
+
+/// `shared_quota:` — one quota for several sidecars, kept in Redis.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedQuotaSection {
+    /// Where the shared bucket lives; `redis` is the only backend.
+    pub backend: Option<String>,
+    /// `redis://host:port/db`, or `rediss://…` for TLS. No password here: use
+    /// `password_env` or `password_file`.
+    pub url: Option<String>,
+    /// Name every sidecar sharing the quota uses; the Redis keys start with it.
+    pub key: Option<String>,
+    /// Environment variable holding the Redis password.
+    pub password_env: Option<String>,
+    /// File holding the Redis password; takes precedence over `password_env`.
+    pub password_file: Option<String>,
+    /// Redis user name (ACL), when the password belongs to one.
+    pub username: Option<String>,
+    /// Sidecars sharing the quota, for the share each takes while Redis is unreachable
+    /// (default: the number last seen alive in Redis).
+    pub instances: Option<u32>,
+    /// Seconds ahead a sidecar may lease the shared quota's slots for its waiting requests.
+    pub lease_ahead: Option<Seconds>,
+    /// Most slots one lease takes.
+    pub max_lease: Option<u32>,
+    /// Seconds a Redis call may take before the sidecar falls back to its local share.
+    pub timeout: Option<Seconds>,
 }

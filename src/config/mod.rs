@@ -8,13 +8,14 @@ mod validate;
 mod view;
 
 pub use file::{
-    AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, UpstreamSection,
+    AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, SharedQuotaSection,
+    UpstreamSection,
 };
 pub use layers::{ConfigLayers, Overrides, LIVE_FIELDS};
 pub use seconds::Seconds;
 pub use validate::{
     defaults, validate, AdminSettings, ConfigError, RouteSettings, Secret, ServerSettings,
-    Settings, UpstreamOptions, UpstreamUrl,
+    Settings, SharedQuotaSettings, UpstreamOptions, UpstreamUrl,
 };
 pub use view::effective_view;
 

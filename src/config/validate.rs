@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 
-use super::file::{FileConfig, RouteSection};
+use super::file::{FileConfig, RouteSection, SharedQuotaSection};
 use crate::limiter::{LimiterSettings, RetreatSettings};
 
 /// One problem with the configuration: which key, and why.
@@ -166,6 +166,21 @@ pub struct ServerSettings {
     pub upgrade_sock: String,
 }
 
+/// `shared_quota:`, checked: where the shared bucket lives and how this sidecar uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedQuotaSettings {
+    /// The Redis URL as written (it holds no password).
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub key: String,
+    /// Configured number of sidecars sharing the quota, for the fallback share.
+    pub instances: Option<u32>,
+    pub lease_ahead: Duration,
+    pub max_lease: u32,
+    pub timeout: Duration,
+}
+
 /// The validated configuration the sidecar runs on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -185,6 +200,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub state_dir: Option<PathBuf>,
     pub log_level: String,
+    pub shared_quota: Option<SharedQuotaSettings>,
 }
 
 impl Settings {
@@ -305,6 +321,99 @@ impl Checker {
     }
 }
 
+fn validate_shared_quota(
+    c: &mut Checker,
+    section: &SharedQuotaSection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> SharedQuotaSettings {
+    let backend = section.backend.as_deref().unwrap_or("redis");
+    if backend != "redis" {
+        c.fail(
+            "shared_quota.backend",
+            format!("must be redis, got {backend:?}"),
+        );
+    }
+    let url = section.url.clone().unwrap_or_default();
+    if url.is_empty() {
+        c.fail(
+            "shared_quota.url",
+            "is required, e.g. redis://127.0.0.1:6379",
+        );
+    } else {
+        use redis::IntoConnectionInfo;
+        match url.as_str().into_connection_info() {
+            Ok(info) if info.redis.password.is_some() => c.fail(
+                "shared_quota.url",
+                "has a password in it: put the password in the file named by shared_quota.password_file or the variable named by shared_quota.password_env",
+            ),
+            Ok(info) => {
+                if let Err(e) = redis::Client::open(info) {
+                    c.fail("shared_quota.url", format!("cannot be used: {e}"));
+                }
+            }
+            Err(e) => c.fail(
+                "shared_quota.url",
+                format!("is not a Redis URL (redis://, rediss:// or unix://): {e}"),
+            ),
+        }
+    }
+    let key = section
+        .key
+        .clone()
+        .unwrap_or_else(|| defaults::SHARED_QUOTA_KEY.to_string());
+    if key.is_empty() || key.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        c.fail(
+            "shared_quota.key",
+            format!("must be a non-empty name without spaces, got {key:?}"),
+        );
+    }
+    if section.instances == Some(0) {
+        c.fail("shared_quota.instances", "must be at least 1, got 0");
+    }
+    let max_lease = section.max_lease.unwrap_or(defaults::MAX_LEASE);
+    if !(1..=1000).contains(&max_lease) {
+        c.fail(
+            "shared_quota.max_lease",
+            format!("must be between 1 and 1000, got {max_lease}"),
+        );
+    }
+    let lease_ahead = c.duration(
+        "shared_quota.lease_ahead",
+        section.lease_ahead,
+        defaults::LEASE_AHEAD,
+        false,
+    );
+    if lease_ahead > Duration::from_secs(60) {
+        c.fail(
+            "shared_quota.lease_ahead",
+            format!(
+                "must be at most 60 seconds, got {}",
+                lease_ahead.as_secs_f64()
+            ),
+        );
+    }
+    SharedQuotaSettings {
+        url,
+        username: section.username.clone(),
+        password: c.secret(
+            "shared_quota.password_file",
+            section.password_file.as_deref(),
+            section.password_env.as_deref(),
+            env,
+        ),
+        key,
+        instances: section.instances,
+        lease_ahead,
+        max_lease,
+        timeout: c.duration(
+            "shared_quota.timeout",
+            section.timeout,
+            defaults::REDIS_TIMEOUT,
+            false,
+        ),
+    }
+}
+
 /// Default values, shared by validation and the documentation.
 pub mod defaults {
     pub const LISTEN_HOST: &str = "127.0.0.1";
@@ -326,6 +435,10 @@ pub mod defaults {
     pub const GRACEFUL_SHUTDOWN_TIMEOUT: f64 = 5.0;
     pub const PID_FILE: &str = "/tmp/nvidia-sidecar.pid";
     pub const UPGRADE_SOCK: &str = "/tmp/nvidia-sidecar-upgrade.sock";
+    pub const SHARED_QUOTA_KEY: &str = "nvidia-sidecar";
+    pub const LEASE_AHEAD: f64 = 1.0;
+    pub const MAX_LEASE: u32 = 4;
+    pub const REDIS_TIMEOUT: f64 = 0.5;
 }
 
 /// Checks a parsed file and builds the settings; `env` looks up environment variables.
@@ -601,12 +714,10 @@ pub fn validate(
             format!("must be one of error, warn, info, debug, trace, off; got {log_level:?}"),
         );
     }
-    if file.shared_quota.is_some() {
-        c.fail(
-            "shared_quota",
-            "is not supported by this version of nvidia-sidecar",
-        );
-    }
+    let shared_quota = file
+        .shared_quota
+        .as_ref()
+        .map(|section| validate_shared_quota(&mut c, section, env));
 
     let settings = Settings {
         listen_host,
@@ -633,6 +744,7 @@ pub fn validate(
         server,
         state_dir: file.state_dir.as_ref().map(PathBuf::from),
         log_level,
+        shared_quota,
     };
     if c.errors.is_empty() {
         Ok(settings)

@@ -78,5 +78,16 @@ pub fn effective_view(settings: &Settings) -> Value {
             "upgrade_sock": s.upgrade_sock,
         },
         "state_dir": settings.state_dir.as_ref().map(|p| p.display().to_string()),
+        "shared_quota": settings.shared_quota.as_ref().map(|q| json!({
+            "backend": "redis",
+            "url": q.url,
+            "key": q.key,
+            "username": q.username,
+            "password": q.password.as_ref().map(|_| MASK),
+            "instances": q.instances,
+            "lease_ahead": secs(q.lease_ahead),
+            "max_lease": q.max_lease,
+            "timeout": secs(q.timeout),
+        })),
     })
 }

@@ -26,7 +26,8 @@ impl TokenBucket {
         }
     }
 
-    /// A bucket restored from saved state, clamped to `capacity`.
+    /// A bucket restored from saved state, clamped to `capacity`. It refills from `now` on,
+    /// which may lie in the future (a bucket that must not earn anything before then).
     pub fn with_tokens(capacity: u32, tokens: f64, now: Instant) -> Self {
         let mut bucket = TokenBucket::new(capacity, now);
         bucket.tokens = tokens.clamp(0.0, bucket.capacity);
@@ -87,6 +88,13 @@ impl TokenBucket {
         // Round up to the next microsecond so a wake-up never comes a hair too early.
         let micros = (missing / rate_per_sec * 1e6).ceil();
         Some(Duration::from_micros(micros as u64))
+    }
+
+    /// When one whole token is there at `rate_per_sec`, counting from `now` or from a later
+    /// start of refilling (see `with_tokens`); `None` if it never will be.
+    pub fn next_token_at(&self, rate_per_sec: f64, now: Instant) -> Option<Instant> {
+        let wait = self.time_to_next_token(rate_per_sec)?;
+        Some(self.updated.max(now) + wait)
     }
 
     /// Changes the burst size without resetting the tokens (clamped to the new capacity).

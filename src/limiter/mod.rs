@@ -6,11 +6,13 @@ mod bucket;
 mod queue;
 mod retreat;
 mod signals;
+mod slots;
 
 pub use bucket::TokenBucket;
 pub use queue::{AdmissionQueue, Priority, Waiter, WaiterId};
-pub use retreat::{RetreatController, RetreatSettings, RetreatState};
+pub use retreat::{RetreatController, RetreatSettings, RetreatState, SharedControl};
 pub use signals::{parse_go_duration, NonRateLimitReason, UpstreamSignal};
+pub use slots::Slots;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,10 +88,24 @@ pub struct LimiterState {
     pub pause_remaining: Option<Duration>,
 }
 
+/// Where the tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Supply {
+    /// The local bucket refills at `share` of the effective rate: 1 for a sidecar of its own,
+    /// a fraction for one that shares the quota but cannot reach the shared bucket.
+    Refill { share: f64 },
+    /// Only slots leased from the shared bucket are granted; the local bucket stays empty.
+    Leased,
+}
+
 /// One shared quota: bucket, queue and controller together.
 #[derive(Debug)]
 pub struct Limiter {
     bucket: TokenBucket,
+    slots: Slots,
+    supply: Supply,
+    /// How long a slot handed back (granted to a request that vanished) stays open.
+    slot_grace: Duration,
     queue: AdmissionQueue,
     controller: RetreatController,
     queue_max: usize,
@@ -100,6 +116,9 @@ impl Limiter {
     pub fn new(settings: LimiterSettings, now: Instant) -> Self {
         Limiter {
             bucket: TokenBucket::new(settings.capacity, now),
+            slots: Slots::default(),
+            supply: Supply::Refill { share: 1.0 },
+            slot_grace: Duration::ZERO,
             queue: AdmissionQueue::new(),
             controller: RetreatController::new(settings.base_rpm, settings.retreat, now),
             queue_max: settings.queue_max,
@@ -109,13 +128,111 @@ impl Limiter {
 
     /// Brings the bucket and the controller up to `now`.
     fn advance(&mut self, now: Instant) {
-        let rate = self.controller.admission_rate_per_sec(now);
+        let rate = self.refill_rate(now);
         if rate == 0.0 {
             self.bucket.hold(now);
         } else {
             self.bucket.refill(now, rate, self.queue.is_empty());
         }
+        self.slots.prune(now);
         self.controller.tick(now);
+    }
+
+    /// Tokens per second the local bucket earns now.
+    fn refill_rate(&self, now: Instant) -> f64 {
+        match self.supply {
+            Supply::Refill { share } => self.controller.admission_rate_per_sec(now) * share,
+            Supply::Leased => 0.0,
+        }
+    }
+
+    /// Takes a token: an open leased slot first, else one from the local bucket.
+    fn take(&mut self, now: Instant) -> bool {
+        self.slots.try_take(now) || self.bucket.try_take()
+    }
+
+    /// Switches between the local bucket and leased slots. Slots already held stay valid; a
+    /// local bucket starts empty and earns nothing before `refill_from` nor before the last
+    /// slot held, so the switch never adds a burst to what was leased. With leased slots the
+    /// controller sees only this instance's share of the traffic, so it stops learning its
+    /// ceiling from the rate it saw accepted.
+    pub fn set_supply(&mut self, supply: Supply, now: Instant, refill_from: Instant) {
+        self.advance(now);
+        if supply == Supply::Leased {
+            self.controller.set_partial_view(true);
+        }
+        if supply == self.supply {
+            return;
+        }
+        self.supply = supply;
+        let start = self
+            .slots
+            .last_start()
+            .map_or(refill_from, |last| last.max(refill_from))
+            .max(now);
+        self.bucket = TokenBucket::with_tokens(self.capacity(), 0.0, start);
+    }
+
+    pub fn supply(&self) -> Supply {
+        self.supply
+    }
+
+    /// Takes slots leased from the shared bucket; each stays open for `grace`.
+    pub fn add_slots(&mut self, starts: &[Instant], grace: Duration, now: Instant) {
+        self.advance(now);
+        if self.controller.is_paused(now) {
+            return;
+        }
+        self.slot_grace = grace;
+        for at in starts {
+            self.slots.add(*at, grace);
+        }
+    }
+
+    /// How many more slots the waiters need than are held.
+    pub fn slots_wanted(&self) -> usize {
+        self.queue.len().saturating_sub(self.slots.held())
+    }
+
+    /// The share of the rate one of `instances` sidecars takes while the shared bucket is out
+    /// of reach. Each local bucket may put one request more into a window than its rate
+    /// says (a token at the window's start); the shares leave room for those `instances - 1`
+    /// extra requests in the controller's window, so the sidecars together stay within the
+    /// quota as one sidecar alone would. `None` (the number is unknown): the floor fraction.
+    pub fn fallback_share(&self, instances: Option<u32>) -> f64 {
+        let s = self.controller.settings();
+        let Some(n) = instances.filter(|n| *n > 0).map(f64::from) else {
+            return s.floor_fraction;
+        };
+        let per_window =
+            self.controller.effective_rpm() * (1.0 - s.safety_margin) * s.window.as_secs_f64()
+                / 60.0;
+        let room = if per_window > 0.0 {
+            (1.0 - (n - 1.0) / per_window).max(0.0)
+        } else {
+            0.0
+        };
+        (room / n).max(s.floor_fraction / n)
+    }
+
+    pub fn slots_held(&self) -> usize {
+        self.slots.held()
+    }
+
+    /// The controller state to share with other instances.
+    pub fn shared_control(&mut self, now: Instant) -> SharedControl {
+        self.advance(now);
+        self.controller.shared(now)
+    }
+
+    /// Takes over the controller state the instances agreed on; a pause drops every token.
+    pub fn adopt_shared(&mut self, shared: &SharedControl, now: Instant) {
+        self.advance(now);
+        self.controller.adopt(shared, now);
+        if self.controller.is_paused(now) {
+            self.bucket.drain();
+            self.slots.clear();
+        }
     }
 
     /// Asks for a token: granted at once when one is free and nobody of equal or higher
@@ -128,7 +245,7 @@ impl Limiter {
         now: Instant,
     ) -> Admission {
         self.advance(now);
-        if self.queue.waiting_at_or_above(priority) == 0 && self.bucket.try_take() {
+        if self.queue.waiting_at_or_above(priority) == 0 && self.take(now) {
             return Admission::Granted;
         }
         if self.queue.len() >= self.queue_max {
@@ -162,7 +279,7 @@ impl Limiter {
                 retry_after: self.estimated_wait(priority, now),
             };
         }
-        if self.queue.waiting_at_or_above(priority) == 0 && self.bucket.try_take() {
+        if self.queue.waiting_at_or_above(priority) == 0 && self.take(now) {
             return Admission::Granted;
         }
         self.enqueue(client, priority, deadline, now, true)
@@ -202,7 +319,10 @@ impl Limiter {
     /// Returns a token that was granted but never used.
     pub fn refund(&mut self, now: Instant) {
         self.advance(now);
-        self.bucket.refund();
+        match self.supply {
+            Supply::Refill { .. } => self.bucket.refund(),
+            Supply::Leased => self.slots.add(now, self.slot_grace),
+        }
     }
 
     /// Expires waiters whose deadline passed and grants tokens to the next waiters in line.
@@ -213,7 +333,7 @@ impl Limiter {
             let retry_after = self.estimated_wait(waiter.priority, now);
             resolved.push(Resolution::Expired { id, retry_after });
         }
-        while !self.queue.is_empty() && self.bucket.try_take() {
+        while !self.queue.is_empty() && self.take(now) {
             let (id, _) = self.queue.pop_next().expect("queue is not empty");
             resolved.push(Resolution::Granted(id));
         }
@@ -229,10 +349,14 @@ impl Limiter {
         let deadline = self.queue.next_deadline()?;
         let token = match self.controller.pause_until().filter(|p| *p > now) {
             Some(resume) => Some(resume),
-            None => self
-                .bucket
-                .time_to_next_token(self.controller.admission_rate_per_sec(now))
-                .map(|wait| now + wait),
+            None => {
+                let refill = self.bucket.next_token_at(self.refill_rate(now), now);
+                let slot = self.slots.next_open(now);
+                match (refill, slot) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
         };
         Some(token.map_or(deadline, |t| t.min(deadline)))
     }
@@ -243,6 +367,7 @@ impl Limiter {
         self.controller.observe(signal, now);
         if self.controller.is_paused(now) {
             self.bucket.drain();
+            self.slots.clear();
         }
     }
 
@@ -250,13 +375,18 @@ impl Limiter {
     /// of it, less the tokens in hand, at the current rate, plus any pause.
     pub fn estimated_wait(&self, priority: Priority, now: Instant) -> Duration {
         let ahead = self.queue.waiting_at_or_above(priority) as f64 + 1.0;
-        let missing = (ahead - self.bucket.tokens()).max(0.0);
+        let missing = (ahead - self.bucket.tokens() - self.slots.held() as f64).max(0.0);
         let paused = self
             .controller
             .pause_until()
             .map_or(Duration::ZERO, |p| p.saturating_duration_since(now));
+        let share = match self.supply {
+            Supply::Refill { share } => share,
+            Supply::Leased => 1.0,
+        };
         let rate = self.controller.effective_rpm()
             * (1.0 - self.controller.settings().safety_margin)
+            * share
             / 60.0;
         let refill = if rate > 0.0 {
             Duration::from_secs_f64((missing / rate).min(86_400.0))
@@ -288,7 +418,8 @@ impl Limiter {
     pub fn snapshot(&mut self, now: Instant) -> LimiterSnapshot {
         self.advance(now);
         LimiterSnapshot {
-            tokens: self.bucket.tokens().min(self.bucket.capacity()),
+            tokens: (self.bucket.tokens() + self.slots.open(now) as f64)
+                .min(self.bucket.capacity()),
             capacity: self.bucket.capacity(),
             base_rpm: self.controller.base_rpm(),
             effective_rpm: self.controller.effective_rpm(),
@@ -337,13 +468,13 @@ impl Limiter {
         let earning = age.saturating_sub(saved.pause_remaining.unwrap_or_default());
         let margin = 1.0 - self.controller.settings().safety_margin;
         let earned = earning.as_secs_f64() * self.controller.effective_rpm() * margin / 60.0;
-        let tokens = if pause_until.is_some() {
+        // Leased slots are the only tokens of a shared bucket; nothing saved locally counts.
+        let tokens = if pause_until.is_some() || self.supply == Supply::Leased {
             0.0
         } else {
             saved.tokens + earned
         };
-        let capacity = self.bucket.capacity() as u32;
-        self.bucket = TokenBucket::with_tokens(capacity, tokens, now);
+        self.bucket = TokenBucket::with_tokens(self.capacity(), tokens, now);
     }
 
     pub fn is_waiting(&self, id: WaiterId) -> bool {
@@ -356,6 +487,10 @@ impl Limiter {
 
     pub fn tokens(&self) -> f64 {
         self.bucket.tokens()
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.bucket.capacity() as u32
     }
 
     pub fn controller(&self) -> &RetreatController {

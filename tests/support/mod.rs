@@ -1,15 +1,18 @@
-//! Test support: the mock upstream, a test CA, the real sidecar as a child process, and a
-//! plain HTTP client.
+//! Test support: the mock upstream, a test CA, the real sidecar as a child process, a real
+//! Redis server, and a plain HTTP client.
 #![allow(dead_code)]
 
 pub mod browser;
 pub mod mock_upstream;
+pub mod redis_server;
 pub mod sidecar;
 pub mod tls;
 
 #[allow(unused_imports)]
 pub use mock_upstream::{LimitStyle, MockUpstream, Quota, QuotaKind};
 
+#[allow(unused_imports)]
+pub use redis_server::RedisServer;
 #[allow(unused_imports)]
 pub use sidecar::{free_port, Sidecar};
 

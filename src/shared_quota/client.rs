@@ -1,0 +1,271 @@
+//! The Redis side of the shared quota: one connection (re-established by the client crate when
+//! Redis comes back), the lease script, and its reply.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script, Value};
+use tokio::sync::Mutex;
+
+use crate::config::SharedQuotaSettings;
+
+/// How long a sidecar counts as alive after its last heartbeat.
+pub const ALIVE_WINDOW: Duration = Duration::from_secs(5);
+/// How long the shared keys outlive the last sidecar that touched them.
+const KEY_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A change of the shared controller state this sidecar asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Change {
+    None,
+    /// A cut or a pause: applied at once.
+    Slow,
+    /// A recovery step: applied only if nobody changed the state since `seen_version`.
+    Step,
+}
+
+/// One call of the lease script.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest<'a> {
+    pub route: &'a str,
+    pub wanted: usize,
+    pub own_rpm: f64,
+    pub margin: f64,
+    pub capacity: u32,
+    pub horizon: Duration,
+    pub change: Change,
+    pub rate: f64,
+    pub state: i64,
+    pub ceiling: f64,
+    pub pause: Duration,
+    pub seen_version: i64,
+    /// Requests waiting at this sidecar: its weight when slots are scarce.
+    pub waiting: usize,
+    /// This sidecar ran on its local share until now.
+    pub rejoining: bool,
+}
+
+/// What Redis answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseReply {
+    pub live: u32,
+    /// The shared effective rate, if any sidecar has published one.
+    pub rate: Option<f64>,
+    pub state: i64,
+    pub pause: Duration,
+    pub ceiling: f64,
+    pub version: i64,
+    /// Distance between slots at the rate Redis spaced them with.
+    pub spacing: Duration,
+    pub next_free: Duration,
+    /// Starts of the leased slots, from the moment the script ran.
+    pub slots: Vec<Duration>,
+}
+
+/// The connection to the Redis holding the shared quota.
+pub struct RedisQuota {
+    client: redis::Client,
+    connection: Mutex<Option<ConnectionManager>>,
+    timeout: Duration,
+    key: String,
+    instance: String,
+    script: Script,
+}
+
+/// Why a call failed, for the log and the metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    Timeout,
+    Redis(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Timeout => f.write_str("no answer in time"),
+            CallError::Redis(e) => f.write_str(e),
+        }
+    }
+}
+
+impl RedisQuota {
+    /// Prepares the client; nothing connects until the first call.
+    pub fn new(settings: &SharedQuotaSettings, instance: String) -> Result<Self, String> {
+        let mut info = settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("shared_quota.url: {e}"))?;
+        if let Some(user) = &settings.username {
+            info.redis.username = Some(user.clone());
+        }
+        if let Some(password) = &settings.password {
+            info.redis.password = Some(password.expose().to_string());
+        }
+        let client = redis::Client::open(info).map_err(|e| format!("shared_quota.url: {e}"))?;
+        Ok(RedisQuota {
+            client,
+            connection: Mutex::new(None),
+            timeout: settings.timeout,
+            key: settings.key.clone(),
+            instance,
+            script: Script::new(include_str!("lease.lua")),
+        })
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Keys of one route's bucket; the braces keep them in one Redis Cluster slot.
+    fn keys(&self, route: &str) -> [String; 4] {
+        let base = &self.key;
+        [
+            format!("{{{base}}}:{route}:schedule"),
+            format!("{{{base}}}:{route}:control"),
+            format!("{{{base}}}:instances"),
+            format!("{{{base}}}:{route}:waiting"),
+        ]
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, CallError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(self.timeout.as_millis() as u64);
+        let connection = ConnectionManager::new_with_config(self.client.clone(), config)
+            .await
+            .map_err(|e| CallError::Redis(e.to_string()))?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs the lease script, bounded by the configured timeout.
+    pub async fn lease(&self, request: &LeaseRequest<'_>) -> Result<LeaseReply, CallError> {
+        let call = async {
+            let mut connection = self.connection().await?;
+            let [schedule, control, instances, waiting] = self.keys(request.route);
+            let change = match request.change {
+                Change::None => "none",
+                Change::Slow => "slow",
+                Change::Step => "step",
+            };
+            let reply: Vec<Value> = self
+                .script
+                .key(schedule)
+                .key(control)
+                .key(instances)
+                .key(waiting)
+                .arg(&self.instance)
+                .arg(request.wanted)
+                .arg(request.own_rpm)
+                .arg(request.margin)
+                .arg(request.capacity)
+                .arg(request.horizon.as_micros() as u64)
+                .arg(change)
+                .arg(request.rate)
+                .arg(request.state)
+                .arg(request.ceiling)
+                .arg(request.pause.as_micros() as u64)
+                .arg(request.seen_version)
+                .arg(ALIVE_WINDOW.as_micros() as u64)
+                .arg(KEY_LIFETIME.as_millis() as u64)
+                .arg(request.waiting)
+                .arg(if request.rejoining { "1" } else { "0" })
+                .invoke_async(&mut connection)
+                .await
+                .map_err(|e| CallError::Redis(e.to_string()))?;
+            parse_reply(&reply).map_err(CallError::Redis)
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+}
+
+fn int(value: Option<&Value>, what: &str) -> Result<i64, String> {
+    match value {
+        Some(Value::Int(n)) => Ok(*n),
+        other => Err(format!("lease script: {what} is {other:?}, not an integer")),
+    }
+}
+
+fn text(value: Option<&Value>, what: &str) -> Result<String, String> {
+    match value {
+        Some(Value::BulkString(bytes)) => Ok(String::from_utf8_lossy(bytes).into_owned()),
+        Some(Value::SimpleString(s)) => Ok(s.clone()),
+        other => Err(format!("lease script: {what} is {other:?}, not a string")),
+    }
+}
+
+fn micros(n: i64) -> Duration {
+    Duration::from_micros(n.max(0) as u64)
+}
+
+fn parse_reply(reply: &[Value]) -> Result<LeaseReply, String> {
+    let rate = text(reply.get(1), "the rate")?;
+    let ceiling = text(reply.get(4), "the ceiling")?;
+    Ok(LeaseReply {
+        live: int(reply.first(), "the live count")?.clamp(0, i64::from(u32::MAX)) as u32,
+        rate: if rate.is_empty() {
+            None
+        } else {
+            Some(
+                rate.parse()
+                    .map_err(|_| format!("lease script: rate {rate:?}"))?,
+            )
+        },
+        state: int(reply.get(2), "the state")?,
+        pause: micros(int(reply.get(3), "the pause")?),
+        ceiling: ceiling.parse().unwrap_or(0.0),
+        version: int(reply.get(5), "the version")?,
+        spacing: micros(int(reply.get(6), "the spacing")?),
+        next_free: micros(int(reply.get(7), "the next free slot")?),
+        slots: reply
+            .iter()
+            .skip(8)
+            .map(|v| int(Some(v), "a slot").map(micros))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_is_read_field_by_field() {
+        let reply = vec![
+            Value::Int(3),
+            Value::BulkString(b"20".to_vec()),
+            Value::Int(1),
+            Value::Int(0),
+            Value::BulkString(b"28.5".to_vec()),
+            Value::Int(7),
+            Value::Int(3_030_303),
+            Value::Int(4_000_000),
+            Value::Int(0),
+            Value::Int(3_030_303),
+        ];
+        let parsed = parse_reply(&reply).unwrap();
+        assert_eq!(parsed.live, 3);
+        assert_eq!(parsed.rate, Some(20.0));
+        assert_eq!(parsed.ceiling, 28.5);
+        assert_eq!(parsed.version, 7);
+        assert_eq!(
+            parsed.slots,
+            vec![Duration::ZERO, Duration::from_micros(3_030_303)]
+        );
+
+        let mut unshared = reply.clone();
+        unshared[1] = Value::BulkString(Vec::new());
+        assert_eq!(parse_reply(&unshared).unwrap().rate, None);
+        assert!(parse_reply(&reply[..3]).is_err());
+    }
+}

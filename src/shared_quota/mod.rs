@@ -1,0 +1,222 @@
+//! One quota for several sidecars (`shared_quota:`, SPEC §9).
+//!
+//! Every route's bucket lives in Redis as a slot schedule (GCRA on Redis's clock) with the
+//! shared controller state beside it. Each sidecar runs one link per route (`link`) that leases
+//! slots for its waiting requests a little ahead of time, so Redis is not on every request's
+//! path, and that publishes cuts and recovery steps of its own controller. When Redis cannot
+//! be reached the route falls back to a local share of the rate, and rejoins on the first
+//! answer. `client` holds the connection and the script.
+
+mod client;
+mod link;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Serialize;
+
+pub use client::{CallError, Change, LeaseReply, LeaseRequest};
+
+use crate::app::App;
+use crate::config::SharedQuotaSettings;
+use crate::metrics::Metrics;
+use client::RedisQuota;
+
+/// What `/status` shows under `shared_quota`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SharedQuotaStatus {
+    pub backend: &'static str,
+    pub key: String,
+    pub instance: String,
+    /// `connecting` before the first answer, `connected`, or `degraded` while any route runs
+    /// on its local share.
+    pub state: &'static str,
+    /// Sidecars last seen alive on this quota.
+    pub instances: Option<u32>,
+    /// Routes on their local share, with the share of the rate each takes.
+    pub degraded_routes: BTreeMap<String, f64>,
+    pub last_error: Option<String>,
+    pub round_trips: u64,
+    pub slots_leased: u64,
+}
+
+#[derive(Debug, Default)]
+struct Tracking {
+    connected_once: bool,
+    live: Option<u32>,
+    degraded: BTreeMap<String, f64>,
+    last_error: Option<String>,
+    round_trips: u64,
+    slots: u64,
+}
+
+/// This sidecar's membership in a shared quota.
+pub struct SharedQuota {
+    settings: SharedQuotaSettings,
+    redis: RedisQuota,
+    tracking: Mutex<Tracking>,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedQuota {
+    pub fn new(settings: SharedQuotaSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+        let redis = RedisQuota::new(&settings, instance_id())?;
+        Ok(SharedQuota {
+            settings,
+            redis,
+            tracking: Mutex::new(Tracking::default()),
+            metrics,
+        })
+    }
+
+    fn track(&self) -> std::sync::MutexGuard<'_, Tracking> {
+        self.tracking.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One round trip, counted and timed.
+    async fn call(&self, request: &LeaseRequest<'_>) -> Result<LeaseReply, CallError> {
+        let started = Instant::now();
+        let result = self.redis.lease(request).await;
+        self.metrics
+            .redis_duration
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(CallError::Timeout) => "timeout",
+            Err(CallError::Redis(_)) => "error",
+        };
+        self.metrics.redis_calls.with_label_values(&[label]).inc();
+        self.track().round_trips += 1;
+        result
+    }
+
+    fn leased(&self, route: &str, slots: usize, live: u32) {
+        let mut t = self.track();
+        t.connected_once = true;
+        t.live = Some(live);
+        t.slots += slots as u64;
+        drop(t);
+        self.metrics.shared_instances.set(i64::from(live));
+        self.metrics
+            .shared_slots
+            .with_label_values(&[route])
+            .inc_by(slots as u64);
+    }
+
+    /// How many sidecars share the quota, for the fallback share: the configured number,
+    /// else the number last seen alive; `None` if Redis was never reached.
+    pub fn instances(&self) -> Option<u32> {
+        self.settings.instances.or(self.track().live)
+    }
+
+    /// Logged once per route when it falls back, not per request.
+    fn degraded(&self, route: &str, error: &CallError, share: f64) {
+        let mut t = self.track();
+        t.degraded.insert(route.to_string(), share);
+        t.last_error = Some(error.to_string());
+        drop(t);
+        self.metrics
+            .shared_degraded
+            .with_label_values(&[route])
+            .set(1);
+        log::warn!(
+            "shared quota: Redis at {} cannot be reached ({error}); route {route} runs on {:.1}% of the rate until it answers again",
+            self.settings.url,
+            share * 100.0
+        );
+    }
+
+    fn rejoined(&self, route: &str) {
+        self.track().degraded.remove(route);
+        self.metrics
+            .shared_degraded
+            .with_label_values(&[route])
+            .set(0);
+        log::info!("shared quota: Redis answers again; route {route} draws on the shared bucket");
+    }
+
+    pub fn status(&self) -> SharedQuotaStatus {
+        let t = self.track();
+        SharedQuotaStatus {
+            backend: "redis",
+            key: self.settings.key.clone(),
+            instance: self.redis.instance().to_string(),
+            state: if !t.degraded.is_empty() {
+                "degraded"
+            } else if t.connected_once {
+                "connected"
+            } else {
+                "connecting"
+            },
+            instances: t.live,
+            degraded_routes: t.degraded.clone(),
+            last_error: t.last_error.clone(),
+            round_trips: t.round_trips,
+            slots_leased: t.slots,
+        }
+    }
+}
+
+/// Names this sidecar among those sharing the quota: host, process and start time.
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".to_string());
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros();
+    format!("{host}:{}:{started}", std::process::id())
+}
+
+/// Keeps a link running for every route's gate, also for routes a reload adds, and takes
+/// this sidecar off the list of live ones at shutdown.
+pub struct SharedQuotaService {
+    app: Arc<App>,
+    shared: Arc<SharedQuota>,
+}
+
+impl SharedQuotaService {
+    pub fn new(app: Arc<App>, shared: Arc<SharedQuota>) -> Self {
+        SharedQuotaService { app, shared }
+    }
+
+    fn start_links(&self, linked: &mut HashMap<String, Weak<crate::admission::AdmissionGate>>) {
+        linked.retain(|_, gate| gate.strong_count() > 0);
+        for route in self.app.table().all() {
+            let Some(gate) = &route.gate else { continue };
+            let known = linked
+                .get(route.name())
+                .and_then(Weak::upgrade)
+                .is_some_and(|g| Arc::ptr_eq(&g, gate));
+            if known || !gate.is_shared() {
+                continue;
+            }
+            linked.insert(route.name().to_string(), Arc::downgrade(gate));
+            tokio::spawn(link::run(
+                self.shared.clone(),
+                route.name().to_string(),
+                Arc::downgrade(gate),
+                gate.link_wake(),
+            ));
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for SharedQuotaService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut linked = HashMap::new();
+        loop {
+            self.start_links(&mut linked);
+            tokio::select! {
+                _ = tokio::time::sleep(link::HEARTBEAT) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Three real sidecars sharing one quota through a real `redis-server`, all in front of one
+//! mock upstream with a strict hidden quota: the quota is used and never exceeded, a 429 storm
+//! seen by one sidecar slows all three, and a Redis outage falls back to each sidecar's share
+//! and rejoins when Redis returns.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use support::{
+    chat_body, client, require_tool, LimitStyle, MockUpstream, Quota, RedisServer, Sidecar,
+};
+
+/// Load tests run one at a time (see tests/quota.rs).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The quota every test hides in the mock: 20 requests in any 2 s (600 per minute).
+fn quota() -> Quota {
+    Quota::sliding(20, Duration::from_secs(2))
+}
+
+/// A sidecar on the shared quota in `redis`; `extra` adds YAML at the top level.
+fn shared_sidecar(upstream: &str, redis: &RedisServer, key: &str, extra: &str) -> Sidecar {
+    // A 2 s window needs a wider margin on this machine than NVIDIA's minute (tests/quota.rs).
+    Sidecar::start(
+        upstream,
+        &format!(
+            "rate_rpm: 600\nrequest_timeout: 30\nqueue_max_size: 500\n{extra}\nshared_quota:\n  url: {}\n  key: {key}\n  timeout: 0.3\n",
+            redis.url()
+        ),
+    )
+}
+
+const MARGIN: &str = "adaptive:\n  safety_margin: 0.03";
+/// The same, and the upstream's window told to the controller (it sizes the fallback share).
+const MARGIN_AND_WINDOW: &str = "adaptive:\n  safety_margin: 0.03\n  window: 2";
+
+/// Closed-loop clients on every sidecar until `stop`; statuses per sidecar.
+async fn closed_loop(sidecars: &[&Sidecar], clients: usize, stop: Instant) -> Vec<Vec<u16>> {
+    let http = client();
+    let mut tasks = Vec::new();
+    for (s, sidecar) in sidecars.iter().enumerate() {
+        let url = sidecar.url("/v1/chat/completions");
+        for c in 0..clients {
+            let (url, http) = (url.clone(), http.clone());
+            tasks.push((
+                s,
+                tokio::spawn(async move {
+                    let mut statuses = Vec::new();
+                    while Instant::now() < stop {
+                        let response = http
+                            .post(&url)
+                            .header("x-mock-client", format!("s{s}-c{c}"))
+                            .header("x-client-id", format!("c{c}"))
+                            .json(&chat_body())
+                            .send()
+                            .await;
+                        statuses.push(response.map_or(0, |r| r.status().as_u16()));
+                    }
+                    statuses
+                }),
+            ));
+        }
+    }
+    let mut by_sidecar = vec![Vec::new(); sidecars.len()];
+    for (s, task) in tasks {
+        by_sidecar[s].extend(task.await.unwrap());
+    }
+    by_sidecar
+}
+
+/// Upstream arrivals accepted in `[from, to)`, by sidecar (`s0`, `s1`, …).
+fn accepted_by_sidecar(mock: &MockUpstream, from: Instant, to: Instant) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for a in mock.state.arrivals() {
+        if a.status == 200 && a.at >= from && a.at < to {
+            let sidecar = a
+                .client
+                .as_deref()
+                .and_then(|c| c.split('-').next())
+                .unwrap_or("?")
+                .to_string();
+            *counts.entry(sidecar).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// The most requests the mock accepted in any window of `window` within `[from, to)`.
+#[allow(dead_code)]
+fn busiest_window(mock: &MockUpstream, from: Instant, to: Instant, window: Duration) -> usize {
+    let times: Vec<Instant> = mock
+        .state
+        .arrivals()
+        .iter()
+        .filter(|a| a.at >= from && a.at < to)
+        .map(|a| a.at)
+        .collect();
+    let mut most = 0;
+    let mut start = 0;
+    for (end, t) in times.iter().enumerate() {
+        while *t - times[start] >= window {
+            start += 1;
+        }
+        most = most.max(end + 1 - start);
+    }
+    most
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn unique_key(test: &str) -> String {
+    format!("{test}-{}", std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_sidecars_share_one_quota_without_a_violation() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    let quota = quota();
+    let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
+    let key = unique_key("share");
+    let sidecars: Vec<Sidecar> = (0..3)
+        .map(|_| shared_sidecar(&mock.url(), &redis, &key, MARGIN))
+        .collect();
+    let all: Vec<&Sidecar> = sidecars.iter().collect();
+    // Let the three see each other before the load starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mock.state.reset();
+
+    let start = Instant::now();
+    let run = Duration::from_secs(10);
+    let statuses = closed_loop(&all, 8, start + run).await;
+
+    let violations = mock.state.violations();
+    let accepted = mock.state.accepted_between(start, start + run);
+    let quota_in_run = run.as_secs_f64() / quota.window.as_secs_f64() * quota.limit as f64;
+    let goodput = accepted as f64 / quota_in_run;
+    let shares = accepted_by_sidecar(&mock, start, start + run);
+    let client_errors: usize = statuses
+        .iter()
+        .map(|s| s.iter().filter(|c| **c != 200).count())
+        .sum();
+    let mut round_trips = 0.0;
+    let mut admitted = 0.0;
+    for s in &sidecars {
+        let text = s.metrics_text().await;
+        round_trips += metric(&text, "nvidia_sidecar_redis_calls_total");
+        admitted += metric(&text, "nvidia_sidecar_requests_total{outcome=\"forwarded\"");
+    }
+    let status = sidecars[0].status().await;
+    println!(
+        "three sidecars, one quota: goodput/quota {goodput:.3} ({accepted} of {quota_in_run}), violations {violations}, client errors {client_errors}, accepted by sidecar {shares:?}, Redis round trips per admitted request {:.2} ({round_trips} / {admitted}), status {}",
+        round_trips / admitted.max(1.0),
+        status["shared_quota"]
+    );
+    assert_eq!(status["shared_quota"]["state"], "connected");
+    assert_eq!(status["shared_quota"]["instances"], 3);
+    assert_eq!(violations, 0, "the upstream saw requests beyond its quota");
+    assert!(
+        goodput >= 0.9,
+        "goodput {goodput:.3} below 90% of the quota"
+    );
+    assert_eq!(client_errors, 0, "statuses: {statuses:?}");
+    for s in ["s0", "s1", "s2"] {
+        let got = shares.get(s).copied().unwrap_or(0);
+        assert!(
+            got as f64 >= accepted as f64 / 3.0 * 0.5,
+            "sidecar {s} got {got} of {accepted}: {shares:?}"
+        );
+    }
+}
+
+/// Polls every sidecar's `/status` until `pred` holds for all of them; the time it took.
+async fn until_all(
+    sidecars: &[&Sidecar],
+    limit: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        let mut all = true;
+        for s in sidecars {
+            all &= pred(&s.status().await);
+        }
+        if all {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    // Only the first sidecar's upstream answers 429s; the other two never see one.
+    let stormy = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let calm = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let key = unique_key("storm");
+    let adaptive = "adaptive:\n  window: 2\n  quiet_period: 4\n  recover_interval: 1\n  recover_step: 0.25\n  max_replays: 10";
+    let first = shared_sidecar(&stormy.url(), &redis, &key, adaptive);
+    let others: Vec<Sidecar> = (0..2)
+        .map(|_| shared_sidecar(&calm.url(), &redis, &key, adaptive))
+        .collect();
+    let all = [&first, &others[0], &others[1]];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let start = Instant::now();
+    let storm_at = start + Duration::from_secs(3);
+    let end = start + Duration::from_secs(12);
+    let load = tokio::spawn({
+        let (a, b, c) = (first.url(""), others[0].url(""), others[1].url(""));
+        async move {
+            let http = client();
+            let mut tasks = Vec::new();
+            for (s, base) in [a, b, c].into_iter().enumerate() {
+                for i in 0..4 {
+                    let (http, url) = (http.clone(), format!("{base}/v1/chat/completions"));
+                    tasks.push(tokio::spawn(async move {
+                        let mut failed = 0;
+                        while Instant::now() < end {
+                            let r = http
+                                .post(&url)
+                                .header("x-mock-client", format!("s{s}-c{i}"))
+                                .header("x-client-id", format!("c{i}"))
+                                .json(&chat_body())
+                                .send()
+                                .await;
+                            failed += usize::from(r.map_or(true, |r| r.status() != 200));
+                        }
+                        failed
+                    }));
+                }
+            }
+            let mut failed = 0;
+            for t in tasks {
+                failed += t.await.unwrap();
+            }
+            failed
+        }
+    });
+    tokio::time::sleep_until(storm_at.into()).await;
+    stormy.state.fail_next(4);
+    let slowed = until_all(&all[1..], Duration::from_secs(3), |s| {
+        s["retreat"]["state"] == "retreat" && s["retreat"]["effective_rpm"].as_f64() < Some(600.0)
+    })
+    .await;
+    let calm_status = others[0].status().await;
+    // Recovery climbs back to the ceiling learned at the cut (the rate that drew the 429s,
+    // less the headroom), one shared step at a time.
+    let recovered = until_all(&all, Duration::from_secs(15), |s| {
+        s["retreat"]["state"] != "retreat" && s["retreat"]["effective_rpm"].as_f64() >= Some(560.0)
+    })
+    .await;
+    let failed = load.await.unwrap();
+
+    let rate = |from: Instant, to: Instant| {
+        calm.state.accepted_between(from, to) as f64 / (to - from).as_secs_f64()
+    };
+    let before = rate(start + Duration::from_secs(1), storm_at);
+    let after = rate(
+        storm_at + Duration::from_millis(500),
+        storm_at + Duration::from_millis(2500),
+    );
+    println!(
+        "429 storm at one sidecar: the other two in retreat after {slowed:?} (rate {} rpm), their upstream rate {before:.1}/s before and {after:.1}/s after, all recovered to the ceiling after {recovered:?}; failed client requests {failed}; 429s seen by the calm upstream {}",
+        calm_status["retreat"]["effective_rpm"],
+        calm.state.violations()
+    );
+    assert!(
+        stormy.state.violations() > 0,
+        "the storm reached the first sidecar"
+    );
+    assert_eq!(
+        calm.state.violations(),
+        0,
+        "the calm upstream never says 429"
+    );
+    let slowed = slowed.expect("the two sidecars that saw no 429 did not retreat");
+    assert!(slowed < Duration::from_secs(3));
+    assert!(
+        after < before * 0.8,
+        "the calm sidecars' upstream rate did not drop: {before:.1}/s -> {after:.1}/s"
+    );
+    assert!(recovered.is_some(), "recovery is shared too");
+    assert_eq!(failed, 0, "the storm's 429s were replayed, not passed on");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut redis = RedisServer::start();
+    let quota = quota();
+    let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
+    let key = unique_key("outage");
+    let sidecars: Vec<Sidecar> = (0..3)
+        .map(|_| shared_sidecar(&mock.url(), &redis, &key, MARGIN_AND_WINDOW))
+        .collect();
+    let all: Vec<&Sidecar> = sidecars.iter().collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mock.state.reset();
+
+    let start = Instant::now();
+    let kill_at = start + Duration::from_secs(4);
+    let restart_at = kill_at + Duration::from_secs(8);
+    let end = restart_at + Duration::from_secs(6);
+    let load = {
+        let urls: Vec<String> = sidecars.iter().map(|s| s.url("")).collect();
+        tokio::spawn(async move {
+            let http = client();
+            let mut tasks = Vec::new();
+            for (s, base) in urls.into_iter().enumerate() {
+                for i in 0..6 {
+                    let (http, url) = (http.clone(), format!("{base}/v1/chat/completions"));
+                    tasks.push(tokio::spawn(async move {
+                        let mut statuses = Vec::new();
+                        while Instant::now() < end {
+                            let r = http
+                                .post(&url)
+                                .header("x-mock-client", format!("s{s}-c{i}"))
+                                .header("x-client-id", format!("c{i}"))
+                                .json(&chat_body())
+                                .send()
+                                .await;
+                            statuses.push(r.map_or(0, |r| r.status().as_u16()));
+                        }
+                        statuses
+                    }));
+                }
+            }
+            let mut statuses = Vec::new();
+            for t in tasks {
+                statuses.extend(t.await.unwrap());
+            }
+            statuses
+        })
+    };
+
+    tokio::time::sleep_until(kill_at.into()).await;
+    redis.kill();
+    let degraded = until_all(&all, Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "degraded"
+    })
+    .await;
+    let during = sidecars[0].status().await;
+    tokio::time::sleep_until(restart_at.into()).await;
+    redis.start_again();
+    let rejoined = until_all(&all, Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "connected"
+    })
+    .await;
+    let statuses = load.await.unwrap();
+
+    // The share: a little under a third of the rate each (three were seen alive).
+    let share = during["shared_quota"]["degraded_routes"]["default"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let outage_from = kill_at + Duration::from_secs(2);
+    let outage = restart_at - outage_from;
+    let per_sidecar = accepted_by_sidecar(&mock, outage_from, restart_at);
+    let share_limit = outage.as_secs_f64() * 600.0 * share / 60.0;
+    let outage_violations = mock.state.violations_between(outage_from, restart_at);
+    let phases = [
+        ("connected", start, kill_at),
+        ("switching to the share", kill_at, outage_from),
+        ("outage", outage_from, restart_at),
+        ("rejoining", restart_at, restart_at + Duration::from_secs(2)),
+        ("rejoined", restart_at + Duration::from_secs(2), end),
+    ]
+    .map(|(name, from, to)| format!("{name} {}", mock.state.violations_between(from, to)));
+    println!("upstream 429s by phase: {}", phases.join(", "));
+    let after_from = restart_at + Duration::from_secs(2);
+    let after_violations = mock.state.violations_between(after_from, end);
+    let after_accepted = mock.state.accepted_between(after_from, end);
+    let after_quota = (end - after_from).as_secs_f64() / 2.0 * 20.0;
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let warnings: Vec<usize> = sidecars
+        .iter()
+        .map(|s| s.log_text().matches("cannot be reached").count())
+        .collect();
+    println!(
+        "Redis outage: all three degraded after {degraded:?}, status {}; accepted per sidecar over {:.0} s of outage {per_sidecar:?} (share {share:.3} of the rate: {share_limit:.1} each), upstream 429s during the outage {outage_violations}; rejoined {rejoined:?} after the restart, then 429s {after_violations}, goodput/quota {:.3}; failed client requests {failed} of {}; fallback warnings per sidecar {warnings:?}",
+        during["shared_quota"],
+        outage.as_secs_f64(),
+        after_accepted as f64 / after_quota,
+        statuses.len(),
+    );
+    assert!(degraded.is_some(), "the outage was not reported");
+    assert!(share > 0.25 && share < 1.0 / 3.0, "share {share}");
+    for s in ["s0", "s1", "s2"] {
+        let got = per_sidecar.get(s).copied().unwrap_or(0) as f64;
+        assert!(
+            got <= share_limit + 1.0,
+            "sidecar {s} took {got} in the outage, beyond its share of {share_limit:.1}"
+        );
+        assert!(got >= share_limit * 0.7, "sidecar {s} starved: {got}");
+    }
+    assert_eq!(failed, 0, "no request fails because of Redis");
+    assert!(rejoined.is_some(), "the sidecars did not rejoin");
+    assert_eq!(after_violations, 0, "violations after rejoining");
+    assert!(after_accepted as f64 / after_quota >= 0.85);
+    assert_eq!(
+        warnings,
+        vec![1, 1, 1],
+        "one warning per outage, not per request"
+    );
+}
