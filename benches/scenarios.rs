@@ -7,6 +7,7 @@
 //! cargo bench --bench scenarios -- fairness    # 4: one greedy client (50 parallel) beside 9 polite
 //! cargo bench --bench scenarios -- overhead    # 5: wrk: direct vs sidecar vs nginx; streamed TTFB
 //! cargo bench --bench scenarios -- scale       # 6: 10,000 waiting requests: memory and CPU
+//! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
 //! ```
 //!
 //! Every run uses the real sidecar binary (built with the bench profile) and a mock upstream
@@ -24,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use loadgen::{ClientSpec, LoadSpec, Report};
-use support::{LimitStyle, MockUpstream, Quota, QuotaKind, Sidecar};
+use support::{LimitStyle, MockUpstream, Quota, QuotaKind, RedisServer, Sidecar};
 
 const WINDOW: Duration = Duration::from_secs(2);
 const LIMIT: usize = 20;
@@ -559,6 +560,165 @@ async fn scale() {
     }
 }
 
+/// Sum of every sample of `name` (all label sets) in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Latencies (ms) of `n` requests sent one at a time, `gap` apart, so none has to queue.
+async fn spaced_latencies(url: &str, n: usize, gap: Duration) -> Vec<f64> {
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let body = serde_json::json!({"model": "mock", "messages": []});
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let begun = Instant::now();
+        let response = http.post(url).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await;
+        times.push(begun.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(gap).await;
+    }
+    times
+}
+
+fn percentile_of(mut xs: Vec<f64>, p: f64) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    xs[((xs.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn shared() {
+    if !support::require_tool("redis-server") {
+        return;
+    }
+    // Added latency: one request at a time, far below the rate, with and without Redis.
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let local = Sidecar::start(&mock.url(), "rate_rpm: 6000");
+    let shared = Sidecar::start(
+        &mock.url(),
+        &format!(
+            "rate_rpm: 6000
+shared_quota:
+  url: {}
+  key: bench-latency
+",
+            redis.url()
+        ),
+    );
+    let (mut local50, mut local99, mut shared50, mut shared99, mut trips) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..repeats() {
+        let gap = Duration::from_millis(25);
+        let path = "/v1/chat/completions";
+        let before = metric_sum(
+            &shared.metrics_text().await,
+            "nvidia_sidecar_redis_calls_total",
+        );
+        let l = spaced_latencies(&local.url(path), 300, gap).await;
+        let started = Instant::now();
+        let sh = spaced_latencies(&shared.url(path), 300, gap).await;
+        let calls = metric_sum(
+            &shared.metrics_text().await,
+            "nvidia_sidecar_redis_calls_total",
+        ) - before;
+        // Heartbeats (one a second) are not on any request's path.
+        let heartbeats = started.elapsed().as_secs_f64();
+        trips.push((calls - heartbeats).max(0.0) / 300.0);
+        local50.push(percentile_of(l.clone(), 0.5));
+        local99.push(percentile_of(l, 0.99));
+        shared50.push(percentile_of(sh.clone(), 0.5));
+        shared99.push(percentile_of(sh, 0.99));
+    }
+    println!("| one request at a time (6000 rpm, 25 ms apart) | latency p50 (ms) | latency p99 (ms) | Redis round trips per request |");
+    println!("|---|---|---|---|");
+    println!(
+        "| local bucket | {:.3} | {:.3} | 0 |",
+        median(local50.clone()),
+        median(local99.clone())
+    );
+    println!(
+        "| shared bucket in Redis | {:.3} | {:.3} | {:.2} |",
+        median(shared50.clone()),
+        median(shared99.clone()),
+        median(trips)
+    );
+    println!(
+        "| added by Redis | {:+.3} | {:+.3} | |\n",
+        median(shared50) - median(local50),
+        median(shared99) - median(local99)
+    );
+    drop((local, shared));
+
+    // Three sidecars, ten clients each, one quota of 20 per 2 s.
+    let (mut g, mut v, mut e, mut rt, mut jain) = (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..repeats() {
+        let mock =
+            MockUpstream::start(Some(Quota::sliding(LIMIT, WINDOW)), LimitStyle::Nvidia).await;
+        let sidecars: Vec<Sidecar> = (0..3)
+            .map(|_| {
+                Sidecar::start(
+                    &mock.url(),
+                    &format!(
+                        "rate_rpm: {QUOTA_RPM}
+request_timeout: 60
+queue_max_size: 500
+adaptive:
+  window: 2
+shared_quota:
+  url: {}
+  key: bench-three-{run}
+",
+                        redis.url()
+                    ),
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        mock.state.reset();
+        let start = Instant::now();
+        let reports = futures_util::future::join_all(sidecars.iter().map(|s| {
+            loadgen::run(load(
+                s.url("/v1/chat/completions"),
+                clients(10),
+                20,
+                false,
+            ))
+        }))
+        .await;
+        g.push(goodput(
+            &mock,
+            start,
+            start + Duration::from_secs(20),
+            LIMIT,
+        ));
+        v.push(mock.state.violations() as f64);
+        e.push(reports.iter().map(|r| r.errors()).sum::<usize>() as f64);
+        let (mut calls, mut admitted) = (0.0, 0.0);
+        for s in &sidecars {
+            let text = s.metrics_text().await;
+            calls += metric_sum(&text, "nvidia_sidecar_redis_calls_total");
+            admitted += metric_sum(&text, "nvidia_sidecar_requests_total{outcome=\"forwarded\"");
+        }
+        rt.push(calls / admitted.max(1.0));
+        let served: Vec<f64> = reports.iter().map(|r| r.ok() as f64).collect();
+        jain.push(loadgen::jain(&served));
+    }
+    println!("| three sidecars, 10 clients each, 20 s | goodput / quota | upstream 429s | client errors | Redis round trips per admitted request | Jain over sidecars | runs (goodput) |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| one quota in Redis | {:.3} | {} | {} | {:.2} | {:.3} | {:?} |",
+        median(g.clone()),
+        median(v),
+        median(e),
+        median(rt),
+        median(jain),
+        g.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -589,6 +749,9 @@ fn main() {
         }
         if all || which == "scale" {
             scale().await;
+        }
+        if all || which == "shared" {
+            shared().await;
         }
     });
 }

@@ -57,8 +57,6 @@ pub struct LeasePlan {
     pub wanted: usize,
     /// Leased slots in hand, open or ahead.
     pub held: usize,
-    /// Requests waiting here.
-    pub waiting: usize,
     pub own_rpm: f64,
     pub margin: f64,
     pub capacity: u32,
@@ -123,7 +121,6 @@ impl AdmissionGate {
                 limiter.slots_wanted()
             },
             held: limiter.slots_held(),
-            waiting: limiter.queue_len(),
             own_rpm: controller.effective_rpm(),
             margin: controller.settings().safety_margin,
             capacity: limiter.capacity(),

@@ -422,3 +422,128 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
         "one warning per outage, not per request"
     );
 }
+
+/// Sends `n` requests one after the other; their statuses and the slowest answer.
+async fn sequential(sidecar: &Sidecar, n: usize) -> (Vec<u16>, Duration) {
+    let http = client();
+    let mut statuses = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        let sent = Instant::now();
+        let r = http
+            .post(sidecar.url("/v1/chat/completions"))
+            .json(&chat_body())
+            .send()
+            .await;
+        slowest = slowest.max(sent.elapsed());
+        statuses.push(r.map_or(0, |r| r.status().as_u16()));
+    }
+    (statuses, slowest)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_that_stops_answering_is_left_after_the_timeout_and_rejoined() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let key = unique_key("frozen");
+    let sidecar = shared_sidecar(&mock.url(), &redis, &key, "");
+    let (statuses, _) = sequential(&sidecar, 5).await;
+    assert_eq!(statuses, vec![200; 5]);
+
+    // Frozen: the connection stays open and nothing answers, so only the timeout tells.
+    redis.signal("STOP");
+    let load = tokio::spawn({
+        let url = sidecar.url("/v1/chat/completions");
+        async move {
+            let http = client();
+            let mut statuses = Vec::new();
+            let mut slowest = Duration::ZERO;
+            for _ in 0..10 {
+                let sent = Instant::now();
+                let r = http.post(&url).json(&chat_body()).send().await;
+                slowest = slowest.max(sent.elapsed());
+                statuses.push(r.map_or(0, |r| r.status().as_u16()));
+            }
+            (statuses, slowest)
+        }
+    });
+    let degraded = until_all(&[&sidecar], Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "degraded"
+    })
+    .await;
+    let (statuses, slowest) = load.await.unwrap();
+    redis.signal("CONT");
+    let rejoined = until_all(&[&sidecar], Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "connected"
+    })
+    .await;
+    let metrics = sidecar.metrics_text().await;
+    println!(
+        "frozen Redis: degraded {degraded:?} after the freeze, slowest request meanwhile {slowest:?}, rejoined {rejoined:?} after it thawed; redis calls that timed out: {}",
+        metric(&metrics, "nvidia_sidecar_redis_calls_total{result=\"timeout\"}")
+    );
+    assert_eq!(statuses, vec![200; 10], "no request fails because of Redis");
+    assert!(degraded.is_some_and(|d| d < Duration::from_secs(3)));
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a request waited {slowest:?} for a frozen Redis"
+    );
+    assert!(rejoined.is_some());
+    assert!(metric(&metrics, "nvidia_sidecar_redis_calls_total{result=\"timeout\"}") >= 1.0);
+    assert!(metrics.contains("nvidia_sidecar_shared_quota_degraded{route=\"default\"} 0"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_from_the_start_a_sidecar_serves_on_its_share_or_fails_open() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // A port nobody listens on.
+    let gone = RedisServer::start();
+    let url = gone.url();
+    drop(gone);
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let on_share = Sidecar::start(
+        &mock.url(),
+        &format!("rate_rpm: 600\nshared_quota:\n  url: {url}\n  instances: 4\n  timeout: 0.2\n"),
+    );
+    let fail_open = Sidecar::start(
+        &mock.url(),
+        &format!(
+            "rate_rpm: 6\nfallback_enabled_passthrough: true\nshared_quota:\n  url: {url}\n  timeout: 0.2\n"
+        ),
+    );
+    let degraded = until_all(&[&on_share, &fail_open], Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "degraded"
+    })
+    .await;
+    assert!(degraded.is_some(), "{}", on_share.status().await);
+
+    // A quarter of 600 rpm (four sidecars configured) is 2.5 per second.
+    let started = Instant::now();
+    let (statuses, _) = sequential(&on_share, 6).await;
+    let took = started.elapsed();
+    let share = on_share.status().await["shared_quota"]["degraded_routes"]["default"].clone();
+    // 6 rpm with fail-open: forwarded at once instead of one every 10 s.
+    let started = Instant::now();
+    let (open_statuses, _) = sequential(&fail_open, 5).await;
+    let open_took = started.elapsed();
+    let passthrough = fail_open.status().await["requests"]["passthrough"].clone();
+    println!(
+        "Redis down from the start: share {share}, 6 requests in {took:?}; fail-open: 5 requests in {open_took:?}, counted as passthrough {passthrough}"
+    );
+    assert_eq!(statuses, vec![200; 6]);
+    assert_eq!(open_statuses, vec![200; 5]);
+    assert!(share.as_f64().is_some_and(|s| s > 0.2 && s <= 0.25), "{share}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "6 requests at 2.5/s took only {took:?}"
+    );
+    assert!(open_took < Duration::from_secs(3), "{open_took:?}");
+    assert_eq!(passthrough, 5);
+}

@@ -154,12 +154,13 @@ pub struct ServerSection {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SharedQuotaSection {
-    /// Where the shared bucket lives; `redis` is the only backend.
+    /// Where the shared bucket lives; `redis` (the default) is the only backend.
     pub backend: Option<String>,
-    /// `redis://host:port/db`, or `rediss://…` for TLS. No password here: use
-    /// `password_env` or `password_file`.
+    /// Required: `redis://host:port/db`, `rediss://…` for TLS, or `unix:///path`. No password
+    /// here: use `password_env` or `password_file`.
     pub url: Option<String>,
-    /// Name every sidecar sharing the quota uses; the Redis keys start with it.
+    /// Name every sidecar sharing the quota uses; the Redis keys start with it. Default
+    /// `nvidia-sidecar`.
     pub key: Option<String>,
     /// Environment variable holding the Redis password.
     pub password_env: Option<String>,
@@ -167,13 +168,15 @@ pub struct SharedQuotaSection {
     pub password_file: Option<String>,
     /// Redis user name (ACL), when the password belongs to one.
     pub username: Option<String>,
-    /// Sidecars sharing the quota, for the share each takes while Redis is unreachable
-    /// (default: the number last seen alive in Redis).
+    /// Sidecars sharing the quota, for the share each takes while Redis is unreachable.
+    /// Default: the number last seen alive in Redis (the floor fraction if none was seen).
     pub instances: Option<u32>,
-    /// Seconds ahead a sidecar may lease the shared quota's slots for its waiting requests.
+    /// Seconds ahead a sidecar may lease slots of the shared quota for its waiting requests.
+    /// Default 1.
     pub lease_ahead: Option<Seconds>,
-    /// Most slots one lease takes.
+    /// Most slots one lease takes. Default 4.
     pub max_lease: Option<u32>,
     /// Seconds a Redis call may take before the sidecar falls back to its local share.
+    /// Default 0.5.
     pub timeout: Option<Seconds>,
 }

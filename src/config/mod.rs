@@ -306,4 +306,61 @@ mod tests {
             "{errors:?}"
         );
     }
+
+    #[test]
+    fn a_shared_quota_needs_a_redis_url_without_a_password() {
+        let s = load_str("shared_quota:\n  url: redis://127.0.0.1:6379/2\n").unwrap();
+        let q = s.shared_quota.expect("shared_quota is set");
+        assert_eq!(q.key, "nvidia-sidecar");
+        assert_eq!(q.lease_ahead, Duration::from_secs(1));
+        assert_eq!(q.max_lease, 4);
+        assert!(load_str("shared_quota: {url: 'rediss://redis.example:6380'}").is_ok());
+        assert!(load_str("shared_quota: {url: 'unix:///run/redis/redis.sock'}").is_ok());
+        assert!(load_str("{}").unwrap().shared_quota.is_none());
+
+        let errors = errors_of(
+            "shared_quota:\n  backend: memcached\n  url: redis://:hunter2@127.0.0.1\n  key: 'two words'\n  instances: 0\n  lease_ahead: 0\n  max_lease: 0\n  timeout: -1\n",
+        );
+        for key in [
+            "shared_quota.backend",
+            "shared_quota.url",
+            "shared_quota.key",
+            "shared_quota.instances",
+            "shared_quota.lease_ahead",
+            "shared_quota.max_lease",
+            "shared_quota.timeout",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(&format!("{key}:"))),
+                "{key} not reported in {errors:?}"
+            );
+        }
+        assert!(
+            errors.iter().all(|e| !e.contains("hunter2")),
+            "the password leaked into {errors:?}"
+        );
+        assert!(errors_of("shared_quota: {}")
+            .iter()
+            .any(|e| e.starts_with("shared_quota.url: is required")));
+        assert!(errors_of("shared_quota: {url: 'http://127.0.0.1'}")
+            .iter()
+            .any(|e| e.starts_with("shared_quota.url:")));
+    }
+
+    #[test]
+    fn the_redis_password_comes_from_a_file_and_is_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis-password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let text = format!(
+            "shared_quota:\n  url: redis://127.0.0.1:6379\n  password_file: {}\n",
+            file.display()
+        );
+        let s = load_str(&text).unwrap();
+        let q = s.shared_quota.as_ref().unwrap();
+        assert_eq!(q.password.as_ref().unwrap().expose(), "s3cret");
+        let view = effective_view(&s).to_string();
+        assert!(!view.contains("s3cret"), "{view}");
+        assert!(view.contains("\"password\":\"***\""), "{view}");
+    }
 }

@@ -39,7 +39,7 @@ pub struct LeaseRequest<'a> {
     pub ceiling: f64,
     pub pause: Duration,
     pub seen_version: i64,
-    /// Requests waiting at this sidecar: its weight when slots are scarce.
+    /// Requests waiting at this sidecar without a slot: its weight when slots are scarce.
     pub waiting: usize,
     /// This sidecar ran on its local share until now.
     pub rejoining: bool,

@@ -4,11 +4,11 @@
 -- KEYS[1]  slot schedule: the theoretical arrival time (GCRA) in microseconds
 -- KEYS[2]  shared controller state (hash: rate, state, ceiling, pause, version)
 -- KEYS[3]  live sidecars (sorted set: member = instance id, score = last heartbeat)
--- KEYS[4]  requests waiting at each sidecar (hash: instance id -> "waiting:heartbeat")
+-- KEYS[4]  requests waiting without a slot at each sidecar (hash: id -> "waiting:heartbeat")
 -- ARGV     instance id, slots wanted, caller's effective rpm, safety margin, burst capacity,
 --          lease horizon (us), change kind (none|slow|step), changed rate, state, ceiling,
 --          pause (us from now), version the caller last saw, liveness window (us),
---          key lifetime (ms), requests waiting at the caller, 1 if the caller is rejoining
+--          key lifetime (ms), requests waiting at the caller without a slot, 1 if the caller is rejoining
 --          after Redis was out of its reach
 --
 -- Reply: live sidecars, shared rate ('' when none is shared), state, pause left (us),

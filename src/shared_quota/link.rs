@@ -98,7 +98,7 @@ pub async fn run(
                 .pause_until
                 .map_or(Duration::ZERO, |p| p.saturating_duration_since(t)),
             seen_version: link.seen_version,
-            waiting: plan.waiting,
+            waiting: plan.wanted,
             rejoining: link.degraded,
         };
         let result = shared.call(&request).await;

@@ -78,9 +78,22 @@ impl RedisServer {
         cmd.query(&mut connection).unwrap()
     }
 
+    /// Sends a signal to the server (`STOP` freezes it: connections stay open, nothing answers).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        let status = Command::new("kill")
+            .args(["-s", name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Kills the server hard (everything in it is lost).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-s", "CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
