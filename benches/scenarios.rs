@@ -679,15 +679,11 @@ shared_quota:
         tokio::time::sleep(Duration::from_millis(1500)).await;
         mock.state.reset();
         let start = Instant::now();
-        let reports = futures_util::future::join_all(sidecars.iter().map(|s| {
-            loadgen::run(load(
-                s.url("/v1/chat/completions"),
-                clients(10),
-                20,
-                false,
-            ))
-        }))
-        .await;
+        let reports =
+            futures_util::future::join_all(sidecars.iter().map(|s| {
+                loadgen::run(load(s.url("/v1/chat/completions"), clients(10), 20, false))
+            }))
+            .await;
         g.push(goodput(
             &mock,
             start,
@@ -715,7 +711,9 @@ shared_quota:
         median(e),
         median(rt),
         median(jain),
-        g.iter().map(|x| (x * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        g.iter()
+            .map(|x| (x * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
 }
 

@@ -493,7 +493,12 @@ async fn a_redis_that_stops_answering_is_left_after_the_timeout_and_rejoined() {
         "a request waited {slowest:?} for a frozen Redis"
     );
     assert!(rejoined.is_some());
-    assert!(metric(&metrics, "nvidia_sidecar_redis_calls_total{result=\"timeout\"}") >= 1.0);
+    assert!(
+        metric(
+            &metrics,
+            "nvidia_sidecar_redis_calls_total{result=\"timeout\"}"
+        ) >= 1.0
+    );
     assert!(metrics.contains("nvidia_sidecar_shared_quota_degraded{route=\"default\"} 0"));
 }
 
@@ -539,7 +544,10 @@ async fn without_redis_from_the_start_a_sidecar_serves_on_its_share_or_fails_ope
     );
     assert_eq!(statuses, vec![200; 6]);
     assert_eq!(open_statuses, vec![200; 5]);
-    assert!(share.as_f64().is_some_and(|s| s > 0.2 && s <= 0.25), "{share}");
+    assert!(
+        share.as_f64().is_some_and(|s| s > 0.2 && s <= 0.25),
+        "{share}"
+    );
     assert!(
         took >= Duration::from_millis(1500),
         "6 requests at 2.5/s took only {took:?}"

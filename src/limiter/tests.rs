@@ -565,7 +565,10 @@ fn falling_back_from_leased_slots_starts_the_local_share_empty_and_late() {
     let local = queued(limiter.request(client("a"), Priority::Normal, far, t0));
     assert_eq!(granted(&limiter.poll(t0 + ms(501))), vec![held]);
     // At half of 60 rpm the first local token is due 2 s after the refill starts.
-    assert_eq!(limiter.next_wakeup(t0 + ms(501)), Some(refill_from + ms(2000)));
+    assert_eq!(
+        limiter.next_wakeup(t0 + ms(501)),
+        Some(refill_from + ms(2000))
+    );
     assert!(granted(&limiter.poll(refill_from + ms(1999))).is_empty());
     assert_eq!(granted(&limiter.poll(refill_from + ms(2000))), vec![local]);
 }

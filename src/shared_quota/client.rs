@@ -79,6 +79,17 @@ pub enum CallError {
     Redis(String),
 }
 
+impl From<redis::RedisError> for CallError {
+    fn from(e: redis::RedisError) -> Self {
+        // The client's own response timeout may fire before ours: the same thing.
+        if e.is_timeout() {
+            CallError::Timeout
+        } else {
+            CallError::Redis(e.to_string())
+        }
+    }
+}
+
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -140,7 +151,7 @@ impl RedisQuota {
             .set_max_delay(self.timeout.as_millis() as u64);
         let connection = ConnectionManager::new_with_config(self.client.clone(), config)
             .await
-            .map_err(|e| CallError::Redis(e.to_string()))?;
+            .map_err(CallError::from)?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
@@ -179,7 +190,7 @@ impl RedisQuota {
                 .arg(if request.rejoining { "1" } else { "0" })
                 .invoke_async(&mut connection)
                 .await
-                .map_err(|e| CallError::Redis(e.to_string()))?;
+                .map_err(CallError::from)?;
             parse_reply(&reply).map_err(CallError::Redis)
         };
         match tokio::time::timeout(self.timeout, call).await {
