@@ -36,38 +36,52 @@ const MARGIN: &str = "adaptive:\n  safety_margin: 0.03";
 /// The same, and the upstream's window told to the controller (it sizes the fallback share).
 const MARGIN_AND_WINDOW: &str = "adaptive:\n  safety_margin: 0.03\n  window: 2";
 
-/// Closed-loop clients on every sidecar until `stop`; statuses per sidecar.
-async fn closed_loop(sidecars: &[&Sidecar], clients: usize, stop: Instant) -> Vec<Vec<u16>> {
-    let http = client();
-    let mut tasks = Vec::new();
-    for (s, sidecar) in sidecars.iter().enumerate() {
-        let url = sidecar.url("/v1/chat/completions");
-        for c in 0..clients {
-            let (url, http) = (url.clone(), http.clone());
-            tasks.push((
-                s,
-                tokio::spawn(async move {
-                    let mut statuses = Vec::new();
-                    while Instant::now() < stop {
-                        let response = http
-                            .post(&url)
-                            .header("x-mock-client", format!("s{s}-c{c}"))
-                            .header("x-client-id", format!("c{c}"))
-                            .json(&chat_body())
-                            .send()
-                            .await;
-                        statuses.push(response.map_or(0, |r| r.status().as_u16()));
-                    }
-                    statuses
-                }),
-            ));
+/// Starts closed-loop clients on every sidecar, sending until `stop`; the task yields the
+/// statuses per sidecar.
+fn closed_loop(
+    sidecars: &[&Sidecar],
+    clients: usize,
+    stop: Instant,
+) -> tokio::task::JoinHandle<Vec<Vec<u16>>> {
+    let urls: Vec<String> = sidecars
+        .iter()
+        .map(|s| s.url("/v1/chat/completions"))
+        .collect();
+    tokio::spawn(async move {
+        let http = client();
+        let mut tasks = Vec::new();
+        for (s, url) in urls.iter().enumerate() {
+            for c in 0..clients {
+                let (url, http) = (url.clone(), http.clone());
+                tasks.push((
+                    s,
+                    tokio::spawn(async move {
+                        let mut statuses = Vec::new();
+                        while Instant::now() < stop {
+                            let response = http
+                                .post(&url)
+                                .header("x-mock-client", format!("s{s}-c{c}"))
+                                .header("x-client-id", format!("c{c}"))
+                                .json(&chat_body())
+                                .send()
+                                .await;
+                            statuses.push(response.map_or(0, |r| r.status().as_u16()));
+                        }
+                        statuses
+                    }),
+                ));
+            }
         }
-    }
-    let mut by_sidecar = vec![Vec::new(); sidecars.len()];
-    for (s, task) in tasks {
-        by_sidecar[s].extend(task.await.unwrap());
-    }
-    by_sidecar
+        let mut by_sidecar = vec![Vec::new(); urls.len()];
+        for (s, task) in tasks {
+            by_sidecar[s].extend(task.await.unwrap());
+        }
+        by_sidecar
+    })
+}
+
+fn failures(statuses: &[Vec<u16>]) -> usize {
+    statuses.iter().flatten().filter(|s| **s != 200).count()
 }
 
 /// Upstream arrivals accepted in `[from, to)`, by sidecar (`s0`, `s1`, …).
@@ -119,37 +133,40 @@ fn unique_key(test: &str) -> String {
     format!("{test}-{}", std::process::id())
 }
 
+/// A Redis, a mock with the hidden quota, and three sidecars sharing it that have seen each
+/// other; the mock has forgotten everything before the test's load.
+async fn three_on_one_quota(test: &str, extra: &str) -> (RedisServer, MockUpstream, Vec<Sidecar>) {
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start(Some(quota()), LimitStyle::Nvidia).await;
+    let key = unique_key(test);
+    let sidecars = (0..3)
+        .map(|_| shared_sidecar(&mock.url(), &redis, &key, extra))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mock.state.reset();
+    (redis, mock, sidecars)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_sidecars_share_one_quota_without_a_violation() {
     if !require_tool("redis-server") {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = RedisServer::start();
+    let (_redis, mock, sidecars) = three_on_one_quota("share", MARGIN).await;
     let quota = quota();
-    let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
-    let key = unique_key("share");
-    let sidecars: Vec<Sidecar> = (0..3)
-        .map(|_| shared_sidecar(&mock.url(), &redis, &key, MARGIN))
-        .collect();
     let all: Vec<&Sidecar> = sidecars.iter().collect();
-    // Let the three see each other before the load starts.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    mock.state.reset();
 
     let start = Instant::now();
     let run = Duration::from_secs(10);
-    let statuses = closed_loop(&all, 8, start + run).await;
+    let statuses = closed_loop(&all, 8, start + run).await.unwrap();
 
     let violations = mock.state.violations();
     let accepted = mock.state.accepted_between(start, start + run);
     let quota_in_run = run.as_secs_f64() / quota.window.as_secs_f64() * quota.limit as f64;
     let goodput = accepted as f64 / quota_in_run;
     let shares = accepted_by_sidecar(&mock, start, start + run);
-    let client_errors: usize = statuses
-        .iter()
-        .map(|s| s.iter().filter(|c| **c != 200).count())
-        .sum();
+    let client_errors = failures(&statuses);
     let mut round_trips = 0.0;
     let mut admitted = 0.0;
     for s in &sidecars {
@@ -222,37 +239,7 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
     let start = Instant::now();
     let storm_at = start + Duration::from_secs(3);
     let end = start + Duration::from_secs(12);
-    let load = tokio::spawn({
-        let (a, b, c) = (first.url(""), others[0].url(""), others[1].url(""));
-        async move {
-            let http = client();
-            let mut tasks = Vec::new();
-            for (s, base) in [a, b, c].into_iter().enumerate() {
-                for i in 0..4 {
-                    let (http, url) = (http.clone(), format!("{base}/v1/chat/completions"));
-                    tasks.push(tokio::spawn(async move {
-                        let mut failed = 0;
-                        while Instant::now() < end {
-                            let r = http
-                                .post(&url)
-                                .header("x-mock-client", format!("s{s}-c{i}"))
-                                .header("x-client-id", format!("c{i}"))
-                                .json(&chat_body())
-                                .send()
-                                .await;
-                            failed += usize::from(r.map_or(true, |r| r.status() != 200));
-                        }
-                        failed
-                    }));
-                }
-            }
-            let mut failed = 0;
-            for t in tasks {
-                failed += t.await.unwrap();
-            }
-            failed
-        }
-    });
+    let load = closed_loop(&all, 4, end);
     tokio::time::sleep_until(storm_at.into()).await;
     stormy.state.fail_next(4);
     let slowed = until_all(&all[1..], Duration::from_secs(3), |s| {
@@ -266,7 +253,7 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
         s["retreat"]["state"] != "retreat" && s["retreat"]["effective_rpm"].as_f64() >= Some(560.0)
     })
     .await;
-    let failed = load.await.unwrap();
+    let failed = failures(&load.await.unwrap());
 
     let rate = |from: Instant, to: Instant| {
         calm.state.accepted_between(from, to) as f64 / (to - from).as_secs_f64()
@@ -306,52 +293,14 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().await;
-    let mut redis = RedisServer::start();
-    let quota = quota();
-    let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
-    let key = unique_key("outage");
-    let sidecars: Vec<Sidecar> = (0..3)
-        .map(|_| shared_sidecar(&mock.url(), &redis, &key, MARGIN_AND_WINDOW))
-        .collect();
+    let (mut redis, mock, sidecars) = three_on_one_quota("outage", MARGIN_AND_WINDOW).await;
     let all: Vec<&Sidecar> = sidecars.iter().collect();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    mock.state.reset();
 
     let start = Instant::now();
     let kill_at = start + Duration::from_secs(4);
     let restart_at = kill_at + Duration::from_secs(8);
     let end = restart_at + Duration::from_secs(6);
-    let load = {
-        let urls: Vec<String> = sidecars.iter().map(|s| s.url("")).collect();
-        tokio::spawn(async move {
-            let http = client();
-            let mut tasks = Vec::new();
-            for (s, base) in urls.into_iter().enumerate() {
-                for i in 0..6 {
-                    let (http, url) = (http.clone(), format!("{base}/v1/chat/completions"));
-                    tasks.push(tokio::spawn(async move {
-                        let mut statuses = Vec::new();
-                        while Instant::now() < end {
-                            let r = http
-                                .post(&url)
-                                .header("x-mock-client", format!("s{s}-c{i}"))
-                                .header("x-client-id", format!("c{i}"))
-                                .json(&chat_body())
-                                .send()
-                                .await;
-                            statuses.push(r.map_or(0, |r| r.status().as_u16()));
-                        }
-                        statuses
-                    }));
-                }
-            }
-            let mut statuses = Vec::new();
-            for t in tasks {
-                statuses.extend(t.await.unwrap());
-            }
-            statuses
-        })
-    };
+    let load = closed_loop(&all, 6, end);
 
     tokio::time::sleep_until(kill_at.into()).await;
     redis.kill();
@@ -367,6 +316,7 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
     })
     .await;
     let statuses = load.await.unwrap();
+    let failed = failures(&statuses);
 
     // The share: a little under a third of the rate each (three were seen alive).
     let share = during["shared_quota"]["degraded_routes"]["default"]
@@ -390,7 +340,6 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
     let after_violations = mock.state.violations_between(after_from, end);
     let after_accepted = mock.state.accepted_between(after_from, end);
     let after_quota = (end - after_from).as_secs_f64() / 2.0 * 20.0;
-    let failed = statuses.iter().filter(|s| **s != 200).count();
     let warnings: Vec<usize> = sidecars
         .iter()
         .map(|s| s.log_text().matches("cannot be reached").count())
@@ -400,7 +349,7 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
         during["shared_quota"],
         outage.as_secs_f64(),
         after_accepted as f64 / after_quota,
-        statuses.len(),
+        statuses.iter().flatten().count(),
     );
     assert!(degraded.is_some(), "the outage was not reported");
     assert!(share > 0.25 && share < 1.0 / 3.0, "share {share}");
