@@ -59,6 +59,8 @@ pub struct LeasePlan {
     pub held: usize,
     pub own_rpm: f64,
     pub margin: f64,
+    /// The upstream's window as configured (`adaptive.window`).
+    pub window: Duration,
     pub capacity: u32,
     pub control: SharedControl,
 }
@@ -123,6 +125,7 @@ impl AdmissionGate {
             held: limiter.slots_held(),
             own_rpm: controller.effective_rpm(),
             margin: controller.settings().safety_margin,
+            window: controller.settings().window,
             capacity: limiter.capacity(),
             control,
         }
@@ -278,6 +281,11 @@ impl AdmissionGate {
                     state.limiter.refund(t);
                 }
             }
+        }
+        if self.is_shared() && state.limiter.slots_held() == 0 && state.limiter.queue_len() > 0 {
+            // The slots in hand are spent and requests still wait: lease now, not at the
+            // next pacing step.
+            self.link_wake.notify_one();
         }
         state.limiter.next_wakeup(t)
     }

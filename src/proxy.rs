@@ -378,7 +378,7 @@ impl ProxyHttp for SidecarProxy {
             return Ok(false); // passthrough route: no token
         };
 
-        if settings.fallback_passthrough && gate.is_shared() && gate.is_degraded() {
+        if settings.fallback_passthrough && gate.is_degraded() {
             // The shared quota is out of reach and the operator chose to fail open.
             ctx.fallback = true;
             return Ok(false);

@@ -101,27 +101,6 @@ fn accepted_by_sidecar(mock: &MockUpstream, from: Instant, to: Instant) -> HashM
     counts
 }
 
-/// The most requests the mock accepted in any window of `window` within `[from, to)`.
-#[allow(dead_code)]
-fn busiest_window(mock: &MockUpstream, from: Instant, to: Instant, window: Duration) -> usize {
-    let times: Vec<Instant> = mock
-        .state
-        .arrivals()
-        .iter()
-        .filter(|a| a.at >= from && a.at < to)
-        .map(|a| a.at)
-        .collect();
-    let mut most = 0;
-    let mut start = 0;
-    for (end, t) in times.iter().enumerate() {
-        while *t - times[start] >= window {
-            start += 1;
-        }
-        most = most.max(end + 1 - start);
-    }
-    most
-}
-
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name))
@@ -243,7 +222,10 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
     tokio::time::sleep_until(storm_at.into()).await;
     stormy.state.fail_next(4);
     let slowed = until_all(&all[1..], Duration::from_secs(3), |s| {
-        s["retreat"]["state"] == "retreat" && s["retreat"]["effective_rpm"].as_f64() < Some(600.0)
+        s["retreat"]["state"] == "retreat"
+            && s["retreat"]["effective_rpm"]
+                .as_f64()
+                .is_some_and(|r| r < 600.0)
     })
     .await;
     let calm_status = others[0].status().await;
@@ -254,6 +236,15 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
     })
     .await;
     let failed = failures(&load.await.unwrap());
+    // The recovery went through the shared state: a cut and steps, each a new version.
+    let (shared_rate, version): (Option<f64>, Option<i64>) =
+        redis::from_redis_value(&redis.command(&[
+            "HMGET",
+            &format!("{{{key}}}:default:control"),
+            "rate",
+            "version",
+        ]))
+        .unwrap();
 
     let rate = |from: Instant, to: Instant| {
         calm.state.accepted_between(from, to) as f64 / (to - from).as_secs_f64()
@@ -264,7 +255,7 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
         storm_at + Duration::from_millis(2500),
     );
     println!(
-        "429 storm at one sidecar: the other two in retreat after {slowed:?} (rate {} rpm), their upstream rate {before:.1}/s before and {after:.1}/s after, all recovered to the ceiling after {recovered:?}; failed client requests {failed}; 429s seen by the calm upstream {}",
+        "429 storm at one sidecar: the other two in retreat after {slowed:?} (rate {} rpm), their upstream rate {before:.1}/s before and {after:.1}/s after, all recovered to the ceiling after {recovered:?}; shared rate in Redis {shared_rate:?} at version {version:?}; failed client requests {failed}; 429s seen by the calm upstream {}",
         calm_status["retreat"]["effective_rpm"],
         calm.state.violations()
     );
@@ -277,13 +268,17 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
         0,
         "the calm upstream never says 429"
     );
-    let slowed = slowed.expect("the two sidecars that saw no 429 did not retreat");
-    assert!(slowed < Duration::from_secs(3));
+    slowed.expect("the two sidecars that saw no 429 did not retreat within 3 s");
     assert!(
         after < before * 0.8,
         "the calm sidecars' upstream rate did not drop: {before:.1}/s -> {after:.1}/s"
     );
     assert!(recovered.is_some(), "recovery is shared too");
+    assert!(shared_rate.is_some_and(|r| r >= 560.0), "{shared_rate:?}");
+    assert!(
+        version.is_some_and(|v| v >= 3),
+        "a cut and at least two recovery steps went through Redis: {version:?}"
+    );
     assert_eq!(failed, 0, "the storm's 429s were replayed, not passed on");
 }
 
@@ -363,7 +358,11 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
     }
     assert_eq!(failed, 0, "no request fails because of Redis");
     assert!(rejoined.is_some(), "the sidecars did not rejoin");
-    assert_eq!(after_violations, 0, "violations after rejoining");
+    assert_eq!(
+        mock.state.violations(),
+        0,
+        "the upstream saw requests beyond its quota: {phases:?}"
+    );
     assert!(after_accepted as f64 / after_quota >= 0.85);
     assert_eq!(
         warnings,
@@ -449,6 +448,36 @@ async fn a_redis_that_stops_answering_is_left_after_the_timeout_and_rejoined() {
         ) >= 1.0
     );
     assert!(metrics.contains("nvidia_sidecar_shared_quota_degraded{route=\"default\"} 0"));
+
+    // Killed this time (every attempt is refused at once), and an upstream 429 moves the
+    // controller meanwhile: what it would publish waits for Redis; the link does not call
+    // Redis in a loop, it retries every 250 ms.
+    let mut redis = redis;
+    redis.kill();
+    let before = metric(
+        &sidecar.metrics_text().await,
+        "nvidia_sidecar_redis_calls_total",
+    );
+    let started = Instant::now();
+    mock.state.fail_next(1);
+    let (statuses, _) = sequential(&sidecar, 3).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let took = started.elapsed();
+    let calls = metric(
+        &sidecar.metrics_text().await,
+        "nvidia_sidecar_redis_calls_total",
+    ) - before;
+    let status = sidecar.status().await;
+    println!(
+        "killed Redis and a cut meanwhile: {calls} Redis calls in {took:?}, retreat state {}",
+        status["retreat"]["state"]
+    );
+    assert_eq!(statuses, vec![200; 3]);
+    assert_eq!(status["retreat"]["state"], "retreat", "the 429 was seen");
+    assert!(
+        calls <= took.as_secs_f64() * 4.0 + 4.0,
+        "{calls} Redis calls in {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -458,9 +487,7 @@ async fn without_redis_from_the_start_a_sidecar_serves_on_its_share_or_fails_ope
     }
     let _serial = ONE_AT_A_TIME.lock().await;
     // A port nobody listens on.
-    let gone = RedisServer::start();
-    let url = gone.url();
-    drop(gone);
+    let url = format!("redis://127.0.0.1:{}", support::free_port());
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let on_share = Sidecar::start(
         &mock.url(),

@@ -339,6 +339,11 @@ mod tests {
             errors.iter().all(|e| !e.contains("hunter2")),
             "the password leaked into {errors:?}"
         );
+        assert!(
+            errors_of("shared_quota: {url: 'redis://127.0.0.1', key: 'a}b'}")
+                .iter()
+                .any(|e| e.starts_with("shared_quota.key:"))
+        );
         assert!(errors_of("shared_quota: {}")
             .iter()
             .any(|e| e.starts_with("shared_quota.url: is required")));

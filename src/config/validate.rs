@@ -361,10 +361,14 @@ fn validate_shared_quota(
         .key
         .clone()
         .unwrap_or_else(|| defaults::SHARED_QUOTA_KEY.to_string());
-    if key.is_empty() || key.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+    if key.is_empty()
+        || key
+            .chars()
+            .any(|ch| ch.is_whitespace() || ch.is_control() || ch == '{' || ch == '}')
+    {
         c.fail(
             "shared_quota.key",
-            format!("must be a non-empty name without spaces, got {key:?}"),
+            format!("must be a non-empty name without spaces or braces, got {key:?}"),
         );
     }
     if section.instances == Some(0) {

@@ -104,8 +104,6 @@ pub struct Limiter {
     bucket: TokenBucket,
     slots: Slots,
     supply: Supply,
-    /// How long a slot handed back (granted to a request that vanished) stays open.
-    slot_grace: Duration,
     queue: AdmissionQueue,
     controller: RetreatController,
     queue_max: usize,
@@ -118,7 +116,6 @@ impl Limiter {
             bucket: TokenBucket::new(settings.capacity, now),
             slots: Slots::default(),
             supply: Supply::Refill { share: 1.0 },
-            slot_grace: Duration::ZERO,
             queue: AdmissionQueue::new(),
             controller: RetreatController::new(settings.base_rpm, settings.retreat, now),
             queue_max: settings.queue_max,
@@ -183,7 +180,6 @@ impl Limiter {
         if self.controller.is_paused(now) {
             return;
         }
-        self.slot_grace = grace;
         for at in starts {
             self.slots.add(*at, grace);
         }
@@ -195,10 +191,11 @@ impl Limiter {
     }
 
     /// The share of the rate one of `instances` sidecars takes while the shared bucket is out
-    /// of reach. Each local bucket may put one request more into a window than its rate
-    /// says (a token at the window's start); the shares leave room for those `instances - 1`
-    /// extra requests in the controller's window, so the sidecars together stay within the
-    /// quota as one sidecar alone would. `None` (the number is unknown): the floor fraction.
+    /// of reach. Each local bucket may put up to its capacity more requests into a window
+    /// than its rate says (the tokens it holds at the window's start); the shares leave room
+    /// for those of the other `instances - 1` in the controller's window, so the sidecars
+    /// together stay within the quota as one sidecar alone would. `None` (the number is
+    /// unknown): the floor fraction.
     pub fn fallback_share(&self, instances: Option<u32>) -> f64 {
         let s = self.controller.settings();
         let Some(n) = instances.filter(|n| *n > 0).map(f64::from) else {
@@ -207,8 +204,9 @@ impl Limiter {
         let per_window =
             self.controller.effective_rpm() * (1.0 - s.safety_margin) * s.window.as_secs_f64()
                 / 60.0;
+        let burst = self.bucket.capacity();
         let room = if per_window > 0.0 {
-            (1.0 - (n - 1.0) / per_window).max(0.0)
+            (1.0 - (n - 1.0) * burst / per_window).max(0.0)
         } else {
             0.0
         };
@@ -319,9 +317,10 @@ impl Limiter {
     /// Returns a token that was granted but never used.
     pub fn refund(&mut self, now: Instant) {
         self.advance(now);
-        match self.supply {
-            Supply::Refill { .. } => self.bucket.refund(),
-            Supply::Leased => self.slots.add(now, self.slot_grace),
+        // A leased slot is not handed back: by now it may be late enough to crowd the next
+        // one. It lapses, and the shared quota is under-used by one request.
+        if let Supply::Refill { .. } = self.supply {
+            self.bucket.refund();
         }
     }
 

@@ -585,6 +585,9 @@ fn the_fallback_share_leaves_room_for_every_sidecar_s_first_token() {
     assert_eq!(limiter.fallback_share(Some(1)), 1.0);
     assert_eq!(limiter.fallback_share(None), 0.1, "unknown: the floor");
     assert!(limiter.fallback_share(Some(50)) >= 0.1 / 50.0);
+    // A burst of 2 leaves room for two tokens per other sidecar.
+    let bursty = Limiter::new(settings(60.0, 2, 10), t0);
+    assert!((bursty.fallback_share(Some(2)) - 0.4).abs() < 1e-9);
 }
 
 #[test]

@@ -41,8 +41,9 @@ pub struct LeaseRequest<'a> {
     pub seen_version: i64,
     /// Requests waiting at this sidecar without a slot: its weight when slots are scarce.
     pub waiting: usize,
-    /// This sidecar ran on its local share until now.
-    pub rejoining: bool,
+    /// Set when this sidecar comes back from its local share: how long the shared schedule
+    /// must wait for the others to come back too.
+    pub rejoin_hold: Option<Duration>,
 }
 
 /// What Redis answered.
@@ -187,7 +188,7 @@ impl RedisQuota {
                 .arg(ALIVE_WINDOW.as_micros() as u64)
                 .arg(KEY_LIFETIME.as_millis() as u64)
                 .arg(request.waiting)
-                .arg(if request.rejoining { "1" } else { "0" })
+                .arg(request.rejoin_hold.map_or(0, |d| d.as_micros() as u64))
                 .invoke_async(&mut connection)
                 .await
                 .map_err(CallError::from)?;

@@ -8,8 +8,8 @@
 -- ARGV     instance id, slots wanted, caller's effective rpm, safety margin, burst capacity,
 --          lease horizon (us), change kind (none|slow|step), changed rate, state, ceiling,
 --          pause (us from now), version the caller last saw, liveness window (us),
---          key lifetime (ms), requests waiting at the caller without a slot, 1 if the caller is rejoining
---          after Redis was out of its reach
+--          key lifetime (ms), requests waiting at the caller without a slot, how long (us) the
+--          schedule must wait because the caller comes back from its local share (0: it does not)
 --
 -- Reply: live sidecars, shared rate ('' when none is shared), state, pause left (us),
 --        ceiling, version, slot spacing (us), time to the next free slot (us), then the
@@ -33,7 +33,7 @@ local seen = tonumber(ARGV[12])
 local alive = tonumber(ARGV[13])
 local keep_ms = tonumber(ARGV[14])
 local waiting = tonumber(ARGV[15])
-local rejoining = ARGV[16] == '1'
+local rejoin_hold = tonumber(ARGV[16])
 
 redis.call('ZADD', KEYS[3], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - alive)
@@ -99,9 +99,9 @@ local spacing = math.floor(60000000 / (spacing_rpm * (1 - margin)))
 local tau = (capacity - 1) * spacing
 
 -- A sidecar coming back from its local share: the others may still be spending theirs, so
--- no slot opens before a horizon from now (by then they have all rejoined).
-if rejoining then
-  local hold = now + horizon + tau
+-- no slot opens before they have all come back.
+if rejoin_hold > 0 then
+  local hold = now + rejoin_hold + tau
   local tat = tonumber(redis.call('GET', KEYS[1])) or 0
   if tat < hold then
     redis.call('SET', KEYS[1], hold, 'PX', math.floor((hold - now) / 1000) + 1000)

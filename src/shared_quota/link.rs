@@ -13,13 +13,14 @@ use super::SharedQuota;
 use crate::admission::{now, AdmissionGate};
 use crate::limiter::{RetreatState, SharedControl, Supply};
 
-/// Time between round trips while nothing else asks for one: the heartbeat, and the retry
-/// interval while Redis is unreachable.
+/// Time between round trips while nothing else asks for one.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Time between attempts while Redis is unreachable.
 const RETRY: Duration = Duration::from_millis(250);
 /// A leased slot that nobody takes stays open at least this long (timer jitter).
 const MIN_GRACE: Duration = Duration::from_millis(5);
+/// The least lateness allowed to a slot, whatever the safety margin (it may be 0).
+const MIN_BUDGET: Duration = Duration::from_millis(20);
 
 /// What the link remembers between round trips.
 struct LinkState {
@@ -32,6 +33,8 @@ struct LinkState {
     /// While slots are in hand, no lease before this, so that waiters gather for one.
     paced_until: Instant,
     degraded: bool,
+    /// While degraded: when the local share starts to earn.
+    local_from: Instant,
 }
 
 /// Runs until the gate is dropped (its route left the configuration).
@@ -41,6 +44,12 @@ pub async fn run(
     gate: Weak<AdmissionGate>,
     wake: Arc<Notify>,
 ) {
+    serve(&shared, &route, gate, wake).await;
+    shared.forget(&route);
+}
+
+async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wake: Arc<Notify>) {
+    let settings = &shared.settings;
     let mut link = LinkState {
         agreed: None,
         seen_version: -1,
@@ -48,6 +57,7 @@ pub async fn run(
         full_until: now(),
         paced_until: now(),
         degraded: false,
+        local_from: now(),
     };
     loop {
         let Some(g) = gate.upgrade() else { return };
@@ -70,9 +80,11 @@ pub async fn run(
             .full_until
             .max(if plan.held == 0 { t } else { link.paced_until });
         let wanted = if t >= lease_at { plan.wanted } else { 0 };
-        if change == Change::None && wanted == 0 && t < link.next_heartbeat {
+        // While Redis is out of reach only the retry timer calls it, whatever there is to say.
+        let idle = link.degraded || (change == Change::None && wanted == 0);
+        if idle && t < link.next_heartbeat {
             let mut at = link.next_heartbeat;
-            if plan.wanted > 0 {
+            if plan.wanted > 0 && !link.degraded {
                 at = at.min(lease_at);
             }
             tokio::select! {
@@ -84,12 +96,12 @@ pub async fn run(
 
         let control = plan.control;
         let request = LeaseRequest {
-            route: &route,
+            route,
             wanted: wanted.min(shared.settings.max_lease as usize),
             own_rpm: plan.own_rpm,
             margin: plan.margin,
             capacity: plan.capacity,
-            horizon: shared.settings.lease_ahead,
+            horizon: settings.lease_ahead,
             change,
             rate: control.effective_rpm,
             state: control.state.as_gauge(),
@@ -99,8 +111,13 @@ pub async fn run(
                 .map_or(Duration::ZERO, |p| p.saturating_duration_since(t)),
             seen_version: link.seen_version,
             waiting: plan.wanted,
-            rejoining: link.degraded,
+            // Coming back after the local share began to earn: the others may still be
+            // spending theirs until their next retry answers (a retry interval and two
+            // timeouts at worst), so the shared schedule waits that long.
+            rejoin_hold: (link.degraded && t >= link.local_from)
+                .then(|| settings.lease_ahead.max(RETRY + settings.timeout * 2)),
         };
+        let sent = now();
         let result = shared.call(&request).await;
         let Some(g) = gate.upgrade() else { return };
         let t = now();
@@ -110,11 +127,26 @@ pub async fn run(
                 if link.degraded {
                     link.degraded = false;
                     g.set_supply(Supply::Leased, t);
-                    shared.rejoined(&route);
+                    shared.rejoined(route);
                 }
-                absorb(&g, &mut link, &plan.control, &reply, t, plan.margin);
-                shared.leased(&route, reply.slots.len(), reply.live);
-                let ahead = shared.settings.lease_ahead;
+                let first_contact = link.agreed.is_none();
+                absorb(&g, &mut link, &plan.control, &reply, first_contact);
+                // Slots are placed on this host's clock as of the answer, so they may open up
+                // to a round trip late; a slot may also be taken a little after it opens. Both
+                // crowd the next slot, and together they must stay within what the safety
+                // margin leaves in the window. A slow answer's slots are left to lapse.
+                let budget = plan.window.mul_f64(plan.margin / 2.0).max(MIN_BUDGET);
+                let taken = if t - sent <= budget {
+                    let grace = budget.min(reply.spacing / 2).max(MIN_GRACE);
+                    let starts: Vec<Instant> =
+                        reply.slots.iter().map(|offset| t + *offset).collect();
+                    g.take_slots(&starts, grace);
+                    starts.len()
+                } else {
+                    0
+                };
+                shared.leased(route, taken, reply.live);
+                let ahead = settings.lease_ahead;
                 if reply.slots.len() < request.wanted {
                     // The schedule is taken up to the horizon: ask again when half of it is
                     // free, so that one lease brings several slots instead of racing the other
@@ -129,8 +161,9 @@ pub async fn run(
                     let share = g.fallback_share(shared.instances());
                     // Other sidecars may hold slots up to a horizon ahead: the local share
                     // starts after that, so that the two never add up.
-                    g.set_supply(Supply::Refill { share }, t + shared.settings.lease_ahead);
-                    shared.degraded(&route, &error, share);
+                    link.local_from = t + settings.lease_ahead;
+                    g.set_supply(Supply::Refill { share }, link.local_from);
+                    shared.degraded(route, &error, share);
                 }
                 // Ask again soon, so that the sidecars rejoin close together.
                 link.next_heartbeat = t + RETRY;
@@ -140,16 +173,18 @@ pub async fn run(
     }
 }
 
-/// Takes in one answer: the shared controller state (unless the local one changed while the
-/// call was under way; that change goes out with the next call) and the leased slots.
+/// Takes in one answer's controller state, unless the local one changed while the call was
+/// under way (that change goes out with the next call). At first contact a local state that
+/// is slower than the shared one (a restored retreat, 429s seen before Redis answered) is not
+/// dropped but published.
 fn absorb(
     gate: &AdmissionGate,
     link: &mut LinkState,
     sent: &SharedControl,
     reply: &LeaseReply,
-    t: Instant,
-    margin: f64,
+    first_contact: bool,
 ) {
+    let t = now();
     let remote = reply.rate.map(|rate| SharedControl {
         effective_rpm: rate,
         state: RetreatState::from_gauge(reply.state),
@@ -157,24 +192,32 @@ fn absorb(
         pause_until: (!reply.pause.is_zero()).then(|| t + reply.pause),
     });
     let local = gate.shared_control();
+    let news = reply.version != link.seen_version;
+    link.seen_version = reply.version;
+    if first_contact {
+        let nobody_slower = SharedControl {
+            effective_rpm: f64::INFINITY,
+            state: RetreatState::Normal,
+            ceiling_rpm: None,
+            pause_until: None,
+        };
+        let shared = remote.unwrap_or(nobody_slower);
+        if local.slows_down(&shared) {
+            link.agreed = Some(shared);
+            return;
+        }
+    }
     let moved_meanwhile = local.differs(&without_past_pause(*sent, t));
-    if let Some(remote) = remote.filter(|_| reply.version != link.seen_version) {
-        if !moved_meanwhile {
+    if let Some(remote) = remote {
+        if !moved_meanwhile && (first_contact || news) {
             gate.adopt_shared(&remote);
         }
     }
-    link.seen_version = reply.version;
     link.agreed = Some(if moved_meanwhile {
         remote.unwrap_or(*sent)
     } else {
         gate.shared_control()
     });
-
-    // A slot may be taken a little after it opens (timers are not exact), but not so late
-    // that it crowds the next one: a fraction of the spacing the safety margin pays for.
-    let grace = reply.spacing.mul_f64(margin.max(0.0)).max(MIN_GRACE);
-    let starts: Vec<Instant> = reply.slots.iter().map(|offset| t + *offset).collect();
-    gate.take_slots(&starts, grace);
 }
 
 fn without_past_pause(mut control: SharedControl, now: Instant) -> SharedControl {

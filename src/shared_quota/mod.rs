@@ -130,6 +130,16 @@ impl SharedQuota {
         );
     }
 
+    /// A route's link ended (the route left the configuration): it is no longer degraded.
+    fn forget(&self, route: &str) {
+        if self.track().degraded.remove(route).is_some() {
+            self.metrics
+                .shared_degraded
+                .with_label_values(&[route])
+                .set(0);
+        }
+    }
+
     fn rejoined(&self, route: &str) {
         self.track().degraded.remove(route);
         self.metrics
@@ -173,8 +183,8 @@ fn instance_id() -> String {
     format!("{host}:{}:{started}", std::process::id())
 }
 
-/// Keeps a link running for every route's gate, also for routes a reload adds, and takes
-/// this sidecar off the list of live ones at shutdown.
+/// Keeps a link running for every route's gate, also for routes a reload adds, and starts
+/// it again should it ever end while its gate lives.
 pub struct SharedQuotaService {
     app: Arc<App>,
     shared: Arc<SharedQuota>,
@@ -185,26 +195,38 @@ impl SharedQuotaService {
         SharedQuotaService { app, shared }
     }
 
-    fn start_links(&self, linked: &mut HashMap<String, Weak<crate::admission::AdmissionGate>>) {
-        linked.retain(|_, gate| gate.strong_count() > 0);
+    fn start_links(&self, linked: &mut HashMap<String, Link>) {
+        linked.retain(|_, link| link.gate.strong_count() > 0);
         for route in self.app.table().all() {
             let Some(gate) = &route.gate else { continue };
-            let known = linked
-                .get(route.name())
-                .and_then(Weak::upgrade)
-                .is_some_and(|g| Arc::ptr_eq(&g, gate));
-            if known || !gate.is_shared() {
+            let running = linked.get(route.name()).is_some_and(|link| {
+                link.gate.upgrade().is_some_and(|g| Arc::ptr_eq(&g, gate))
+                    && !link.task.is_finished()
+            });
+            if running || !gate.is_shared() {
                 continue;
             }
-            linked.insert(route.name().to_string(), Arc::downgrade(gate));
-            tokio::spawn(link::run(
+            let task = tokio::spawn(link::run(
                 self.shared.clone(),
                 route.name().to_string(),
                 Arc::downgrade(gate),
                 gate.link_wake(),
             ));
+            linked.insert(
+                route.name().to_string(),
+                Link {
+                    gate: Arc::downgrade(gate),
+                    task,
+                },
+            );
         }
     }
+}
+
+/// A running link and the gate it serves.
+struct Link {
+    gate: Weak<crate::admission::AdmissionGate>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 #[async_trait]
