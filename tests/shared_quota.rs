@@ -531,3 +531,83 @@ async fn without_redis_from_the_start_a_sidecar_serves_on_its_share_or_fails_ope
     assert!(open_took < Duration::from_secs(3), "{open_took:?}");
     assert_eq!(passthrough, 5);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_behind_tls_with_a_password_from_the_environment() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    const PASSWORD: &str = "pw-4f1c9e2b";
+    let identity = support::tls::TestIdentity::new();
+    let redis = RedisServer::start_tls(&identity, PASSWORD);
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let config = |password_env: &str| {
+        format!(
+            "rate_rpm: 600\nshared_quota:\n  url: rediss://localhost:{}\n  ca_file: {{dir}}/ca.pem\n  password_env: {password_env}\n  key: {}\n",
+            redis.port,
+            unique_key("tls")
+        )
+    };
+    let start = |password_env: &str, password: &str| {
+        // The CA file lives in the sidecar's own directory, written before it starts.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &identity.ca_pem).unwrap();
+        let text = config(password_env).replace("{dir}", &dir.path().display().to_string());
+        (
+            Sidecar::start_with_env(&mock.url(), &text, &[(password_env, password)]),
+            dir,
+        )
+    };
+    let (right, _ca) = start("REDIS_PASSWORD", PASSWORD);
+    let (wrong, _ca2) = start("REDIS_PASSWORD", "not-the-password");
+
+    let connected = until_all(&[&right], Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "connected"
+    })
+    .await;
+    let refused = until_all(&[&wrong], Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "degraded"
+    })
+    .await;
+    let (statuses, _) = sequential(&right, 3).await;
+    let status = right.status().await;
+    let wrong_status = wrong.status().await;
+    let view = client()
+        .get(right.admin("/api/admin/config"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    println!(
+        "TLS and a password: {}; with a wrong password: {}",
+        status["shared_quota"], wrong_status["shared_quota"]
+    );
+    assert!(connected.is_some(), "{}", right.log_text());
+    assert_eq!(statuses, vec![200; 3]);
+    assert!(status["shared_quota"]["slots_leased"].as_u64() >= Some(3));
+    assert!(
+        refused.is_some(),
+        "a wrong password must not count as connected"
+    );
+    let reason = wrong_status["shared_quota"]["last_error"].to_string();
+    assert!(
+        reason.contains("authentication failed") || reason.contains("WRONGPASS"),
+        "the operator is told why: {reason}"
+    );
+    for text in [
+        right.log_text(),
+        wrong.log_text(),
+        status.to_string(),
+        wrong_status.to_string(),
+        view.clone(),
+    ] {
+        assert!(
+            !text.contains(PASSWORD),
+            "the Redis password leaked: {text}"
+        );
+    }
+    assert!(view.contains(r#""password":"***""#), "{view}");
+}

@@ -168,6 +168,8 @@ pub struct SharedQuotaSection {
     pub password_file: Option<String>,
     /// Redis user name (ACL), when the password belongs to one.
     pub username: Option<String>,
+    /// PEM file of CA certificates to trust for `rediss://` instead of the public roots.
+    pub ca_file: Option<String>,
     /// Sidecars sharing the quota, for the share each takes while Redis is unreachable.
     /// Default: the number last seen alive in Redis (the floor fraction if none was seen).
     pub instances: Option<u32>,

@@ -344,6 +344,16 @@ mod tests {
                 .iter()
                 .any(|e| e.starts_with("shared_quota.key:"))
         );
+        assert!(errors_of(
+            "shared_quota: {url: 'redis://127.0.0.1', ca_file: /nonexistent/ca.pem}"
+        )
+        .iter()
+        .any(|e| e.starts_with("shared_quota.ca_file: cannot read")));
+        assert!(
+            errors_of("shared_quota: {url: 'redis://127.0.0.1', ca_file: Cargo.toml}")
+                .iter()
+                .any(|e| e.starts_with("shared_quota.ca_file: is only used with a rediss://"))
+        );
         assert!(errors_of("shared_quota: {}")
             .iter()
             .any(|e| e.starts_with("shared_quota.url: is required")));

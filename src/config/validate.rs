@@ -173,6 +173,9 @@ pub struct SharedQuotaSettings {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
+    pub ca_file: Option<String>,
+    /// PEM of the CA certificates to trust for TLS, read at load time.
+    pub ca_pem: Option<Vec<u8>>,
     pub key: String,
     /// Configured number of sidecars sharing the quota, for the fallback share.
     pub instances: Option<u32>,
@@ -396,8 +399,40 @@ fn validate_shared_quota(
             ),
         );
     }
+    let ca_pem = section
+        .ca_file
+        .as_deref()
+        .and_then(|path| match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                c.fail("shared_quota.ca_file", format!("cannot read {path}: {e}"));
+                None
+            }
+        });
+    if let Some(pem) = &ca_pem {
+        use redis::IntoConnectionInfo;
+        if !url.starts_with("rediss://") {
+            c.fail(
+                "shared_quota.ca_file",
+                "is only used with a rediss:// url (TLS)",
+            );
+        } else if let Ok(info) = url.as_str().into_connection_info() {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            };
+            if let Err(e) = redis::Client::build_with_tls(info, certs) {
+                c.fail(
+                    "shared_quota.ca_file",
+                    format!("holds no usable CA certificate: {e}"),
+                );
+            }
+        }
+    }
     SharedQuotaSettings {
         url,
+        ca_file: section.ca_file.clone(),
+        ca_pem,
         username: section.username.clone(),
         password: c.secret(
             "shared_quota.password_file",

@@ -84,6 +84,7 @@ pub fn effective_view(settings: &Settings) -> Value {
             "key": q.key,
             "username": q.username,
             "password": q.password.as_ref().map(|_| MASK),
+            "ca_file": q.ca_file,
             "instances": q.instances,
             "lease_ahead": secs(q.lease_ahead),
             "max_lease": q.max_lease,

@@ -114,7 +114,17 @@ impl RedisQuota {
         if let Some(password) = &settings.password {
             info.redis.password = Some(password.expose().to_string());
         }
-        let client = redis::Client::open(info).map_err(|e| format!("shared_quota.url: {e}"))?;
+        let client = match &settings.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| format!("shared_quota: {e}"))?;
         Ok(RedisQuota {
             client,
             connection: Mutex::new(None),
@@ -148,7 +158,7 @@ impl RedisQuota {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout)
             .set_response_timeout(self.timeout)
-            .set_number_of_retries(1)
+            .set_number_of_retries(0)
             .set_max_delay(self.timeout.as_millis() as u64);
         let connection = ConnectionManager::new_with_config(self.client.clone(), config)
             .await

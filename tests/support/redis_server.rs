@@ -10,6 +10,8 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// The TLS and password options of a TLS server (empty: plain, no password).
+    tls_options: Vec<String>,
 }
 
 impl RedisServer {
@@ -18,6 +20,43 @@ impl RedisServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            tls_options: Vec::new(),
+        };
+        server.start_again();
+        server
+    }
+
+    /// A server that speaks only TLS (with the certificate of `identity`) and wants
+    /// `password`.
+    pub fn start_tls(identity: &super::tls::TestIdentity, password: &str) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let port = free_port();
+        let tls_options = vec![
+            "--port".to_string(),
+            "0".to_string(),
+            "--tls-port".to_string(),
+            port.to_string(),
+            "--tls-cert-file".to_string(),
+            file("redis.crt", &identity.server_cert_pem),
+            "--tls-key-file".to_string(),
+            file("redis.key", &identity.server_key_pem),
+            "--tls-ca-cert-file".to_string(),
+            file("ca.crt", &identity.ca_pem),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+            "--requirepass".to_string(),
+            password.to_string(),
+        ];
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir,
+            tls_options,
         };
         server.start_again();
         server
@@ -30,8 +69,13 @@ impl RedisServer {
     /// Starts the server (again) on its port and waits until it answers PING.
     pub fn start_again(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        if self.tls_options.is_empty() {
+            command.args(["--port", &self.port.to_string()]);
+        } else {
+            command.args(&self.tls_options);
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -55,6 +99,9 @@ impl RedisServer {
     }
 
     fn ping(&self) -> bool {
+        if !self.tls_options.is_empty() {
+            return std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
         };

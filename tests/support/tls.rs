@@ -12,6 +12,9 @@ use tokio_rustls::TlsAcceptor;
 /// A CA and a `localhost` server certificate it signed.
 pub struct TestIdentity {
     pub ca_pem: String,
+    /// The server certificate and key as PEM, for servers that read files (redis-server).
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
     server_cert: CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -26,12 +29,17 @@ impl TestIdentity {
             .push(rcgen::DnType::CommonName, "nvidia-sidecar test CA");
         let ca_cert = ca_params.self_signed(&ca_key).unwrap();
         let server_key = KeyPair::generate().unwrap();
-        let server_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let mut server_params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        server_params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
         let server_cert = server_params
             .signed_by(&server_key, &ca_cert, &ca_key)
             .unwrap();
         TestIdentity {
             ca_pem: ca_cert.pem(),
+            server_cert_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
             server_cert: server_cert.der().clone(),
             server_key: server_key.serialize_der(),
         }
