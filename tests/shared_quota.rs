@@ -573,14 +573,7 @@ async fn a_redis_behind_tls_with_a_password_from_the_environment() {
     let (statuses, _) = sequential(&right, 3).await;
     let status = right.status().await;
     let wrong_status = wrong.status().await;
-    let view = client()
-        .get(right.admin("/api/admin/config"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let view = right.admin_text("/api/admin/config").await;
     println!(
         "TLS and a password: {}; with a wrong password: {}",
         status["shared_quota"], wrong_status["shared_quota"]

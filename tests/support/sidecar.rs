@@ -165,8 +165,13 @@ impl Sidecar {
 
     /// The admin plane's `/metrics` text.
     pub async fn metrics_text(&self) -> String {
+        self.admin_text("/metrics").await
+    }
+
+    /// The body of an admin plane GET, as text.
+    pub async fn admin_text(&self, path: &str) -> String {
         super::client()
-            .get(self.admin("/metrics"))
+            .get(self.admin(path))
             .send()
             .await
             .unwrap()
