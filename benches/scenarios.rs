@@ -8,6 +8,7 @@
 //! cargo bench --bench scenarios -- overhead    # 5: wrk: direct vs sidecar vs nginx; streamed TTFB
 //! cargo bench --bench scenarios -- scale       # 6: 10,000 waiting requests: memory and CPU
 //! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
+//! cargo bench --bench scenarios -- shared_minute  # 7b: the same at NVIDIA's 40 per minute (3 min)
 //! ```
 //!
 //! Every run uses the real sidecar binary (built with the bench profile) and a mock upstream
@@ -717,6 +718,62 @@ shared_quota:
     );
 }
 
+/// Scenario 7 at NVIDIA's own numbers: 40 requests per 60 s, shipped defaults, three sidecars
+/// with four clients each for three minutes (one run: it takes that long).
+async fn shared_minute() {
+    if !support::require_tool("redis-server") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let quota = Quota::sliding(40, Duration::from_secs(60));
+    let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
+    let sidecars: Vec<Sidecar> = (0..3)
+        .map(|_| {
+            Sidecar::start(
+                &mock.url(),
+                &format!(
+                    "request_timeout: 600\nshared_quota:\n  url: {}\n  key: bench-minute\n",
+                    redis.url()
+                ),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mock.state.reset();
+    let run = Duration::from_secs(180);
+    let start = Instant::now();
+    let reports = futures_util::future::join_all(sidecars.iter().map(|s| {
+        let mut spec = load(
+            s.url("/v1/chat/completions"),
+            clients(4),
+            run.as_secs(),
+            false,
+        );
+        spec.give_up_after = Duration::from_secs(600);
+        loadgen::run(spec)
+    }))
+    .await;
+    let accepted = mock.state.accepted_between(start, start + run);
+    let allowed = run.as_secs_f64() / 60.0 * 40.0;
+    let (mut calls, mut admitted) = (0.0, 0.0);
+    for s in &sidecars {
+        let text = s.metrics_text().await;
+        calls += metric_sum(&text, "nvidia_sidecar_redis_calls_total");
+        admitted += metric_sum(&text, "nvidia_sidecar_requests_total{outcome=\"forwarded\"");
+    }
+    let served: Vec<f64> = reports.iter().map(|r| r.ok() as f64).collect();
+    println!("| three sidecars at 40 per 60 s, 4 clients each, 180 s | accepted / quota | upstream 429s | client errors | Redis round trips per admitted request | Jain over sidecars |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| one quota in Redis, shipped defaults | {accepted} / {allowed:.0} = {:.3} | {} | {} | {:.2} | {:.3} |",
+        accepted as f64 / allowed,
+        mock.state.violations(),
+        reports.iter().map(|r| r.errors()).sum::<usize>(),
+        calls / admitted.max(1.0),
+        loadgen::jain(&served)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -750,6 +807,10 @@ fn main() {
         }
         if all || which == "shared" {
             shared().await;
+        }
+        // Three minutes: only when asked for.
+        if which == "shared_minute" {
+            shared_minute().await;
         }
     });
 }
