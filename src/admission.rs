@@ -57,6 +57,8 @@ pub struct LeasePlan {
     pub wanted: usize,
     /// Leased slots in hand, open or ahead.
     pub held: usize,
+    /// Requests waiting here.
+    pub waiting: usize,
     pub own_rpm: f64,
     pub margin: f64,
     /// The upstream's window as configured (`adaptive.window`).
@@ -123,6 +125,7 @@ impl AdmissionGate {
                 limiter.slots_wanted()
             },
             held: limiter.slots_held(),
+            waiting: limiter.queue_len(),
             own_rpm: controller.effective_rpm(),
             margin: controller.settings().safety_margin,
             window: controller.settings().window,

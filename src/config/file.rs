@@ -174,7 +174,7 @@ pub struct SharedQuotaSection {
     /// Default: the number last seen alive in Redis (the floor fraction if none was seen).
     pub instances: Option<u32>,
     /// Seconds ahead a sidecar may lease slots of the shared quota for its waiting requests.
-    /// Default 1.
+    /// Default 1; at low rates the reach grows to one slot per live sidecar (15 s at most).
     pub lease_ahead: Option<Seconds>,
     /// Most slots one lease takes. Default 4.
     pub max_lease: Option<u32>,

@@ -9,8 +9,8 @@ use tokio::sync::Mutex;
 
 use crate::config::SharedQuotaSettings;
 
-/// How long a sidecar counts as alive after its last heartbeat.
-pub const ALIVE_WINDOW: Duration = Duration::from_secs(5);
+/// How long a sidecar counts as alive after its last heartbeat (three heartbeats).
+pub const ALIVE_WINDOW: Duration = Duration::from_secs(15);
 /// How long the shared keys outlive the last sidecar that touched them.
 const KEY_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -39,8 +39,10 @@ pub struct LeaseRequest<'a> {
     pub ceiling: f64,
     pub pause: Duration,
     pub seen_version: i64,
-    /// Requests waiting at this sidecar without a slot: its weight when slots are scarce.
+    /// Requests waiting at this sidecar: its weight when slots are scarce.
     pub waiting: usize,
+    /// Slots this sidecar holds (open or ahead).
+    pub held: usize,
     /// Set when this sidecar comes back from its local share: how long the shared schedule
     /// must wait for the others to come back too.
     pub rejoin_hold: Option<Duration>,
@@ -59,6 +61,8 @@ pub struct LeaseReply {
     /// Distance between slots at the rate Redis spaced them with.
     pub spacing: Duration,
     pub next_free: Duration,
+    /// How far ahead slots were leased: the configured horizon, or more at low rates.
+    pub horizon: Duration,
     /// Starts of the leased slots, from the moment the script ran.
     pub slots: Vec<Duration>,
 }
@@ -199,6 +203,7 @@ impl RedisQuota {
                 .arg(KEY_LIFETIME.as_millis() as u64)
                 .arg(request.waiting)
                 .arg(request.rejoin_hold.map_or(0, |d| d.as_micros() as u64))
+                .arg(request.held)
                 .invoke_async(&mut connection)
                 .await
                 .map_err(CallError::from)?;
@@ -249,9 +254,10 @@ fn parse_reply(reply: &[Value]) -> Result<LeaseReply, String> {
         version: int(reply.get(5), "the version")?,
         spacing: micros(int(reply.get(6), "the spacing")?),
         next_free: micros(int(reply.get(7), "the next free slot")?),
+        horizon: micros(int(reply.get(8), "the horizon")?),
         slots: reply
             .iter()
-            .skip(8)
+            .skip(9)
             .map(|v| int(Some(v), "a slot").map(micros))
             .collect::<Result<_, _>>()?,
     })
@@ -272,6 +278,7 @@ mod tests {
             Value::Int(7),
             Value::Int(3_030_303),
             Value::Int(4_000_000),
+            Value::Int(9_090_909),
             Value::Int(0),
             Value::Int(3_030_303),
         ];
@@ -280,6 +287,7 @@ mod tests {
         assert_eq!(parsed.rate, Some(20.0));
         assert_eq!(parsed.ceiling, 28.5);
         assert_eq!(parsed.version, 7);
+        assert_eq!(parsed.horizon, Duration::from_micros(9_090_909));
         assert_eq!(
             parsed.slots,
             vec![Duration::ZERO, Duration::from_micros(3_030_303)]

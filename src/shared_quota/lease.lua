@@ -4,16 +4,17 @@
 -- KEYS[1]  slot schedule: the theoretical arrival time (GCRA) in microseconds
 -- KEYS[2]  shared controller state (hash: rate, state, ceiling, pause, version)
 -- KEYS[3]  live sidecars (sorted set: member = instance id, score = last heartbeat)
--- KEYS[4]  requests waiting without a slot at each sidecar (hash: id -> "waiting:heartbeat")
+-- KEYS[4]  requests waiting at each sidecar (hash: id -> "waiting:heartbeat")
 -- ARGV     instance id, slots wanted, caller's effective rpm, safety margin, burst capacity,
 --          lease horizon (us), change kind (none|slow|step), changed rate, state, ceiling,
 --          pause (us from now), version the caller last saw, liveness window (us),
---          key lifetime (ms), requests waiting at the caller without a slot, how long (us) the
---          schedule must wait because the caller comes back from its local share (0: it does not)
+--          key lifetime (ms), requests waiting at the caller, how long (us) the schedule must
+--          wait because the caller comes back from its local share (0: it does not), slots the
+--          caller holds
 --
 -- Reply: live sidecars, shared rate ('' when none is shared), state, pause left (us),
---        ceiling, version, slot spacing (us), time to the next free slot (us), then the
---        start of every leased slot (us from now).
+--        ceiling, version, slot spacing (us), time to the next free slot (us), the horizon
+--        used (us), then the start of every leased slot (us from now).
 
 if redis.replicate_commands then
   pcall(redis.replicate_commands)
@@ -34,14 +35,15 @@ local alive = tonumber(ARGV[13])
 local keep_ms = tonumber(ARGV[14])
 local waiting = tonumber(ARGV[15])
 local rejoin_hold = tonumber(ARGV[16])
+local held = tonumber(ARGV[17])
 
 redis.call('ZADD', KEYS[3], now, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - alive)
 redis.call('PEXPIRE', KEYS[3], keep_ms)
 local live = redis.call('ZCARD', KEYS[3])
 
--- Waiting requests of every live sidecar: the free part of the horizon is shared in
--- proportion, so that the first sidecar to ask does not take it all.
+-- Waiting requests of every live sidecar: the slots of the horizon are shared in proportion,
+-- so that the first sidecar to ask does not take them all.
 redis.call('HSET', KEYS[4], id, string.format('%d:%d', waiting, now))
 redis.call('PEXPIRE', KEYS[4], keep_ms)
 local all_waiting = 0
@@ -98,6 +100,10 @@ end
 local spacing = math.floor(60000000 / (spacing_rpm * (1 - margin)))
 local tau = (capacity - 1) * spacing
 
+-- At low rates the horizon holds less than one slot per sidecar, and the sidecars would race
+-- for every slot: it reaches one slot per live sidecar (15 s at most) instead.
+horizon = math.max(horizon, math.min(spacing * live, 15000000))
+
 -- A sidecar coming back from its local share: the others may still be spending theirs, so
 -- no slot opens before they have all come back.
 if rejoin_hold > 0 then
@@ -114,10 +120,12 @@ if pause > now then
   next_free = pause - now
 else
   local tat = tonumber(redis.call('GET', KEYS[1])) or now
-  local first = math.max(now, tat - tau)
-  if wanted > 0 and first <= now + horizon and all_waiting > waiting then
-    local free = math.floor((now + horizon - first) / spacing) + 1
-    wanted = math.min(wanted, math.max(1, math.ceil(free * waiting / all_waiting)))
+  if wanted > 0 and all_waiting > waiting then
+    -- Each sidecar may hold its part of the slots the horizon holds, in proportion to its
+    -- waiting requests (one at least); whoever asks first cannot take the others' part.
+    local in_horizon = math.floor(horizon / spacing) + 1
+    local part = math.max(1, math.floor(in_horizon * waiting / all_waiting))
+    wanted = math.min(wanted, math.max(0, part - held))
   end
   while #slots < wanted do
     local start = math.max(now, tat - tau)
@@ -134,7 +142,7 @@ else
 end
 
 local reply = { live, rate and tostring(rate) or '', state, math.max(pause - now, 0),
-  tostring(ceiling), version, spacing, next_free }
+  tostring(ceiling), version, spacing, next_free, horizon }
 for i = 1, #slots do
   reply[#reply + 1] = slots[i]
 end

@@ -13,8 +13,10 @@ use super::SharedQuota;
 use crate::admission::{now, AdmissionGate};
 use crate::limiter::{RetreatState, SharedControl, Supply};
 
-/// Time between round trips while nothing else asks for one.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Time between round trips while nothing else asks for one: the heartbeat that keeps this
+/// sidecar counted as alive and brings the others' controller changes while it is idle. (A
+/// cut takes effect sooner anyway: every lease is spaced at the shared rate.)
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Time between attempts while Redis is unreachable.
 const RETRY: Duration = Duration::from_millis(250);
 /// A leased slot that nobody takes stays open at least this long (timer jitter).
@@ -35,6 +37,9 @@ struct LinkState {
     degraded: bool,
     /// While degraded: when the local share starts to earn.
     local_from: Instant,
+    /// How far ahead any sidecar may hold slots: `lease_ahead`, or the longer horizon Redis
+    /// last reported (at low rates).
+    reach: Duration,
 }
 
 /// Runs until the gate is dropped (its route left the configuration).
@@ -58,6 +63,7 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
         paced_until: now(),
         degraded: false,
         local_from: now(),
+        reach: settings.lease_ahead,
     };
     loop {
         let Some(g) = gate.upgrade() else { return };
@@ -110,12 +116,13 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
                 .pause_until
                 .map_or(Duration::ZERO, |p| p.saturating_duration_since(t)),
             seen_version: link.seen_version,
-            waiting: plan.wanted,
+            waiting: plan.waiting,
+            held: plan.held,
             // Coming back after the local share began to earn: the others may still be
             // spending theirs until their next retry answers (a retry interval and two
             // timeouts at worst), so the shared schedule waits that long.
             rejoin_hold: (link.degraded && t >= link.local_from)
-                .then(|| settings.lease_ahead.max(RETRY + settings.timeout * 2)),
+                .then(|| link.reach.max(RETRY + settings.timeout * 2)),
         };
         let sent = now();
         let result = shared.call(&request).await;
@@ -146,11 +153,14 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
                     0
                 };
                 shared.leased(route, taken, reply.live);
-                let ahead = settings.lease_ahead;
-                if reply.slots.len() < request.wanted {
+                link.reach = reply.horizon.max(settings.lease_ahead);
+                let ahead = link.reach;
+                if reply.slots.len() < request.wanted && reply.next_free > ahead {
                     // The schedule is taken up to the horizon: ask again when half of it is
                     // free, so that one lease brings several slots instead of racing the other
-                    // sidecars for each one.
+                    // sidecars for each one. (Fewer slots than wanted with the schedule not
+                    // full means this sidecar holds its part: it asks again when it has
+                    // spent its slots.)
                     link.full_until = t + reply.next_free.saturating_sub(ahead / 2).max(ahead / 4);
                 }
                 link.paced_until = t + ahead / 2;
@@ -161,7 +171,7 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
                     let share = g.fallback_share(shared.instances());
                     // Other sidecars may hold slots up to a horizon ahead: the local share
                     // starts after that, so that the two never add up.
-                    link.local_from = t + settings.lease_ahead;
+                    link.local_from = t + link.reach;
                     g.set_supply(Supply::Refill { share }, link.local_from);
                     shared.degraded(route, &error, share);
                 }

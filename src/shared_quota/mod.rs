@@ -12,7 +12,7 @@ mod link;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
@@ -236,7 +236,7 @@ impl BackgroundService for SharedQuotaService {
         loop {
             self.start_links(&mut linked);
             tokio::select! {
-                _ = tokio::time::sleep(link::HEARTBEAT) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => break,
             }
         }
