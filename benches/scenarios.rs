@@ -513,14 +513,7 @@ async fn scale() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut queued = 0;
     while Instant::now() < deadline {
-        let s: serde_json::Value = support::client()
-            .get(sidecar.admin("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = sidecar.status().await;
         queued = s["token_bucket"]["queue_size"].as_u64().unwrap_or(0);
         if queued as usize >= WAITERS - 1 {
             break;
@@ -542,14 +535,7 @@ async fn scale() {
     let dropped_at = Instant::now();
     drop(held);
     while Instant::now() - dropped_at < Duration::from_secs(30) {
-        let s: serde_json::Value = support::client()
-            .get(sidecar.admin("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = sidecar.status().await;
         if s["token_bucket"]["queue_size"].as_u64() == Some(0) {
             println!(
                 "all {queued} waiters left the queue {:.2} s after their clients hung up",

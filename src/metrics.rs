@@ -295,6 +295,16 @@ impl Metrics {
     }
 }
 
+/// The sum of a counter over all its label values.
+pub fn total(counter: &IntCounterVec) -> u64 {
+    counter
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().value() as u64)
+        .sum()
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

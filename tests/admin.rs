@@ -154,15 +154,7 @@ async fn a_valid_patch_changes_the_rate_for_the_very_next_admission() {
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nrequest_timeout: 30");
     let url = sidecar.url("/v1/chat/completions");
     let http = client();
-    assert_eq!(
-        http.post(&url)
-            .json(&chat_body())
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sidecar.chat().await, 200);
     let waiting = {
         let (http, url) = (http.clone(), url.clone());
         tokio::spawn(async move {

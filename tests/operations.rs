@@ -188,16 +188,7 @@ async fn a_broken_file_keeps_the_running_config_and_says_why() {
     let body: Value = answer.json().await.unwrap();
     let errors: Vec<String> = serde_json::from_value(body["errors"].clone()).unwrap();
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert_eq!(
-        client()
-            .post(sidecar.url("/v1/chat/completions"))
-            .json(&chat_body())
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(sidecar.chat().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -229,14 +220,7 @@ async fn admin_overrides_survive_sighup_and_restart_until_removed() {
         321.0,
         "the restart kept the override"
     );
-    let config: Value = client()
-        .get(sidecar.admin("/api/admin/config"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config = sidecar.admin_json("/api/admin/config").await;
     assert_eq!(config["override_fields"], json!(["rate_rpm"]));
 
     let removed = client()
@@ -260,13 +244,7 @@ async fn the_retreat_state_survives_a_restart() {
     mock.state.fail_next(1);
     // The upstream says "retry after 30 s": the replay would wait past the deadline, so the
     // 429 reaches the client, and the sidecar retreats and pauses.
-    let answer = client()
-        .post(sidecar.url("/v1/chat/completions"))
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 429);
+    assert_eq!(sidecar.chat().await, 429);
     let before = sidecar.status().await;
     assert_eq!(before["retreat"]["state"], "retreat");
     assert!(
@@ -295,13 +273,7 @@ async fn the_retreat_state_survives_a_restart() {
         "the pause continues where it was: {pause}"
     );
     // Nothing reaches the upstream while the pause lasts.
-    let queued = client()
-        .post(sidecar.url("/v1/chat/completions"))
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(queued.status(), 429);
+    assert_eq!(sidecar.chat().await, 429);
     assert_eq!(mock.state.arrivals().len(), 1);
 }
 
@@ -548,11 +520,5 @@ async fn corrupt_state_files_are_logged_and_ignored() {
     let log = sidecar.log_text();
     assert!(log.contains("ignoring limiter state"), "{log}");
     assert!(log.contains("ignoring unreadable overrides"), "{log}");
-    let answer = client()
-        .post(sidecar.url("/v1/chat/completions"))
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
+    assert_eq!(sidecar.chat().await, 200);
 }

@@ -305,6 +305,7 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
     })
     .await;
     let during = sidecars[0].status().await;
+    let during_metrics = sidecars[0].metrics_text().await;
     tokio::time::sleep_until(restart_at.into()).await;
     redis.start_again();
     let rejoined = until_all(&all, Duration::from_secs(5), |s| {
@@ -349,6 +350,10 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
     );
     assert!(degraded.is_some(), "the outage was not reported");
     assert!(share > 0.25 && share < 1.0 / 3.0, "share {share}");
+    assert!(
+        during_metrics.contains("nvidia_sidecar_shared_quota_degraded{route=\"default\"} 1"),
+        "the outage shows in the metrics"
+    );
     for s in ["s0", "s1", "s2"] {
         let got = per_sidecar.get(s).copied().unwrap_or(0) as f64;
         assert!(

@@ -44,14 +44,13 @@ pub struct SharedQuotaStatus {
     pub slots_leased: u64,
 }
 
+/// What the metrics do not already hold.
 #[derive(Debug, Default)]
 struct Tracking {
-    connected_once: bool,
+    /// Sidecars seen alive at the last answer; `None` until Redis first answers.
     live: Option<u32>,
     degraded: BTreeMap<String, f64>,
     last_error: Option<String>,
-    round_trips: u64,
-    slots: u64,
 }
 
 /// This sidecar's membership in a shared quota.
@@ -90,16 +89,11 @@ impl SharedQuota {
             Err(CallError::Redis(_)) => "error",
         };
         self.metrics.redis_calls.with_label_values(&[label]).inc();
-        self.track().round_trips += 1;
         result
     }
 
     fn leased(&self, route: &str, slots: usize, live: u32) {
-        let mut t = self.track();
-        t.connected_once = true;
-        t.live = Some(live);
-        t.slots += slots as u64;
-        drop(t);
+        self.track().live = Some(live);
         self.metrics.shared_instances.set(i64::from(live));
         self.metrics
             .shared_slots
@@ -157,7 +151,7 @@ impl SharedQuota {
             instance: self.redis.instance().to_string(),
             state: if !t.degraded.is_empty() {
                 "degraded"
-            } else if t.connected_once {
+            } else if t.live.is_some() {
                 "connected"
             } else {
                 "connecting"
@@ -165,8 +159,8 @@ impl SharedQuota {
             instances: t.live,
             degraded_routes: t.degraded.clone(),
             last_error: t.last_error.clone(),
-            round_trips: t.round_trips,
-            slots_leased: t.slots,
+            round_trips: crate::metrics::total(&self.metrics.redis_calls),
+            slots_leased: crate::metrics::total(&self.metrics.shared_slots),
         }
     }
 }

@@ -170,26 +170,32 @@ impl Sidecar {
 
     /// The body of an admin plane GET, as text.
     pub async fn admin_text(&self, path: &str) -> String {
-        super::client()
-            .get(self.admin(path))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.admin_get(path).await.text().await.unwrap()
+    }
+
+    /// The body of an admin plane GET, as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        self.admin_get(path).await.json().await.unwrap()
+    }
+
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
+        super::client().get(self.admin(path)).send().await.unwrap()
     }
 
     /// The admin plane's `/status` snapshot.
     pub async fn status(&self) -> serde_json::Value {
+        self.admin_json("/status").await
+    }
+
+    /// Sends one small chat completion through the proxy; its status.
+    pub async fn chat(&self) -> reqwest::StatusCode {
         super::client()
-            .get(self.admin("/status"))
+            .post(self.url("/v1/chat/completions"))
+            .json(&super::chat_body())
             .send()
             .await
             .unwrap()
-            .json()
-            .await
-            .unwrap()
+            .status()
     }
 
     /// A URL on the admin plane.
