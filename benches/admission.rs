@@ -31,7 +31,8 @@ fn admission(c: &mut Criterion) {
         b.iter(|| {
             let now = t0 + Duration::from_millis(1);
             let decision = limiter.request(black_box(client.clone()), Priority::Normal, far, now);
-            limiter.refund(now);
+            let grant = limiter.last_grant();
+            limiter.refund(grant, now);
             black_box(decision)
         })
     });

@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::limiter::{
-    Admission, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority, Rejection,
+    Admission, Grant, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority, Rejection,
     Resolution, SharedControl, Supply, UpstreamSignal, WaiterId,
 };
 
 /// The final answer for a waiting request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Granted,
+    /// A token (or a probe) is the request's; the stamp goes back with the upstream's answer.
+    Granted(Grant),
     Rejected {
         why: Rejection,
         retry_after: Duration,
@@ -36,6 +37,18 @@ pub fn now() -> Instant {
 struct GateState {
     limiter: Limiter,
     waiting: HashMap<WaiterId, oneshot::Sender<Verdict>>,
+}
+
+impl GateState {
+    /// Hands a verdict to a waiter; a grant whose waiter is already gone is given back.
+    fn resolve(&mut self, id: WaiterId, verdict: Verdict, now: Instant) {
+        if let Some(tx) = self.waiting.remove(&id) {
+            if let (Err(_), Verdict::Granted(grant)) = (tx.send(verdict), verdict) {
+                // The waiter vanished between its last poll and this grant.
+                self.limiter.refund(grant, now);
+            }
+        }
+    }
 }
 
 /// One shared bucket with its queue of waiting requests.
@@ -214,7 +227,7 @@ impl AdmissionGate {
         admission: Admission,
     ) -> Ticket {
         let (pending, verdict) = match admission {
-            Admission::Granted => (None, Some(Verdict::Granted)),
+            Admission::Granted => (None, Some(Verdict::Granted(state.limiter.last_grant()))),
             Admission::Rejected { why, retry_after } => {
                 (None, Some(Verdict::Rejected { why, retry_after }))
             }
@@ -236,12 +249,21 @@ impl AdmissionGate {
         }
     }
 
-    /// Feeds an upstream answer to the adaptive controller.
-    pub fn observe(&self, signal: &UpstreamSignal) {
-        self.lock().limiter.observe(signal, now());
+    /// Feeds the upstream's answer to the request granted as `grant` to the adaptive controller.
+    pub fn observe(&self, signal: &UpstreamSignal, grant: Grant) {
+        self.lock().limiter.observe_answer(signal, grant, now());
         self.wake.notify_one();
         if self.is_shared() {
             self.link_wake.notify_one();
+        }
+    }
+
+    /// The stamp a grant made now would carry, for answers to requests sent without a token.
+    pub fn current_grant(&self) -> Grant {
+        let grant = self.lock().limiter.controller().grant();
+        Grant {
+            probe: false,
+            ..grant
         }
     }
 
@@ -267,9 +289,11 @@ impl AdmissionGate {
     fn tick(&self) -> Option<Instant> {
         let t = now();
         let mut state = self.lock();
-        for resolution in state.limiter.poll(t) {
+        let resolutions = state.limiter.poll(t);
+        let grant = state.limiter.last_grant();
+        for resolution in resolutions {
             let (id, verdict) = match resolution {
-                Resolution::Granted(id) => (id, Verdict::Granted),
+                Resolution::Granted(id) => (id, Verdict::Granted(grant)),
                 Resolution::Expired { id, retry_after } => (
                     id,
                     Verdict::Rejected {
@@ -278,12 +302,7 @@ impl AdmissionGate {
                     },
                 ),
             };
-            if let Some(tx) = state.waiting.remove(&id) {
-                if tx.send(verdict).is_err() && verdict == Verdict::Granted {
-                    // The waiter vanished between its last poll and this grant.
-                    state.limiter.refund(t);
-                }
-            }
+            state.resolve(id, verdict, t);
         }
         if self.is_shared() && state.limiter.slots_held() == 0 && state.limiter.queue_len() > 0 {
             // The slots in hand are spent and requests still wait: lease now, not at the
@@ -304,6 +323,12 @@ impl AdmissionGate {
         self.wake.notify_one();
     }
 
+    /// Whether an upstream 429 on this bucket is worth sending again now: not while the
+    /// upstream says the account is out of credit.
+    pub fn replays_429s(&self) -> bool {
+        !self.lock().limiter.controller().billing_refused(now())
+    }
+
     /// How long a new request of `priority` would wait now.
     pub fn estimated_wait(&self, priority: Priority) -> Duration {
         self.lock().limiter.estimated_wait(priority, now())
@@ -314,9 +339,9 @@ impl AdmissionGate {
         let mut state = self.lock();
         if state.limiter.cancel(id, t) {
             state.waiting.remove(&id);
-        } else if let Ok(Verdict::Granted) = rx.try_recv() {
+        } else if let Ok(Verdict::Granted(grant)) = rx.try_recv() {
             // Granted, but the request is gone before it could use the token: give it back.
-            state.limiter.refund(t);
+            state.limiter.refund(grant, t);
         }
         drop(state);
         self.wake.notify_one();
@@ -399,13 +424,13 @@ mod tests {
         assert_eq!(
             gate.admit(Arc::from("a"), Priority::Normal, deadline)
                 .immediate(),
-            Some(Verdict::Granted)
+            Some(Verdict::Granted(Grant::default()))
         );
         let mut second = gate.admit(Arc::from("a"), Priority::Normal, deadline);
         let mut third = gate.admit(Arc::from("b"), Priority::Normal, deadline);
-        assert_eq!(second.verdict().await, Verdict::Granted);
+        assert!(matches!(second.verdict().await, Verdict::Granted(_)));
         assert_eq!(start.elapsed(), Duration::from_secs(1));
-        assert_eq!(third.verdict().await, Verdict::Granted);
+        assert!(matches!(third.verdict().await, Verdict::Granted(_)));
         assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
 
@@ -418,7 +443,7 @@ mod tests {
         let gone = gate.admit(Arc::from("a"), Priority::Normal, deadline);
         let mut stays = gate.admit(Arc::from("b"), Priority::Normal, deadline);
         drop(gone);
-        assert_eq!(stays.verdict().await, Verdict::Granted);
+        assert!(matches!(stays.verdict().await, Verdict::Granted(_)));
         assert_eq!(
             start.elapsed(),
             Duration::from_secs(1),
@@ -438,7 +463,7 @@ mod tests {
         assert_eq!(
             gate.admit(Arc::from("b"), Priority::Normal, deadline)
                 .immediate(),
-            Some(Verdict::Granted)
+            Some(Verdict::Granted(Grant::default()))
         );
     }
 

@@ -56,6 +56,13 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub upstream_responses: IntCounterVec,
     pub replays: IntCounterVec,
+    /// Upstream refusals by what they were about (`rate_limit`, `worker_capacity`,
+    /// `insufficient_quota`); `upstream_responses_total` keeps the status codes.
+    pub upstream_refusals: IntCounterVec,
+    /// Requests on a rate-limited route that could not be replayed after a 429, by why not.
+    pub replay_unavailable: IntCounterVec,
+    /// Request bodies held in memory for replay right now, bytes.
+    pub held_body_bytes: IntGauge,
     pub queue_depth: IntGaugeVec,
     pub queue_wait: HistogramVec,
     pub tokens_available: GaugeVec,
@@ -130,6 +137,33 @@ impl Metrics {
                     ),
                     &["route"],
                 ),
+            ),
+            upstream_refusals: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "upstream_refusals_total",
+                        "Upstream refusals by route and reason: rate_limit, worker_capacity, insufficient_quota.",
+                    ),
+                    &["route", "reason"],
+                ),
+            ),
+            replay_unavailable: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "replay_unavailable_total",
+                        "Requests forwarded without a kept body, so not replayable, by reason: body_too_large, budget_full, chunked_body.",
+                    ),
+                    &["route", "reason"],
+                ),
+            ),
+            held_body_bytes: register(
+                r,
+                IntGauge::with_opts(opts(
+                    "held_body_bytes",
+                    "Request bodies kept in memory for replay, bytes.",
+                )),
             ),
             queue_depth: register(
                 r,

@@ -411,19 +411,37 @@ async fn replays_are_bounded_then_the_upstream_429_reaches_the_client() {
     assert_eq!(mock.state.arrivals().len(), 3, "one try and two replays");
 }
 
+/// A billing 429 (`insufficient_quota`) looks like any 429 at its header, where the replay is
+/// decided; once one has been passed on and read, the route's 429s reach the client at once,
+/// without replay and without a cut.
 #[tokio::test(flavor = "multi_thread")]
-async fn insufficient_quota_reaches_the_client_at_once() {
+async fn insufficient_quota_reaches_the_client_and_then_stops_the_replays() {
     let mock = MockUpstream::start(None, LimitStyle::InsufficientQuota).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
-    mock.state.fail_next(1);
-    let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 1");
+    mock.state.fail_next(10);
+    let url = sidecar.url("/v1/chat/completions");
+    let response = post_chat(&url, "a").await;
     assert_eq!(response.status(), 429);
     let body = response.text().await.unwrap();
     assert!(body.contains("insufficient_quota"), "{body}");
+    assert_eq!(mock.state.arrivals().len(), 2, "one try, one replay");
+    let response = post_chat(&url, "a").await;
+    assert_eq!(response.status(), 429);
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("insufficient_quota"));
     assert_eq!(
         mock.state.arrivals().len(),
-        1,
+        3,
         "no replay of a billing error"
+    );
+    let metrics = sidecar.metrics_text().await;
+    assert!(
+        metrics
+            .contains("upstream_refusals_total{reason=\"insufficient_quota\",route=\"default\"} 2"),
+        "{metrics}"
     );
 }
 

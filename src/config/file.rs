@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::bytes::ByteSize;
 use super::seconds::Seconds;
 
 /// The whole configuration file.
@@ -78,8 +79,16 @@ pub struct AdaptiveSection {
     /// puts two requests closer together than the upstream's window allows.
     pub safety_margin: Option<f64>,
     /// How many times one request is re-sent after an upstream 429 before the 429 reaches the
-    /// client.
+    /// client (at most 10). While the controller probes a full window, the request that met
+    /// the 429 is the probe, so this also bounds how long it follows the probing.
     pub max_replays: Option<u32>,
+    /// Largest request body kept in memory so that the request can be sent again after an
+    /// upstream 429, and so that a waiting client that hangs up is noticed. Bytes, or a size
+    /// such as `8MiB`. Larger bodies are forwarded when their turn comes but not replayed.
+    pub max_replay_body: Option<ByteSize>,
+    /// Memory all kept request bodies may take together. A body that does not fit is forwarded
+    /// when its turn comes but is not replayable (counted in `replay_unavailable_total`).
+    pub replay_body_budget: Option<ByteSize>,
 }
 
 /// `upstream:` — how the sidecar talks to the upstream API.

@@ -1,12 +1,14 @@
 //! Configuration: the YAML file (`file`), its validation into `Settings` (`validate`), and
 //! loading with every problem reported at once.
 
+mod bytes;
 mod file;
 mod layers;
 mod seconds;
 mod validate;
 mod view;
 
+pub use bytes::ByteSize;
 pub use file::{
     AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, SharedQuotaSection,
     UpstreamSection,

@@ -198,6 +198,10 @@ pub struct Settings {
     pub low_priority_timeout: Duration,
     pub fallback_passthrough: bool,
     pub max_replays: u32,
+    /// Largest request body kept for replay, bytes.
+    pub max_replay_body: usize,
+    /// Memory all kept request bodies may take together, bytes.
+    pub replay_body_budget: usize,
     pub upstream: UpstreamOptions,
     pub admin: AdminSettings,
     pub server: ServerSettings,
@@ -464,7 +468,11 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: f64 = 300.0;
     pub const QUEUE_MAX_SIZE: usize = 100;
     pub const LOW_PRIORITY_TIMEOUT: f64 = 30.0;
-    pub const MAX_REPLAYS: u32 = 3;
+    pub const MAX_REPLAYS: u32 = 6;
+    /// Coding agents send prompts of 100 KiB to 1 MiB; 8 MiB leaves room for long contexts.
+    pub const MAX_REPLAY_BODY: u64 = 8 << 20;
+    /// Enough for 32 bodies of the largest replayable size at once.
+    pub const REPLAY_BODY_BUDGET: u64 = 256 << 20;
     pub const CONNECT_TIMEOUT: f64 = 10.0;
     pub const READ_TIMEOUT: f64 = 300.0;
     pub const IDLE_TIMEOUT: f64 = 60.0;
@@ -529,7 +537,7 @@ pub fn validate(
         quiet_period: c.duration("adaptive.quiet_period", a.quiet_period, 15.0, true),
         recover_step: c.fraction(
             "adaptive.recover_step",
-            a.recover_step.unwrap_or(0.1),
+            a.recover_step.unwrap_or(0.05),
             false,
             true,
         ),
@@ -553,6 +561,23 @@ pub fn validate(
         c.fail(
             "adaptive.max_replays",
             format!("must be at most 10, got {max_replays}"),
+        );
+    }
+    let max_replay_body = a.max_replay_body.map_or(defaults::MAX_REPLAY_BODY, |b| b.0);
+    let replay_body_budget = a
+        .replay_body_budget
+        .map_or(defaults::REPLAY_BODY_BUDGET, |b| b.0);
+    // Above 1 GiB a single held body is more likely a mistake than a prompt.
+    if max_replay_body > 1 << 30 {
+        c.fail(
+            "adaptive.max_replay_body",
+            format!("must be at most 1GiB, got {max_replay_body} bytes"),
+        );
+    }
+    if replay_body_budget > 64 << 30 {
+        c.fail(
+            "adaptive.replay_body_budget",
+            format!("must be at most 64GiB, got {replay_body_budget} bytes"),
         );
     }
 
@@ -778,6 +803,8 @@ pub fn validate(
         ),
         fallback_passthrough: file.fallback_enabled_passthrough.unwrap_or(false),
         max_replays,
+        max_replay_body: usize::try_from(max_replay_body).unwrap_or(usize::MAX),
+        replay_body_budget: usize::try_from(replay_body_budget).unwrap_or(usize::MAX),
         upstream,
         admin,
         server,

@@ -55,6 +55,8 @@ pub fn effective_view(settings: &Settings) -> Value {
             "probe_interval": secs(a.probe_interval),
             "safety_margin": a.safety_margin,
             "max_replays": settings.max_replays,
+            "max_replay_body": settings.max_replay_body,
+            "replay_body_budget": settings.replay_body_budget,
         },
         "upstream": {
             "api_key": u.api_key.as_ref().map(|_| MASK),

@@ -10,7 +10,10 @@ mod slots;
 
 pub use bucket::TokenBucket;
 pub use queue::{AdmissionQueue, Priority, Waiter, WaiterId};
-pub use retreat::{RetreatController, RetreatSettings, RetreatState, SharedControl};
+pub use retreat::{
+    Admit, Grant, RetreatController, RetreatSettings, RetreatState, SharedControl,
+    PROBE_ANSWER_TIMEOUT,
+};
 pub use signals::{parse_go_duration, NonRateLimitReason, UpstreamSignal};
 pub use slots::Slots;
 
@@ -108,6 +111,8 @@ pub struct Limiter {
     controller: RetreatController,
     queue_max: usize,
     next_id: WaiterId,
+    /// How the last token was granted (every grant of one `poll` is granted alike).
+    last_grant: Grant,
 }
 
 impl Limiter {
@@ -120,6 +125,7 @@ impl Limiter {
             controller: RetreatController::new(settings.base_rpm, settings.retreat, now),
             queue_max: settings.queue_max,
             next_id: 0,
+            last_grant: Grant::default(),
         }
     }
 
@@ -143,9 +149,30 @@ impl Limiter {
         }
     }
 
-    /// Takes a token: an open leased slot first, else one from the local bucket.
+    /// Takes a token: an open leased slot first, else one from the local bucket. While the
+    /// controller probes, only a probe may go: without a token of the local bucket, but with a
+    /// leased slot when the quota is shared.
     fn take(&mut self, now: Instant) -> bool {
-        self.slots.try_take(now) || self.bucket.try_take()
+        let taken = match self.controller.admit(now) {
+            Admit::Open => self.slots.try_take(now) || self.bucket.try_take(),
+            Admit::Probe => match self.supply {
+                Supply::Leased => self.slots.try_take(now),
+                Supply::Refill { .. } => true,
+            },
+            Admit::Closed => false,
+        };
+        if taken {
+            self.last_grant = self.controller.grant();
+            if self.last_grant.probe {
+                self.controller.probe_sent(now);
+            }
+        }
+        taken
+    }
+
+    /// How the last token was granted.
+    pub fn last_grant(&self) -> Grant {
+        self.last_grant
     }
 
     /// Switches between the local bucket and leased slots. Slots already held stay valid; a
@@ -314,9 +341,15 @@ impl Limiter {
         self.queue.remove(id).is_some()
     }
 
-    /// Returns a token that was granted but never used.
-    pub fn refund(&mut self, now: Instant) {
+    /// Returns a token that was granted as `grant` but never used.
+    pub fn refund(&mut self, grant: Grant, now: Instant) {
         self.advance(now);
+        if grant.probe {
+            if grant == self.controller.grant() {
+                self.controller.probe_returned();
+            }
+            return;
+        }
         // A leased slot is not handed back: by now it may be late enough to crowd the next
         // one. It lapses, and the shared quota is under-used by one request.
         if let Supply::Refill { .. } = self.supply {
@@ -348,6 +381,7 @@ impl Limiter {
         let deadline = self.queue.next_deadline()?;
         let token = match self.controller.pause_until().filter(|p| *p > now) {
             Some(resume) => Some(resume),
+            None if self.controller.is_probing() => self.controller.next_probe_event(),
             None => {
                 let refill = self.bucket.next_token_at(self.refill_rate(now), now);
                 let slot = self.slots.next_open(now);
@@ -360,13 +394,31 @@ impl Limiter {
         Some(token.map_or(deadline, |t| t.min(deadline)))
     }
 
-    /// Feeds an upstream answer to the controller; a pause empties the bucket.
+    /// Feeds an upstream answer to the controller, as the answer to a grant of now.
     pub fn observe(&mut self, signal: &UpstreamSignal, now: Instant) {
+        let grant = self.controller.grant();
+        self.observe_answer(
+            signal,
+            Grant {
+                probe: false,
+                ..grant
+            },
+            now,
+        );
+    }
+
+    /// Feeds the upstream's answer to the request granted as `grant`. A pause empties the
+    /// bucket; so does the start of probing, so that no token saved before the cut is spent
+    /// into a full window when probing ends.
+    pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
         self.advance(now);
-        self.controller.observe(signal, now);
+        let probing_before = self.controller.is_probing();
+        self.controller.observe_answer(signal, grant, now);
         if self.controller.is_paused(now) {
             self.bucket.drain();
             self.slots.clear();
+        } else if self.controller.is_probing() && !probing_before {
+            self.bucket.drain();
         }
     }
 
@@ -497,5 +549,7 @@ impl Limiter {
     }
 }
 
+#[cfg(test)]
+mod simulation;
 #[cfg(test)]
 mod tests;

@@ -1,19 +1,76 @@
 //! The adaptive controller: retreats when the upstream answers 429, recovers when it stops.
 //!
 //! States: `normal` (effective rate = base rate), `retreat` (rate cut, waiting for a quiet
-//! period), `recover` (rate climbing back additively). A cut also sets a *ceiling*: the rate the
-//! upstream actually accepted over the last window (or, before a whole window has been seen,
-//! the rate that provoked the 429s), less a headroom. Recovery climbs to that ceiling and holds
-//! there, probing higher only after a long quiet time, so an upstream quota below the configured
-//! rate is learned in one cycle instead of being violated again on every recovery.
+//! period), `recover` (rate climbing back additively).
+//!
+//! **Probing.** The controller does not know the upstream's window. A 429 without
+//! `Retry-After` says the window is full *now*, not when it frees: sending on at the cut rate
+//! into a window that stays full for tens of seconds would collect a 429 every interval. So a
+//! cut without `Retry-After` also starts probing: no tokens are issued, one request at a time
+//! goes as a probe, the first one interval of the cut rate after the 429, and every further 429
+//! triples the spacing. The first probe the upstream accepts (or that gets no answer within
+//! [`PROBE_ANSWER_TIMEOUT`]) ends probing and the cut rate resumes. An incident therefore costs
+//! 1 + ⌈log₃(time the window stays full ÷ first spacing)⌉ violations, whatever the window.
+//!
+//! **Epochs.** Every cut starts a new epoch, and every grant is stamped with the epoch it was
+//! given in ([`Grant`]). Answers to grants of an older epoch were sent before the cut took
+//! effect: they are counted in the window but neither cut again nor judge a probe.
+//!
+//! **Ceiling.** A cut also sets a *ceiling* for recovery: the rate the upstream accepted over
+//! the whole `window` that ended at the cut, less a headroom. Before a whole window has been
+//! observed there is no such figure: recovery then holds at the cut rate until a whole window
+//! has passed and the ceiling is learned from it. So recovery never climbs above what the
+//! upstream was seen to accept; it probes one step higher only after `probe_interval` of quiet
+//! at the ceiling.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::signals::UpstreamSignal;
+use super::signals::{NonRateLimitReason, UpstreamSignal};
 
 /// Most responses the sliding window keeps; older ones fall out even inside the window.
 const MAX_SAMPLES: usize = 65_536;
+
+/// Factor by which the spacing between probes grows with every probe the upstream refuses.
+const PROBE_GROWTH: u32 = 3;
+
+/// Longest spacing between two probes.
+const PROBE_SPACING_MAX: Duration = Duration::from_secs(600);
+
+/// A probe still unanswered after this long is taken as accepted. Rate-limit answers come at
+/// once, while an accepted LLM request may take minutes before its response header.
+pub const PROBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a token was granted, so that the answer to it can be judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Grant {
+    /// The controller's epoch when the token was granted (see the module doc).
+    pub epoch: u64,
+    /// The grant was a probe sent while the controller was probing.
+    pub probe: bool,
+}
+
+/// What the controller lets the bucket do right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Grant tokens at the effective rate.
+    Open,
+    /// Probing: one request may go now, as a probe, without a token.
+    Probe,
+    /// Nothing may go now (paused, or a probe is out or not yet due).
+    Closed,
+}
+
+/// The probing after a 429 without `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Probing {
+    /// When the next probe may go.
+    next_at: Instant,
+    /// The wait before the next probe after one more refused probe.
+    spacing: Duration,
+    /// When the probe now out was sent.
+    in_flight: Option<Instant>,
+}
 
 /// Tuning of the controller (config section `adaptive:`).
 #[derive(Debug, Clone, PartialEq)]
@@ -49,7 +106,7 @@ impl Default for RetreatSettings {
             decrease_factor: 0.5,
             floor_fraction: 0.1,
             quiet_period: Duration::from_secs(15),
-            recover_step: 0.1,
+            recover_step: 0.05,
             recover_interval: Duration::from_secs(5),
             ceiling_headroom: 0.05,
             probe_interval: Duration::from_secs(300),
@@ -142,6 +199,25 @@ pub struct RetreatController {
     /// Set when this controller sees only part of the traffic on the quota (it is shared
     /// with other sidecars): the rate it saw accepted says nothing about the quota then.
     partial_view: bool,
+    /// Bumped by every cut; see [`Grant`].
+    epoch: u64,
+    probing: Option<Probing>,
+    /// A cut came before a whole window was observed: the ceiling is learned from the first
+    /// whole window, which ends then.
+    learn_ceiling_at: Option<Instant>,
+    /// The ceiling came from a window that saw little more than the cut rate, so it says
+    /// nothing of the quota above: recovery verifies one step above it per whole window.
+    ceiling_uninformed: bool,
+    /// The highest rate that ran a whole window without a 429 since the last cut: proven
+    /// safe, so a later ceiling is never below it.
+    verified_rpm: Option<f64>,
+    last_cut: Option<Instant>,
+    /// Recovery tried a step above the ceiling, which was this rate: if the step meets a 429,
+    /// the rate goes back to it rather than being cut.
+    stepped_above: Option<f64>,
+    /// The upstream said the account is out of credit (a billing 429) until about then: its
+    /// 429s are passed on at once rather than replayed.
+    billing_until: Option<Instant>,
 }
 
 impl RetreatController {
@@ -158,6 +234,14 @@ impl RetreatController {
             observing_since: now,
             samples: VecDeque::new(),
             partial_view: false,
+            epoch: 0,
+            probing: None,
+            learn_ceiling_at: None,
+            ceiling_uninformed: false,
+            verified_rpm: None,
+            last_cut: None,
+            stepped_above: None,
+            billing_until: None,
         }
     }
 
@@ -218,51 +302,202 @@ impl RetreatController {
         }
     }
 
-    /// Feeds one upstream answer to the controller.
+    /// Feeds one upstream answer to the controller, as if it answered a grant of the current
+    /// epoch that was not a probe.
     pub fn observe(&mut self, signal: &UpstreamSignal, now: Instant) {
+        let grant = Grant {
+            probe: false,
+            ..self.grant()
+        };
+        self.observe_answer(signal, grant, now);
+    }
+
+    /// Feeds the upstream's answer to the request granted as `grant`.
+    pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
+        let current = grant.epoch == self.epoch;
+        let probe = current && grant.probe && self.probing.is_some();
         match signal {
             UpstreamSignal::Accepted { pause } => {
                 self.record(now, false);
                 if let Some(pause) = pause {
                     self.pause_for(*pause, now);
                 }
+                if probe {
+                    self.probing = None;
+                }
             }
             UpstreamSignal::RateLimited { retry_after } => {
                 self.record(now, true);
+                if !current {
+                    // Sent before the last cut took effect: already answered for.
+                    return;
+                }
                 self.last_429 = Some(now);
                 if let Some(wait) = retry_after {
                     self.pause_for(*wait, now);
+                }
+                if probe {
+                    self.probe_refused(retry_after.is_some(), now);
+                    return;
                 }
                 let cut = match self.state {
                     RetreatState::Normal => {
                         retry_after.is_some()
                             || self.upstream_429_ratio(now) > self.settings.threshold
                     }
-                    RetreatState::Recover => true,
-                    // Already cut: the 429s still arriving were sent before the cut took effect.
-                    RetreatState::Retreat => false,
+                    RetreatState::Recover | RetreatState::Retreat => true,
                 };
                 if cut {
                     self.cut(now);
+                    if retry_after.is_none() {
+                        self.start_probing(now);
+                    }
                 }
             }
-            UpstreamSignal::NotRateLimit(_) => {}
+            UpstreamSignal::NotRateLimit(reason) => {
+                if *reason == NonRateLimitReason::InsufficientQuota {
+                    self.billing_until = Some(now + self.settings.window);
+                }
+                if probe {
+                    if let Some(p) = self.probing.as_mut() {
+                        p.in_flight = None;
+                    }
+                }
+            }
+            UpstreamSignal::NoAnswer => {
+                if probe {
+                    // The probe learned nothing about the quota: the next one may go.
+                    if let Some(p) = self.probing.as_mut() {
+                        p.in_flight = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stamp of a token granted now.
+    pub fn grant(&self) -> Grant {
+        Grant {
+            epoch: self.epoch,
+            probe: self.probing.is_some(),
+        }
+    }
+
+    /// What the bucket may do now.
+    pub fn admit(&self, now: Instant) -> Admit {
+        if self.is_paused(now) {
+            return Admit::Closed;
+        }
+        match &self.probing {
+            None => Admit::Open,
+            Some(p) if p.in_flight.is_none() && p.next_at <= now => Admit::Probe,
+            Some(_) => Admit::Closed,
+        }
+    }
+
+    /// A probe was granted now.
+    pub fn probe_sent(&mut self, now: Instant) {
+        if let Some(p) = self.probing.as_mut() {
+            p.in_flight = Some(now);
+        }
+    }
+
+    /// A probe was granted but never sent (its client left): the next one may go.
+    pub fn probe_returned(&mut self) {
+        if let Some(p) = self.probing.as_mut() {
+            p.in_flight = None;
+        }
+    }
+
+    /// When probing next changes on its own: the next probe is due, or the one out times out.
+    pub fn next_probe_event(&self) -> Option<Instant> {
+        let p = self.probing.as_ref()?;
+        Some(
+            p.in_flight
+                .map_or(p.next_at, |sent| sent + PROBE_ANSWER_TIMEOUT),
+        )
+    }
+
+    /// A billing 429 was seen within the last window: 429s are not worth replaying.
+    pub fn billing_refused(&self, now: Instant) -> bool {
+        self.billing_until.is_some_and(|until| until > now)
+    }
+
+    pub fn is_probing(&self) -> bool {
+        self.probing.is_some()
+    }
+
+    fn start_probing(&mut self, now: Instant) {
+        // The first probe waits one interval of the cut rate, as a token would.
+        let first =
+            Duration::from_secs_f64(60.0 / self.effective_rpm.max(1e-6)).min(PROBE_SPACING_MAX);
+        self.probing = Some(Probing {
+            next_at: now + first,
+            spacing: first,
+            in_flight: None,
+        });
+    }
+
+    fn probe_refused(&mut self, paused: bool, now: Instant) {
+        if paused {
+            // The upstream said how long to wait: the pause replaces the probing.
+            self.probing = None;
+            return;
+        }
+        if let Some(p) = self.probing.as_mut() {
+            p.spacing = (p.spacing * PROBE_GROWTH).min(PROBE_SPACING_MAX);
+            p.next_at = now + p.spacing;
+            p.in_flight = None;
         }
     }
 
     fn cut(&mut self, now: Instant) {
-        let ceiling = (self
-            .accepted_rpm(now)
-            .unwrap_or(self.effective_rpm)
-            .min(self.effective_rpm)
-            * (1.0 - self.settings.ceiling_headroom))
-            .clamp(self.floor_rpm(), self.base_rpm);
-        self.ceiling_rpm = Some(ceiling);
+        let ceiling = match self.accepted_rpm(now) {
+            Some(accepted) => Some(accepted.min(self.effective_rpm)),
+            // Sharing the quota, this controller never sees the whole traffic.
+            None if self.partial_view => Some(self.effective_rpm),
+            None => None,
+        };
         self.effective_rpm = (self.effective_rpm * self.settings.decrease_factor)
-            .min(ceiling)
-            .max(self.floor_rpm());
+            .max(self.floor_rpm())
+            .min(self.base_rpm);
+        // A window that held an earlier cut was not spent near the quota all along: what it
+        // accepted is a floor, not the quota.
+        self.ceiling_uninformed = self
+            .last_cut
+            .is_some_and(|last| now.saturating_duration_since(last) < self.settings.window);
+        self.last_cut = Some(now);
+        let verified = self.verified_rpm.take().unwrap_or(0.0);
+        self.ceiling_rpm = match ceiling {
+            Some(c) => Some(self.headroom(c).max(verified).min(self.base_rpm)),
+            None => {
+                // Hold at the cut rate until a whole window has been observed.
+                self.learn_ceiling_at = Some(self.observing_since + self.settings.window);
+                Some(self.effective_rpm)
+            }
+        };
+        if let Some(c) = self.ceiling_rpm {
+            self.effective_rpm = self.effective_rpm.min(c);
+        }
+        if let Some(good) = self
+            .stepped_above
+            .take()
+            .map(|good| good.clamp(self.floor_rpm(), self.base_rpm))
+        {
+            // The step above the ceiling found the quota: back to the rate below it.
+            self.ceiling_rpm = Some(good);
+            self.effective_rpm = good;
+            self.ceiling_uninformed = false;
+        }
         self.state = RetreatState::Retreat;
         self.last_change = now;
+        self.epoch += 1;
+        self.probing = None;
+    }
+
+    /// A rate less the headroom, within the floor and the base rate.
+    fn headroom(&self, rpm: f64) -> f64 {
+        (rpm * (1.0 - self.settings.ceiling_headroom)).clamp(self.floor_rpm(), self.base_rpm)
     }
 
     fn pause_for(&mut self, wait: Duration, now: Instant) {
@@ -295,11 +530,12 @@ impl RetreatController {
         self.partial_view = partial;
     }
 
-    /// Requests per minute the upstream accepted over the last whole window, if one was seen.
-    fn accepted_rpm(&self, now: Instant) -> Option<f64> {
+    /// Requests per minute the upstream accepted over the whole window that ends at `end`, if
+    /// one was observed.
+    fn accepted_rpm(&self, end: Instant) -> Option<f64> {
         let window = self.settings.window;
         if self.partial_view
-            || now.saturating_duration_since(self.observing_since) < window
+            || end.saturating_duration_since(self.observing_since) < window
             || window.is_zero()
         {
             return None;
@@ -307,7 +543,9 @@ impl RetreatController {
         let accepted = self
             .samples
             .iter()
-            .filter(|(t, limited)| !limited && now.saturating_duration_since(*t) <= window)
+            .filter(|(t, limited)| {
+                !limited && *t <= end && end.saturating_duration_since(*t) <= window
+            })
             .count();
         Some(accepted as f64 * 60.0 / window.as_secs_f64())
     }
@@ -317,12 +555,41 @@ impl RetreatController {
         if self.pause_until.is_some_and(|p| p <= now) {
             self.pause_until = None;
         }
+        if self
+            .probing
+            .and_then(|p| p.in_flight)
+            .is_some_and(|sent| now >= sent + PROBE_ANSWER_TIMEOUT)
+        {
+            // No 429 came back in time: the upstream is working on it.
+            self.probing = None;
+        }
+        if let Some(at) = self.learn_ceiling_at.filter(|at| *at <= now) {
+            self.learn_ceiling_at = None;
+            if let Some(accepted) = self.accepted_rpm(at) {
+                let ceiling = self.headroom(accepted);
+                // A window that was mostly spent at the cut rate only proves the cut rate.
+                self.ceiling_uninformed =
+                    accepted <= self.effective_rpm * (1.0 + self.settings.ceiling_headroom);
+                self.ceiling_rpm = Some(ceiling.max(self.effective_rpm));
+            }
+        }
+        if self.state != RetreatState::Normal
+            && self.probing.is_none()
+            && now.saturating_duration_since(
+                self.last_change
+                    .max(self.last_429.unwrap_or(self.last_change)),
+            ) >= self.settings.window
+        {
+            self.verified_rpm = Some(self.verified_rpm.unwrap_or(0.0).max(self.effective_rpm));
+            self.stepped_above = None;
+        }
         let s = &self.settings;
         match self.state {
             RetreatState::Normal => {}
             RetreatState::Retreat => {
                 let quiet_since = self.last_429.unwrap_or(self.last_change);
                 if self.pause_until.is_none()
+                    && self.probing.is_none()
                     && now.saturating_duration_since(quiet_since) >= s.quiet_period
                 {
                     self.state = RetreatState::Recover;
@@ -332,18 +599,32 @@ impl RetreatController {
             RetreatState::Recover => {
                 let step = s.recover_step * self.base_rpm;
                 let ceiling = self.ceiling_rpm.unwrap_or(self.base_rpm).min(self.base_rpm);
-                while now.saturating_duration_since(self.last_change) >= s.recover_interval
+                let ceiling_known = self.learn_ceiling_at.is_none();
+                while ceiling_known
+                    && now.saturating_duration_since(self.last_change) >= s.recover_interval
                     && self.effective_rpm < ceiling
                 {
                     self.effective_rpm = (self.effective_rpm + step).min(ceiling);
                     self.last_change += s.recover_interval;
                 }
-                if self.effective_rpm >= ceiling
-                    && now.saturating_duration_since(self.last_change) >= s.probe_interval
+                // Above a ceiling learned from a saturated window: rarely and explicitly. Above
+                // one that only proves the cut rate: one step per whole window.
+                let above_every = if self.ceiling_uninformed {
+                    s.window.min(s.probe_interval)
+                } else {
+                    s.probe_interval
+                };
+                let mut ceiling = ceiling;
+                while ceiling_known
+                    && self.effective_rpm >= ceiling
+                    && self.effective_rpm < self.base_rpm
+                    && now.saturating_duration_since(self.last_change) >= above_every
                 {
-                    self.ceiling_rpm = Some(ceiling + step);
+                    self.stepped_above = Some(ceiling);
+                    ceiling += step;
+                    self.ceiling_rpm = Some(ceiling);
                     self.effective_rpm = (self.effective_rpm + step).min(self.base_rpm);
-                    self.last_change = now;
+                    self.last_change += above_every;
                 }
                 if self.effective_rpm >= self.base_rpm {
                     self.effective_rpm = self.base_rpm;
@@ -391,9 +672,9 @@ impl RetreatController {
         }
     }
 
-    /// Tokens per second the bucket refills at right now (zero while paused).
+    /// Tokens per second the bucket refills at right now (zero while paused or probing).
     pub fn admission_rate_per_sec(&self, now: Instant) -> f64 {
-        if self.is_paused(now) {
+        if self.admit(now) != Admit::Open {
             0.0
         } else {
             self.effective_rpm * (1.0 - self.settings.safety_margin) / 60.0
@@ -450,69 +731,101 @@ mod tests {
         Duration::from_secs(s)
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Sends a probe at `now` (it must be due) and returns its stamp.
+    fn probe(c: &mut RetreatController, now: Instant) -> Grant {
+        assert_eq!(c.admit(now), Admit::Probe, "a probe is due");
+        let grant = c.grant();
+        assert!(grant.probe);
+        c.probe_sent(now);
+        grant
+    }
+
+    /// `n` accepted answers one per `every` from `from`.
+    fn accepted(c: &mut RetreatController, from: Instant, every: Duration, n: u32) {
+        for i in 0..n {
+            c.observe(&OK, from + every * i);
+        }
+    }
+
     #[test]
-    fn retreats_on_429_then_recovers_back_to_base() {
+    fn a_429_without_retry_after_probes_with_growing_spacing_and_the_first_success_resumes() {
         let t0 = Instant::now();
         let mut c = RetreatController::new(60.0, settings(), t0);
         c.observe(&LIMITED, t0 + secs(1));
         assert_eq!(c.state(), RetreatState::Retreat);
-        // Before a whole window was seen the ceiling comes from the rate that caused the 429.
         assert_eq!(c.effective_rpm(), 30.0);
-        c.tick(t0 + secs(5));
-        assert_eq!(
-            c.state(),
-            RetreatState::Retreat,
-            "quiet period not over yet"
-        );
-        c.tick(t0 + secs(6));
-        assert_eq!(c.state(), RetreatState::Recover);
-        c.tick(t0 + secs(9));
-        assert!(
-            (c.effective_rpm() - 48.0).abs() < 1e-9,
-            "three steps of 6 rpm: {}",
-            c.effective_rpm()
-        );
-        c.tick(t0 + secs(60));
-        assert!(
-            (c.effective_rpm() - 57.0).abs() < 1e-9,
-            "holds at the ceiling: {}",
-            c.effective_rpm()
-        );
-        assert_eq!(c.state(), RetreatState::Recover);
-        // After a long quiet time at the ceiling it probes upward and returns to normal.
-        // The last climbing step was at 11 s.
-        c.tick(t0 + secs(11 + 299));
-        assert_eq!(c.state(), RetreatState::Recover);
-        c.tick(t0 + secs(11 + 300));
-        assert_eq!(c.state(), RetreatState::Normal);
-        assert_eq!(c.effective_rpm(), 60.0);
+        assert!(c.is_probing());
+        // No tokens while probing; the first probe waits one interval of the cut rate (2 s).
+        assert_eq!(c.admission_rate_per_sec(t0 + secs(1)), 0.0);
+        assert_eq!(c.admit(t0 + ms(2999)), Admit::Closed);
+        let first = probe(&mut c, t0 + secs(3));
+        assert_eq!(c.admit(t0 + secs(4)), Admit::Closed, "one probe at a time");
+        c.observe_answer(&LIMITED, first, t0 + secs(3));
+        // Refused: three times the spacing.
+        assert_eq!(c.next_probe_event(), Some(t0 + secs(9)));
+        assert_eq!(c.admit(t0 + ms(8999)), Admit::Closed);
+        let second = probe(&mut c, t0 + secs(9));
+        c.observe_answer(&LIMITED, second, t0 + secs(9));
+        assert_eq!(c.next_probe_event(), Some(t0 + secs(27)));
+        let third = probe(&mut c, t0 + secs(27));
+        c.observe_answer(&OK, third, t0 + secs(27));
+        assert!(!c.is_probing());
+        assert_eq!(c.admit(t0 + secs(27)), Admit::Open);
+        assert_eq!(c.effective_rpm(), 30.0, "the cut rate resumes");
+        assert!((c.admission_rate_per_sec(t0 + secs(27)) - 30.0 * 0.99 / 60.0).abs() < 1e-9);
     }
 
     #[test]
-    fn learns_the_upstream_rate_after_a_full_window() {
+    fn answers_to_grants_from_before_the_cut_neither_cut_again_nor_judge_a_probe() {
         let t0 = Instant::now();
         let mut c = RetreatController::new(60.0, settings(), t0);
-        // Accepted at 2 per second (120 rpm): more than we send, so the ceiling is our own rate.
-        for i in 0..20u64 {
-            c.observe(&OK, t0 + Duration::from_millis(500 * i + 500));
-        }
-        c.observe(&LIMITED, t0 + secs(11));
-        // 19 accepted within the last 10 s -> 114 rpm > effective, so the ceiling is 60 * 0.95.
-        assert!((c.ceiling_rpm.unwrap() - 57.0).abs() < 1e-9);
-
-        let mut c = RetreatController::new(60.0, settings(), t0);
-        for i in 0..7u64 {
-            c.observe(&OK, t0 + secs(4 + i));
-        }
-        c.observe(&LIMITED, t0 + secs(11));
-        // 7 accepted within the last 10 s -> 42 rpm, less the 5% headroom.
-        let ceiling = c.ceiling_rpm.unwrap();
-        assert!((ceiling - 42.0 * 0.95).abs() < 1e-9, "ceiling {ceiling}");
+        let before = c.grant();
+        c.observe_answer(&LIMITED, before, t0);
         assert_eq!(c.effective_rpm(), 30.0);
+        // More answers to requests that were already on their way.
+        c.observe_answer(&LIMITED, before, t0 + ms(10));
+        c.observe_answer(&OK, before, t0 + ms(20));
+        assert_eq!(c.effective_rpm(), 30.0, "cut once");
+        assert!(c.is_probing(), "an old success does not end probing");
+        assert!((c.upstream_429_ratio(t0 + ms(20)) - 2.0 / 3.0).abs() < 1e-9);
+        // A 429 on a grant of the new epoch that is no probe (the cut rate was still too
+        // high) cuts again.
+        let p = probe(&mut c, t0 + secs(2));
+        c.observe_answer(&OK, p, t0 + secs(2));
+        let after = c.grant();
+        c.observe_answer(&LIMITED, after, t0 + secs(3));
+        assert_eq!(c.effective_rpm(), 15.0);
+        assert!(c.is_probing());
     }
 
     #[test]
-    fn retry_after_pauses_and_retreats() {
+    fn a_probe_without_an_answer_counts_as_accepted_after_the_timeout_and_a_lost_one_is_freed() {
+        let t0 = Instant::now();
+        let mut c = RetreatController::new(60.0, settings(), t0);
+        c.observe(&LIMITED, t0);
+        let lost = probe(&mut c, t0 + secs(2));
+        // The client left before the upstream answered: the next probe may go at once.
+        c.observe_answer(&UpstreamSignal::NoAnswer, lost, t0 + secs(2));
+        let _slow = probe(&mut c, t0 + secs(2));
+        c.tick(t0 + secs(2) + PROBE_ANSWER_TIMEOUT - ms(1));
+        assert!(c.is_probing());
+        assert_eq!(
+            c.next_probe_event(),
+            Some(t0 + secs(2) + PROBE_ANSWER_TIMEOUT)
+        );
+        c.tick(t0 + secs(2) + PROBE_ANSWER_TIMEOUT);
+        assert!(
+            !c.is_probing(),
+            "no 429 came back: the upstream is working on it"
+        );
+    }
+
+    #[test]
+    fn retry_after_pauses_instead_of_probing() {
         let t0 = Instant::now();
         let mut c = RetreatController::new(60.0, settings(), t0);
         c.observe(
@@ -521,28 +834,123 @@ mod tests {
             },
             t0,
         );
+        assert!(!c.is_probing());
         assert!(c.is_paused(t0 + secs(19)));
+        assert_eq!(c.admit(t0 + secs(19)), Admit::Closed);
         assert_eq!(c.admission_rate_per_sec(t0 + secs(19)), 0.0);
         c.tick(t0 + secs(19));
         assert_eq!(c.state(), RetreatState::Retreat, "no recovery while paused");
         c.tick(t0 + secs(20));
         assert!(!c.is_paused(t0 + secs(20)));
+        assert_eq!(c.admit(t0 + secs(20)), Admit::Open);
+        assert_eq!(c.state(), RetreatState::Recover);
+    }
+
+    /// NVIDIA's numbers: 40 per rolling minute, the sidecar at 60 rpm. The first 429 comes
+    /// after 40 s, before a whole window was observed: no ceiling can be known then, and
+    /// scaling 40 s of history up to a minute would give 60 rpm. Recovery holds at the cut
+    /// rate until the window has passed, then climbs to what the upstream accepted in it.
+    #[test]
+    fn no_ceiling_is_learned_from_less_than_a_whole_window() {
+        let t0 = Instant::now();
+        let mut c = RetreatController::new(60.0, RetreatSettings::default(), t0);
+        accepted(&mut c, t0, secs(1), 40);
+        c.observe(&LIMITED, t0 + secs(40));
+        assert_eq!(c.effective_rpm(), 30.0);
+        let p = probe(&mut c, t0 + secs(42));
+        c.observe_answer(&LIMITED, p, t0 + secs(42));
+        let p = probe(&mut c, t0 + secs(48));
+        c.observe_answer(&LIMITED, p, t0 + secs(48));
+        c.tick(t0 + secs(59));
+        assert_eq!(c.ceiling_rpm, Some(30.0), "held at the cut rate");
+        c.tick(t0 + secs(60));
+        let learned = 40.0 * 0.95;
+        assert_eq!(
+            c.ceiling_rpm,
+            Some(learned),
+            "40 accepted in the first minute"
+        );
+        let p = probe(&mut c, t0 + secs(66));
+        c.observe_answer(&OK, p, t0 + secs(66));
+        let mut highest = 0.0f64;
+        // (Until `probe_interval` after the last step, when recovery tries one step higher.)
+        for s in 66..300 {
+            c.tick(t0 + secs(s));
+            highest = highest.max(c.effective_rpm());
+        }
+        assert_eq!(c.effective_rpm(), learned);
+        assert!(highest <= learned, "climbed to {highest}");
         assert_eq!(c.state(), RetreatState::Recover);
     }
 
     #[test]
-    fn a_429_during_recovery_retreats_again_and_one_during_retreat_does_not_cut_twice() {
+    fn a_whole_window_before_the_cut_gives_the_ceiling_at_once() {
         let t0 = Instant::now();
         let mut c = RetreatController::new(60.0, settings(), t0);
-        c.observe(&LIMITED, t0);
-        c.observe(&LIMITED, t0 + Duration::from_millis(10));
+        // Accepted at 2 per second (120 rpm): more than we send, so the ceiling is our own rate.
+        accepted(&mut c, t0 + ms(500), ms(500), 20);
+        c.observe(&LIMITED, t0 + secs(11));
+        assert!((c.ceiling_rpm.unwrap() - 57.0).abs() < 1e-9);
+
+        let mut c = RetreatController::new(60.0, settings(), t0);
+        accepted(&mut c, t0 + secs(4), secs(1), 7);
+        c.observe(&LIMITED, t0 + secs(11));
+        // 7 accepted within the last 10 s -> 42 rpm, less the 5% headroom.
+        let ceiling = c.ceiling_rpm.unwrap();
+        assert!((ceiling - 42.0 * 0.95).abs() < 1e-9, "ceiling {ceiling}");
         assert_eq!(c.effective_rpm(), 30.0);
-        c.tick(t0 + secs(7));
+    }
+
+    #[test]
+    fn a_window_spent_at_the_cut_rate_is_verified_one_step_per_window() {
+        let t0 = Instant::now();
+        let mut c = RetreatController::new(60.0, settings(), t0);
+        c.observe(&LIMITED, t0 + secs(1));
+        let p = probe(&mut c, t0 + secs(3));
+        c.observe_answer(&OK, p, t0 + secs(3));
+        // 30 rpm for the rest of the first window: it proves the cut rate, nothing more.
+        accepted(&mut c, t0 + secs(4), secs(2), 4);
+        c.tick(t0 + secs(10));
+        assert_eq!(c.ceiling_rpm, Some(30.0));
+        // Recovery tries one step (6 rpm) above it per whole window (10 s) of quiet.
+        c.tick(t0 + secs(19));
+        assert_eq!(c.effective_rpm(), 30.0);
+        c.tick(t0 + secs(20));
+        assert_eq!(c.effective_rpm(), 36.0);
+        c.tick(t0 + secs(30));
+        assert_eq!(c.effective_rpm(), 42.0);
+        // The rates that ran a whole window without a 429 are proven: a cut never sets the
+        // ceiling below them.
+        c.tick(t0 + secs(40));
+        let before = c.grant();
+        c.observe_answer(&LIMITED, before, t0 + secs(40));
+        assert!(c.ceiling_rpm.unwrap() >= 42.0 - 1e-9, "{:?}", c.ceiling_rpm);
+    }
+
+    #[test]
+    fn above_a_learned_ceiling_recovery_probes_only_after_the_probe_interval() {
+        let t0 = Instant::now();
+        let mut c = RetreatController::new(60.0, settings(), t0);
+        accepted(&mut c, t0 + ms(500), ms(500), 20);
+        c.observe(
+            &UpstreamSignal::RateLimited {
+                retry_after: Some(secs(1)),
+            },
+            t0 + secs(11),
+        );
+        c.tick(t0 + secs(16));
         assert_eq!(c.state(), RetreatState::Recover);
-        c.observe(&LIMITED, t0 + secs(8));
-        assert_eq!(c.state(), RetreatState::Retreat);
-        assert!(c.effective_rpm() < 30.0);
-        assert!(c.effective_rpm() >= c.floor_rpm());
+        c.tick(t0 + secs(60));
+        assert!(
+            (c.effective_rpm() - 57.0).abs() < 1e-9,
+            "holds at the ceiling"
+        );
+        // Recovery began at 16 s; the last climbing step, to 57, was at 21 s.
+        c.tick(t0 + secs(21 + 299));
+        assert!((c.effective_rpm() - 57.0).abs() < 1e-9);
+        c.tick(t0 + secs(21 + 300));
+        assert_eq!(c.state(), RetreatState::Normal);
+        assert_eq!(c.effective_rpm(), 60.0);
     }
 
     #[test]

@@ -20,8 +20,10 @@ pub enum UpstreamSignal {
     Accepted { pause: Option<Duration> },
     /// A 429 about the request rate; `retry_after` when the upstream said how long to wait.
     RateLimited { retry_after: Option<Duration> },
-    /// A 429 that retreating or replaying cannot help (billing, per-model concurrency).
+    /// A 429 that retreating cannot help (billing, per-model concurrency).
     NotRateLimit(NonRateLimitReason),
+    /// The request got no answer from the upstream (connect failure, the client left first).
+    NoAnswer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,35 @@ impl UpstreamSignal {
         }
         UpstreamSignal::RateLimited {
             retry_after: retry_after(&header, now).map(|p| p.min(MAX_PAUSE)),
+        }
+    }
+}
+
+impl UpstreamSignal {
+    /// Refines a reading taken from the status and headers with the start of the body, once it
+    /// is known: a 429 about billing or capacity is no rate limit, and a 503 with NVIDIA's
+    /// capacity text is a capacity limit.
+    pub fn with_body(self, status: u16, body: &[u8]) -> UpstreamSignal {
+        match (status, non_rate_limit_reason(body)) {
+            (429, Some(reason)) => UpstreamSignal::NotRateLimit(reason),
+            (503, Some(NonRateLimitReason::WorkerConcurrency)) => {
+                UpstreamSignal::NotRateLimit(NonRateLimitReason::WorkerConcurrency)
+            }
+            _ => self,
+        }
+    }
+
+    /// The `reason` label of `upstream_refusals_total`, for a refusal.
+    pub fn refusal_reason(&self) -> Option<&'static str> {
+        match self {
+            UpstreamSignal::RateLimited { .. } => Some("rate_limit"),
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::WorkerConcurrency) => {
+                Some("worker_capacity")
+            }
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::InsufficientQuota) => {
+                Some("insufficient_quota")
+            }
+            UpstreamSignal::Accepted { .. } | UpstreamSignal::NoAnswer => None,
         }
     }
 }
@@ -149,7 +180,9 @@ fn non_rate_limit_reason(body: &[u8]) -> Option<NonRateLimitReason> {
     let body = String::from_utf8_lossy(body);
     if body.contains("insufficient_quota") {
         Some(NonRateLimitReason::InsufficientQuota)
-    } else if body.contains("Worker local total request limit reached") {
+    } else if body.contains("Worker local total request limit reached")
+        || body.contains("ResourceExhausted")
+    {
         Some(NonRateLimitReason::WorkerConcurrency)
     } else {
         None

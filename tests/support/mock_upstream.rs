@@ -6,6 +6,24 @@
 //! `POST /_mock/quota` (`{"limit": 10, "window_ms": 2000}`, or `null` for none) and
 //! `POST /_mock/reset`. Used by the tests and, through `examples/mock_upstream.rs`, by the
 //! benchmarks.
+//!
+//! `MockUpstream::start` serves through axum, so its answers are framed however hyper frames
+//! them. `MockUpstream::start_framed` serves the same state through a hand-written HTTP/1.1
+//! server instead, because real upstreams frame their answers (429s above all) in ways hyper
+//! never does, and the proxy has to absorb a 429 whatever its framing. The [`Framing`]
+//! variants, applied to 429 answers and to buffered chat answers:
+//!
+//! - `OneWrite`: status line, headers and body in one write (one TCP segment).
+//! - `Split { delay }`: the head, then after `delay` the body (Content-Length framing), as
+//!   Python's `http.server` does.
+//! - `Chunked { delay }`: `Transfer-Encoding: chunked`; the head, then after `delay` the body
+//!   in one or two chunks and the last chunk.
+//! - `BodyNever`: a 429 head with a Content-Length whose body never comes; the connection
+//!   stays open for 60 s. Successes go out as `OneWrite`.
+//!
+//! The raw server answers only `POST /v1/chat/completions` (a `stream: true` request gets
+//! buffered JSON) and `GET /v1/models`, 404 to anything else. It keeps connections alive and
+//! reads Content-Length and chunked request bodies.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -15,10 +33,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 
 /// How the hidden quota counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +81,41 @@ pub enum LimitStyle {
     /// OpenAI-style headers on every answer: `x-ratelimit-remaining-requests` and
     /// `x-ratelimit-reset-requests` (time until the oldest request leaves the window).
     RateLimitHeaders,
+    /// NVIDIA's overloaded worker: `{"status":429,"title":"Too Many Requests","detail":
+    /// "ResourceExhausted: Worker local total request limit reached (33/32)"}`, no
+    /// `Retry-After`. It looks like a quota 429 but says nothing about the quota.
+    WorkerCapacity,
+    /// A 429 with `retry-after-ms: N`, the millisecond hint some gateways send instead of
+    /// (or before) `Retry-After`.
+    RetryAfterMs(u64),
+}
+
+/// How the raw server (`MockUpstream::start_framed`) puts an answer on the wire. Applies to
+/// 429 answers and to buffered chat answers; `/v1/models` and 404s always go out in one write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Status line, headers and body in a single write: one TCP segment.
+    OneWrite,
+    /// The head in one write, then after `delay` the body in another (Content-Length
+    /// framing), as Python's `http.server` answers: the head can arrive alone.
+    Split { delay: Duration },
+    /// `Transfer-Encoding: chunked`: the head, then after `delay` the body as one or two
+    /// chunks, then `0\r\n\r\n`.
+    Chunked { delay: Duration },
+    /// A 429 head with a Content-Length, and then no body: the connection stays open for
+    /// 60 s and closes. Only 429s; successes go out as `OneWrite`.
+    BodyNever,
+}
+
+/// The body of `LimitStyle::WorkerCapacity` and of `MockState::worker_busy_next` answers.
+const WORKER_CAPACITY_BODY: &str = r#"{"status":429,"title":"Too Many Requests","detail":"ResourceExhausted: Worker local total request limit reached (33/32)"}"#;
+
+/// FNV-1a 64 of `bytes`: what `Arrival::body_checksum` holds, so a test can check that the
+/// body it sent arrived byte for byte without the mock keeping every body.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// One request as the mock saw it.
@@ -73,6 +128,10 @@ pub struct Arrival {
     pub authorization: Option<String>,
     pub host: Option<String>,
     pub body_len: usize,
+    /// `fnv1a64` of the request body.
+    pub body_checksum: u64,
+    /// Answered 429 by `MockState::worker_busy_next`, not by the quota: not a violation.
+    pub worker_busy: bool,
 }
 
 pub struct MockState {
@@ -85,17 +144,39 @@ pub struct MockState {
     arrivals: Mutex<Vec<Arrival>>,
     /// The next N chat requests get a 429 whatever the quota says.
     fail_next: AtomicUsize,
+    /// The next N chat requests get the worker-capacity 429 whatever the quota says.
+    worker_busy_next: AtomicUsize,
     pub streams_finished: AtomicUsize,
 }
 
 impl MockState {
+    fn new(quota: Option<Quota>, style: LimitStyle) -> Arc<MockState> {
+        Arc::new(MockState {
+            quota: Mutex::new(quota),
+            style: Mutex::new(style),
+            started: Instant::now(),
+            accepted: Mutex::new(VecDeque::new()),
+            bucket: Mutex::new((quota.map_or(0.0, |q| q.limit as f64), Instant::now())),
+            arrivals: Mutex::new(Vec::new()),
+            fail_next: AtomicUsize::new(0),
+            worker_busy_next: AtomicUsize::new(0),
+            streams_finished: AtomicUsize::new(0),
+        })
+    }
+
     pub fn arrivals(&self) -> Vec<Arrival> {
         self.arrivals.lock().unwrap().clone()
     }
 
-    /// Requests answered 429 because of the quota (or `fail_next`).
+    /// Requests answered 429 because of the quota (or `fail_next`); `worker_busy_next`
+    /// rejections are not violations, since they say nothing about the quota.
     pub fn violations(&self) -> usize {
-        self.arrivals().iter().filter(|a| a.status == 429).count()
+        self.arrivals().iter().filter(|a| a.is_violation()).count()
+    }
+
+    /// Requests answered with the worker-capacity 429 by `worker_busy_next`.
+    pub fn worker_rejections(&self) -> usize {
+        self.arrivals().iter().filter(|a| a.worker_busy).count()
     }
 
     /// Chat requests accepted in `[from, to)`.
@@ -116,7 +197,7 @@ impl MockState {
     pub fn violations_between(&self, from: Instant, to: Instant) -> usize {
         self.arrivals()
             .iter()
-            .filter(|a| a.status == 429 && a.at >= from && a.at < to)
+            .filter(|a| a.is_violation() && a.at >= from && a.at < to)
             .count()
     }
 
@@ -146,16 +227,17 @@ impl MockState {
                 .unwrap_or_else(|| "(none)".to_string());
             let entry = per_key.entry(key).or_default();
             entry.0 += 1;
-            if a.status == 429 {
+            if a.is_violation() {
                 entry.1 += 1;
             }
         }
         let since_start = |t: Instant| t.duration_since(self.started).as_millis() as u64;
         serde_json::json!({
-            "violation_ms": arrivals.iter().filter(|a| a.status == 429).map(|a| since_start(a.at)).collect::<Vec<_>>(),
+            "violation_ms": arrivals.iter().filter(|a| a.is_violation()).map(|a| since_start(a.at)).collect::<Vec<_>>(),
             "arrivals": arrivals.len(),
             "accepted": arrivals.iter().filter(|a| a.status == 200).count(),
-            "violations": arrivals.iter().filter(|a| a.status == 429).count(),
+            "violations": arrivals.iter().filter(|a| a.is_violation()).count(),
+            "worker_rejections": arrivals.iter().filter(|a| a.worker_busy).count(),
             "per_key": per_key
                 .into_iter()
                 .map(|(k, (hits, violations))| (k, serde_json::json!({"hits": hits, "violations": violations})))
@@ -209,6 +291,19 @@ impl MockState {
         self.fail_next.store(n, Ordering::SeqCst);
     }
 
+    /// The next `n` chat requests get NVIDIA's worker-capacity 429 whatever the quota says,
+    /// without taking a quota slot: an overloaded worker, not a spent quota. Counted by
+    /// `worker_rejections`, not by `violations`.
+    pub fn worker_busy_next(&self, n: usize) {
+        self.worker_busy_next.store(n, Ordering::SeqCst);
+    }
+
+    fn take_worker_busy(&self) -> bool {
+        self.worker_busy_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// Takes a quota slot for an arrival now; false means the request is over the quota.
     fn admit(&self, at: Instant) -> bool {
         if self
@@ -260,7 +355,15 @@ impl MockState {
         allowed
     }
 
-    fn record(&self, at: Instant, path: &str, status: u16, headers: &HeaderMap, body_len: usize) {
+    fn record(
+        &self,
+        at: Instant,
+        path: &str,
+        status: u16,
+        headers: &HeaderMap,
+        body: &[u8],
+        worker_busy: bool,
+    ) {
         let header = |name: &str| {
             headers
                 .get(name)
@@ -274,8 +377,16 @@ impl MockState {
             client: header("x-mock-client"),
             authorization: header("authorization"),
             host: header("host"),
-            body_len,
+            body_len: body.len(),
+            body_checksum: fnv1a64(body),
+            worker_busy,
         });
+    }
+}
+
+impl Arrival {
+    fn is_violation(&self) -> bool {
+        self.status == 429 && !self.worker_busy
     }
 }
 
@@ -322,17 +433,23 @@ impl MockUpstream {
         MockUpstream { addr, state, task }
     }
 
+    /// Starts a plain-HTTP mock on a free loopback port that frames its 429s and buffered chat
+    /// answers as `framing` says (see [`Framing`]), through a hand-written HTTP/1.1 server
+    /// sharing the axum mock's quota, styles and bookkeeping.
+    pub async fn start_framed(
+        quota: Option<Quota>,
+        style: LimitStyle,
+        framing: Framing,
+    ) -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = MockState::new(quota, style);
+        let task = tokio::spawn(raw::serve(listener, state.clone(), framing));
+        MockUpstream { addr, state, task }
+    }
+
     fn app(quota: Option<Quota>, style: LimitStyle) -> (Arc<MockState>, Router) {
-        let state = Arc::new(MockState {
-            quota: Mutex::new(quota),
-            style: Mutex::new(style),
-            started: Instant::now(),
-            accepted: Mutex::new(VecDeque::new()),
-            bucket: Mutex::new((quota.map_or(0.0, |q| q.limit as f64), Instant::now())),
-            arrivals: Mutex::new(Vec::new()),
-            fail_next: AtomicUsize::new(0),
-            streams_finished: AtomicUsize::new(0),
-        });
+        let state = MockState::new(quota, style);
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
@@ -350,73 +467,141 @@ impl MockUpstream {
     }
 }
 
-fn too_many(style: LimitStyle) -> Response {
-    match style {
-        LimitStyle::Nvidia => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("content-type", "application/json")],
-            r#"{"status":429,"title":"Too Many Requests"}"#,
-        )
-            .into_response(),
-        LimitStyle::RetryAfter(secs) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("content-type", "application/json"), ("retry-after", &secs.to_string())],
-            r#"{"status":429,"title":"Too Many Requests"}"#,
-        )
-            .into_response(),
-        LimitStyle::RateLimitHeaders => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("content-type", "application/json"), ("x-ratelimit-remaining-requests", "0")],
-            r#"{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded","param":null}}"#,
-        )
-            .into_response(),
-        LimitStyle::InsufficientQuota => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [("content-type", "application/json")],
-            r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota","param":null}}"#,
-        )
-            .into_response(),
+/// An answer independent of the server that sends it, so that the axum mock and the raw one
+/// say exactly the same things.
+#[derive(Debug, Clone)]
+struct Answer {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn json(status: u16, body: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            headers: vec![("content-type", "application/json".to_string())],
+            body: body.into(),
+        }
+    }
+
+    /// Sets a header, replacing one of the same name (like `HeaderMap::insert`).
+    fn set_header(&mut self, name: &'static str, value: String) {
+        self.headers.retain(|(n, _)| *n != name);
+        self.headers.push((name, value));
     }
 }
 
-async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap();
+        let mut response = (status, self.body).into_response();
+        for (name, value) in self.headers {
+            response
+                .headers_mut()
+                .insert(name, HeaderValue::from_str(&value).unwrap());
+        }
+        response
+    }
+}
+
+fn too_many(style: LimitStyle) -> Answer {
+    const NVIDIA: &str = r#"{"status":429,"title":"Too Many Requests"}"#;
+    match style {
+        LimitStyle::Nvidia => Answer::json(429, NVIDIA),
+        LimitStyle::RetryAfter(secs) => {
+            let mut answer = Answer::json(429, NVIDIA);
+            answer.set_header("retry-after", secs.to_string());
+            answer
+        }
+        LimitStyle::RetryAfterMs(ms) => {
+            let mut answer = Answer::json(429, NVIDIA);
+            answer.set_header("retry-after-ms", ms.to_string());
+            answer
+        }
+        LimitStyle::RateLimitHeaders => {
+            let mut answer = Answer::json(
+                429,
+                r#"{"error":{"message":"Rate limit reached for requests","type":"requests","code":"rate_limit_exceeded","param":null}}"#,
+            );
+            answer.set_header("x-ratelimit-remaining-requests", "0".to_string());
+            answer
+        }
+        LimitStyle::InsufficientQuota => Answer::json(
+            429,
+            r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota","param":null}}"#,
+        ),
+        LimitStyle::WorkerCapacity => Answer::json(429, WORKER_CAPACITY_BODY),
+    }
+}
+
+/// What the mock does with a chat request.
+enum ChatOutcome {
+    /// A 429: the quota, `fail_next` or `worker_busy_next`.
+    Limited(Answer),
+    /// Accepted, answered with buffered JSON.
+    Buffered(Answer),
+    /// Accepted, answered with an SSE stream of `chunks` events `delay` apart.
+    Stream { chunks: u64, delay: Duration },
+}
+
+/// Decides and records a chat request. `can_stream` false answers `stream: true` requests
+/// with buffered JSON (the raw server does not stream).
+fn decide_chat(
+    state: &MockState,
+    headers: &HeaderMap,
+    body: &[u8],
+    can_stream: bool,
+) -> ChatOutcome {
+    const PATH: &str = "/v1/chat/completions";
     let at = Instant::now();
     let request: serde_json::Value =
-        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     let style = *state.style.lock().unwrap();
+    if state.take_worker_busy() {
+        state.record(at, PATH, 429, headers, body, true);
+        return ChatOutcome::Limited(Answer::json(429, WORKER_CAPACITY_BODY));
+    }
     if !state.admit(at) {
-        state.record(at, "/v1/chat/completions", 429, &headers, body.len());
-        let mut response = too_many(style);
+        state.record(at, PATH, 429, headers, body, false);
+        let mut answer = too_many(style);
         if style == LimitStyle::RateLimitHeaders {
-            add_ratelimit_headers(&state, at, &mut response);
+            add_ratelimit_headers(state, at, &mut answer);
         }
-        return response;
+        return ChatOutcome::Limited(answer);
     }
-    state.record(at, "/v1/chat/completions", 200, &headers, body.len());
-    if style == LimitStyle::RateLimitHeaders && request["stream"].as_bool() != Some(true) {
-        let answer = serde_json::json!({"id": "chatcmpl-mock", "object": "chat.completion", "model": "mock",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]});
-        let mut response =
-            ([("content-type", "application/json")], answer.to_string()).into_response();
-        add_ratelimit_headers(&state, at, &mut response);
-        return response;
-    }
-    if request["stream"].as_bool() == Some(true) {
-        let chunks = request["chunks"].as_u64().unwrap_or(5);
-        let delay = Duration::from_millis(request["chunk_delay_ms"].as_u64().unwrap_or(100));
-        let done = state.clone();
-        let stream = async_stream(chunks, delay, done);
-        return Response::builder()
-            .header("content-type", "text/event-stream")
-            .header("cache-control", "no-cache")
-            .body(Body::from_stream(stream))
-            .unwrap();
+    state.record(at, PATH, 200, headers, body, false);
+    let streaming = request["stream"].as_bool() == Some(true);
+    if streaming && can_stream {
+        return ChatOutcome::Stream {
+            chunks: request["chunks"].as_u64().unwrap_or(5),
+            delay: Duration::from_millis(request["chunk_delay_ms"].as_u64().unwrap_or(100)),
+        };
     }
     let answer = serde_json::json!({
         "id": "chatcmpl-mock", "object": "chat.completion", "model": "mock",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]
     });
-    ([("content-type", "application/json")], answer.to_string()).into_response()
+    let mut answer = Answer::json(200, answer.to_string());
+    // As before the raw server: rate limit headers on buffered answers only, not on streams.
+    if style == LimitStyle::RateLimitHeaders {
+        add_ratelimit_headers(state, at, &mut answer);
+    }
+    ChatOutcome::Buffered(answer)
+}
+
+async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
+    match decide_chat(&state, &headers, &body, true) {
+        ChatOutcome::Limited(answer) | ChatOutcome::Buffered(answer) => answer.into_response(),
+        ChatOutcome::Stream { chunks, delay } => {
+            let stream = async_stream(chunks, delay, state.clone());
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(Body::from_stream(stream))
+                .unwrap()
+        }
+    }
 }
 
 /// SSE chunks `data: {...}` with a delay before each, then `data: [DONE]`.
@@ -446,12 +631,12 @@ fn async_stream(
 }
 
 async fn models(State(state): State<Arc<MockState>>, headers: HeaderMap) -> Response {
-    state.record(Instant::now(), "/v1/models", 200, &headers, 0);
-    (
-        [("content-type", "application/json")],
-        r#"{"object":"list","data":[{"id":"mock"}]}"#,
-    )
-        .into_response()
+    models_answer(&state, &headers).into_response()
+}
+
+fn models_answer(state: &MockState, headers: &HeaderMap) -> Answer {
+    state.record(Instant::now(), "/v1/models", 200, headers, &[], false);
+    Answer::json(200, r#"{"object":"list","data":[{"id":"mock"}]}"#)
 }
 
 #[derive(serde::Deserialize)]
@@ -464,7 +649,7 @@ async fn slow(
     headers: HeaderMap,
     Query(q): Query<SlowQuery>,
 ) -> Response {
-    state.record(Instant::now(), "/slow", 200, &headers, 0);
+    state.record(Instant::now(), "/slow", 200, &headers, &[], false);
     tokio::time::sleep(Duration::from_millis(q.ms)).await;
     "slow".into_response()
 }
@@ -475,17 +660,16 @@ async fn echo(
     uri: axum::http::Uri,
     body: Bytes,
 ) -> Response {
-    state.record(Instant::now(), uri.path(), 200, &headers, body.len());
+    state.record(Instant::now(), uri.path(), 200, &headers, &body, false);
     format!("echo {}", uri.path()).into_response()
 }
 
 /// OpenAI-style `x-ratelimit-*` headers describing the quota as of `at`.
-fn add_ratelimit_headers(state: &MockState, at: Instant, response: &mut Response) {
+fn add_ratelimit_headers(state: &MockState, at: Instant, answer: &mut Answer) {
     if let Some((remaining, reset)) = state.headroom(at) {
-        let headers = response.headers_mut();
-        headers.insert("x-ratelimit-remaining-requests", remaining.into());
+        answer.set_header("x-ratelimit-remaining-requests", remaining.to_string());
         let reset = format!("{}ms", reset.as_millis().max(1));
-        headers.insert("x-ratelimit-reset-requests", reset.parse().unwrap());
+        answer.set_header("x-ratelimit-reset-requests", reset);
     }
 }
 
@@ -522,4 +706,274 @@ async fn set_quota(State(state): State<Arc<MockState>>, body: Bytes) -> Response
 async fn reset(State(state): State<Arc<MockState>>) -> Response {
     state.reset();
     axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// The hand-written HTTP/1.1 server behind `MockUpstream::start_framed`: hyper would frame
+/// answers its own way, and the point is to frame them the ways real upstreams do.
+mod raw {
+    use super::*;
+
+    /// How long a `BodyNever` connection stays open after its 429 head.
+    const BODY_NEVER_HOLD: Duration = Duration::from_secs(60);
+
+    /// Accepts connections until aborted. The connections live in a `JoinSet` owned by this
+    /// task, so aborting it (dropping the `MockUpstream`) also ends held `BodyNever`
+    /// connections instead of leaving them to the end of the test.
+    pub(super) async fn serve(listener: TcpListener, state: Arc<MockState>, framing: Framing) {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    // Out of descriptors or similar: do not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            // Each write is its own segment, so `Split` and `Chunked` really split.
+            let _ = stream.set_nodelay(true);
+            while connections.try_join_next().is_some() {}
+            connections.spawn(connection(stream, state.clone(), framing));
+        }
+    }
+
+    struct Request {
+        method: String,
+        path: String,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        /// The client asked to close after this answer (or spoke HTTP/1.0 without
+        /// keep-alive).
+        close: bool,
+    }
+
+    /// Serves requests on one connection until the client closes it, asks to, sends
+    /// something unreadable, or a `BodyNever` answer ends it.
+    async fn connection(stream: TcpStream, state: Arc<MockState>, framing: Framing) {
+        let mut conn = BufReader::new(stream);
+        while let Ok(Some(request)) = read_request(&mut conn).await {
+            let (answer, framed) = match (request.method.as_str(), request.path.as_str()) {
+                ("POST", "/v1/chat/completions") => {
+                    match decide_chat(&state, &request.headers, &request.body, false) {
+                        ChatOutcome::Limited(answer) | ChatOutcome::Buffered(answer) => {
+                            (answer, true)
+                        }
+                        ChatOutcome::Stream { .. } => unreachable!("can_stream is false"),
+                    }
+                }
+                ("GET", "/v1/models") => (models_answer(&state, &request.headers), false),
+                _ => {
+                    let path = request.path.clone();
+                    state.record(
+                        Instant::now(),
+                        &path,
+                        404,
+                        &request.headers,
+                        &request.body,
+                        false,
+                    );
+                    let mut answer = Answer::json(404, "not found");
+                    answer.set_header("content-type", "text/plain".to_string());
+                    (answer, false)
+                }
+            };
+            let framing = match framing {
+                _ if !framed => Framing::OneWrite,
+                Framing::BodyNever if answer.status != 429 => Framing::OneWrite,
+                other => other,
+            };
+            match write_answer(&mut conn, &answer, framing, request.close).await {
+                Ok(true) if !request.close => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Reads one request; `None` when the client closed the connection between requests.
+    async fn read_request(conn: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+        let mut line = Vec::new();
+        // A client may send a stray CRLF before a request line (RFC 9112, 2.2).
+        loop {
+            line.clear();
+            if conn.read_until(b'\n', &mut line).await? == 0 {
+                return Ok(None);
+            }
+            if !trim_eol(&line).is_empty() {
+                break;
+            }
+        }
+        let request_line = String::from_utf8_lossy(trim_eol(&line)).into_owned();
+        let mut parts = request_line.split_whitespace();
+        let (Some(method), Some(target), Some(version)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(invalid("bad request line"));
+        };
+        let path = target.split('?').next().unwrap_or_default().to_string();
+
+        let mut headers = HeaderMap::new();
+        loop {
+            line.clear();
+            if conn.read_until(b'\n', &mut line).await? == 0 {
+                return Err(invalid("connection closed inside the head"));
+            }
+            let header = trim_eol(&line);
+            if header.is_empty() {
+                break;
+            }
+            let colon = header
+                .iter()
+                .position(|b| *b == b':')
+                .ok_or_else(|| invalid("header without a colon"))?;
+            let name =
+                HeaderName::from_bytes(&header[..colon]).map_err(|_| invalid("header name"))?;
+            let value = HeaderValue::from_bytes(header[colon + 1..].trim_ascii())
+                .map_err(|_| invalid("header value"))?;
+            headers.append(name, value);
+        }
+
+        let has_token = |name: &str, token: &str| {
+            headers.get_all(name).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            })
+        };
+        let close = has_token("connection", "close")
+            || (version == "HTTP/1.0" && !has_token("connection", "keep-alive"));
+
+        if has_token("expect", "100-continue") {
+            conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+        }
+        let body = if has_token("transfer-encoding", "chunked") {
+            read_chunked(conn).await?
+        } else if let Some(length) = headers.get("content-length") {
+            let length: usize = length
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| invalid("content-length"))?;
+            let mut body = vec![0; length];
+            conn.read_exact(&mut body).await?;
+            body
+        } else {
+            Vec::new()
+        };
+        Ok(Some(Request {
+            method: method.to_string(),
+            path,
+            headers,
+            body,
+            close,
+        }))
+    }
+
+    /// A chunked request body: size lines (extensions ignored), data, and trailers skipped.
+    async fn read_chunked(conn: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if conn.read_until(b'\n', &mut line).await? == 0 {
+                return Err(invalid("connection closed inside a chunked body"));
+            }
+            let size = String::from_utf8_lossy(trim_eol(&line));
+            let size = size.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size, 16).map_err(|_| invalid("chunk size"))?;
+            if size == 0 {
+                // Trailers, up to the empty line.
+                loop {
+                    line.clear();
+                    if conn.read_until(b'\n', &mut line).await? == 0 || trim_eol(&line).is_empty() {
+                        return Ok(body);
+                    }
+                }
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            conn.read_exact(&mut body[start..]).await?;
+            let mut crlf = [0; 2];
+            conn.read_exact(&mut crlf).await?;
+            if &crlf != b"\r\n" {
+                return Err(invalid("chunk not followed by CRLF"));
+            }
+        }
+    }
+
+    /// Writes `answer` framed as `framing`. False means the connection cannot carry another
+    /// request (a `BodyNever` answer left it mid-message).
+    async fn write_answer(
+        conn: &mut BufReader<TcpStream>,
+        answer: &Answer,
+        framing: Framing,
+        close: bool,
+    ) -> std::io::Result<bool> {
+        let body = answer.body.as_bytes();
+        match framing {
+            Framing::OneWrite => {
+                let mut message = head(answer, Some(body.len()), close);
+                message.extend_from_slice(body);
+                conn.write_all(&message).await?;
+            }
+            Framing::Split { delay } => {
+                conn.write_all(&head(answer, Some(body.len()), close))
+                    .await?;
+                conn.flush().await?;
+                tokio::time::sleep(delay).await;
+                conn.write_all(body).await?;
+            }
+            Framing::Chunked { delay } => {
+                conn.write_all(&head(answer, None, close)).await?;
+                conn.flush().await?;
+                tokio::time::sleep(delay).await;
+                // Two chunks when there is enough body, so a reader must join them.
+                let (first, second) = body.split_at(body.len() / 2);
+                for chunk in [first, second].into_iter().filter(|c| !c.is_empty()) {
+                    let mut frame = format!("{:x}\r\n", chunk.len()).into_bytes();
+                    frame.extend_from_slice(chunk);
+                    frame.extend_from_slice(b"\r\n");
+                    conn.write_all(&frame).await?;
+                }
+                conn.write_all(b"0\r\n\r\n").await?;
+            }
+            Framing::BodyNever => {
+                conn.write_all(&head(answer, Some(body.len()), close))
+                    .await?;
+                conn.flush().await?;
+                tokio::time::sleep(BODY_NEVER_HOLD).await;
+                return Ok(false);
+            }
+        }
+        conn.flush().await?;
+        Ok(true)
+    }
+
+    /// Status line and headers; `length` None means chunked.
+    fn head(answer: &Answer, length: Option<usize>, close: bool) -> Vec<u8> {
+        let reason = StatusCode::from_u16(answer.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Unknown");
+        let mut head = format!("HTTP/1.1 {} {reason}\r\n", answer.status);
+        for (name, value) in &answer.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        match length {
+            Some(length) => head.push_str(&format!("content-length: {length}\r\n")),
+            None => head.push_str("transfer-encoding: chunked\r\n"),
+        }
+        if close {
+            head.push_str("connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        head.into_bytes()
+    }
+
+    fn trim_eol(line: &[u8]) -> &[u8] {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        line.strip_suffix(b"\r").unwrap_or(line)
+    }
+
+    fn invalid(what: &str) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string())
+    }
 }

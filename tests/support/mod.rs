@@ -9,7 +9,7 @@ pub mod sidecar;
 pub mod tls;
 
 #[allow(unused_imports)]
-pub use mock_upstream::{LimitStyle, MockUpstream, Quota, QuotaKind};
+pub use mock_upstream::{fnv1a64, Framing, LimitStyle, MockUpstream, Quota, QuotaKind};
 
 #[allow(unused_imports)]
 pub use redis_server::RedisServer;

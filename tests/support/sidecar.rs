@@ -168,6 +168,17 @@ impl Sidecar {
         self.admin_text("/metrics").await
     }
 
+    /// The sum of the metric lines that start with `line_start` (a name, or a name with the
+    /// start of its labels); 0 when there is none.
+    pub async fn metric(&self, line_start: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(line_start))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// The body of an admin plane GET, as text.
     pub async fn admin_text(&self, path: &str) -> String {
         self.admin_get(path).await.text().await.unwrap()

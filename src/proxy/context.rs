@@ -1,0 +1,125 @@
+//! The story of one request: what it is (route, client, priority, deadline), how its body is
+//! held, and where it stands (`Stage`), which every phase reads and `logging` turns into the
+//! outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pingora_core::Error;
+
+use crate::admission::now;
+use crate::app::Route;
+use crate::limiter::{Grant, Priority, Rejection, UpstreamSignal};
+use crate::metrics::Outcome;
+
+use super::body::BodyHold;
+use super::respond::{client_gone, rejected_outcome};
+
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stage {
+    /// Classified; nothing decided yet.
+    Arrived,
+    /// Refused before admission (CONNECT, a foreign absolute-form target).
+    Refused,
+    /// On a passthrough route: forwarded without a token.
+    Passthrough,
+    /// Forwarded without a token because the limiter could not admit it in time, or the shared
+    /// quota is out of reach, and the operator chose to fail open.
+    FailOpen,
+    /// Holds a token (or is a probe) for the attempt now under way.
+    Admitted { grant: Grant },
+    /// The upstream answered 429; `upstream_peer` waits for a token to send it again.
+    ReplayPending,
+    /// The sidecar answered 429 itself; `after_upstream_429` when it gave up replaying.
+    Rejected {
+        why: Rejection,
+        retry_after: Duration,
+        after_upstream_429: bool,
+    },
+    /// The client went away before it was answered.
+    ClientLeft,
+}
+
+/// An upstream refusal that is passed on to the client, read up to its first few KiB so that
+/// a billing or capacity error can be told from a rate limit.
+#[derive(Debug)]
+pub struct RefusalBody {
+    pub status: u16,
+    /// The reading from the status and headers alone.
+    pub from_headers: UpstreamSignal,
+    pub body: BytesMut,
+}
+
+/// Everything a request needs, owned by the request (Pingora's `CTX`).
+pub struct RequestCtx {
+    pub started: Instant,
+    pub route: Option<Arc<Route>>,
+    pub client: Arc<str>,
+    pub priority: Priority,
+    pub deadline: Instant,
+    pub body: BodyHold,
+    pub stage: Stage,
+    /// When the request first got its token.
+    pub admitted_at: Option<Instant>,
+    /// Times the request was sent again after an upstream 429.
+    pub replays: u32,
+    /// When the current attempt was handed to the upstream connection.
+    pub upstream_sent_at: Option<Instant>,
+    /// The status of the upstream's last answer.
+    pub upstream_status: Option<u16>,
+    /// The controller has been told the outcome of the current attempt.
+    pub answer_observed: bool,
+    /// An upstream refusal on its way to the client, classified once its body is read.
+    pub refusal: Option<RefusalBody>,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        let started = now();
+        RequestCtx {
+            started,
+            route: None,
+            client: Arc::from("-"),
+            priority: Priority::Normal,
+            deadline: started,
+            body: BodyHold::Unread,
+            stage: Stage::Arrived,
+            admitted_at: None,
+            replays: 0,
+            upstream_sent_at: None,
+            upstream_status: None,
+            answer_observed: false,
+            refusal: None,
+        }
+    }
+
+    pub fn route_name(&self) -> &str {
+        self.route.as_ref().map_or("none", |r| r.name())
+    }
+
+    /// How the request ended, for `requests_total` and the access log.
+    pub fn outcome(&self, error: Option<&Error>) -> Outcome {
+        match self.stage {
+            Stage::Refused => return Outcome::Refused,
+            Stage::Rejected { why, .. } => return rejected_outcome(why),
+            Stage::ClientLeft => return Outcome::ClientClosed,
+            _ => {}
+        }
+        match error {
+            Some(e) if client_gone(e) => Outcome::ClientClosed,
+            Some(_) => Outcome::UpstreamError,
+            None => match self.stage {
+                Stage::Passthrough | Stage::FailOpen => Outcome::Passthrough,
+                _ => Outcome::Forwarded,
+            },
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx::new()
+    }
+}

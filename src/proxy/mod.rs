@@ -1,0 +1,513 @@
+//! The proxy: Pingora's `ProxyHttp` phases for one request — classify, admit, forward,
+//! observe, stream, log. Each phase reads and moves the request's `Stage` (see `context`).
+//!
+//! - `classify`: client id, priority, and what is refused outright;
+//! - `body`: holding request bodies for replay and for watching waiting clients;
+//! - `replay`: sending a request again after an upstream 429, and where Pingora allows it;
+//! - `respond`: the sidecar's own answers and error responses.
+//!
+//! Replaying rides on Pingora's own retry loop: `upstream_response_filter` abandons an
+//! attempt that met a 429 with an error marked retryable, `error_while_proxy` keeps it
+//! retryable, and Pingora calls `upstream_peer` again, where the request waits for a new token
+//! at the head of its class. Pingora's `max_retries` is set above `adaptive.max_replays`, so
+//! our own bound is the one that counts.
+
+mod body;
+mod classify;
+mod context;
+mod replay;
+mod respond;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora_core::prelude::HttpPeer;
+use pingora_core::{Error, ErrorType, Result};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
+
+use crate::admission::{now, AdmissionGate, Ticket, Verdict};
+use crate::app::App;
+use crate::limiter::{Priority, UpstreamSignal};
+
+pub use body::{BodyBudget, PINGORA_RETRY_BUFFER};
+pub use context::{RequestCtx, Stage};
+pub use respond::error_body;
+
+use body::BodyHold;
+use context::RefusalBody;
+use respond::{client_gone, Answer};
+
+/// The sidecar's `ProxyHttp` implementation.
+pub struct SidecarProxy {
+    app: Arc<App>,
+    bodies: BodyBudget,
+}
+
+impl SidecarProxy {
+    pub fn new(app: Arc<App>) -> Self {
+        let bodies = BodyBudget::new(app.metrics.held_body_bytes.clone());
+        SidecarProxy { app, bodies }
+    }
+
+    /// Feeds the current attempt's answer to the route's controller, once.
+    fn observe(&self, ctx: &mut RequestCtx, gate: &AdmissionGate, signal: &UpstreamSignal) {
+        if let Some(reason) = signal.refusal_reason() {
+            self.app
+                .metrics
+                .upstream_refusals
+                .with_label_values(&[ctx.route_name(), reason])
+                .inc();
+        }
+        if ctx.answer_observed {
+            return;
+        }
+        ctx.answer_observed = true;
+        let grant = match ctx.stage {
+            Stage::Admitted { grant } => grant,
+            // Answers to requests sent without a token still tell about the quota.
+            _ => gate.current_grant(),
+        };
+        gate.observe(signal, grant);
+    }
+
+    /// Classifies a passed-on refusal once its body (or its first KiB) is in.
+    fn settle_refusal(&self, ctx: &mut RequestCtx) {
+        let Some(refusal) = ctx.refusal.take() else {
+            return;
+        };
+        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+            return;
+        };
+        let signal = refusal
+            .from_headers
+            .clone()
+            .with_body(refusal.status, &refusal.body);
+        self.observe(ctx, &gate, &signal);
+    }
+}
+
+/// Waits for a ticket's verdict while watching the client; `None` means the client left.
+/// `watch_client` is only safe once the request body has been read completely.
+async fn wait_for_token(
+    session: &mut Session,
+    ticket: &mut Ticket,
+    watch_client: bool,
+) -> Option<Verdict> {
+    if let Some(verdict) = ticket.immediate() {
+        return Some(verdict);
+    }
+    if !watch_client {
+        return Some(ticket.verdict().await);
+    }
+    tokio::select! {
+        verdict = ticket.verdict() => Some(verdict),
+        read = session.downstream_session.read_body_or_idle(true) => match read {
+            Err(e) if matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError) => None,
+            // Anything else (pipelined bytes): stop watching, keep waiting.
+            _ => Some(ticket.verdict().await),
+        },
+    }
+}
+
+fn client_left(context: &'static str) -> Result<Box<HttpPeer>> {
+    Error::e_explain(ErrorType::ConnectionClosed, context).map_err(|e| e.into_down())
+}
+
+#[async_trait]
+impl ProxyHttp for SidecarProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.app.metrics.inflight.inc();
+        let table = self.app.table();
+        if let Some(answer) = classify::refusal(session, &table) {
+            ctx.stage = Stage::Refused;
+            answer.send(session).await?;
+            return Ok(true);
+        }
+        let route = table.route_for(session.req_header().uri.path()).clone();
+        let settings = &table.settings;
+        ctx.client = classify::client_id(session);
+        ctx.priority = classify::priority(session);
+        let budget = match ctx.priority {
+            Priority::Low => settings.low_priority_timeout,
+            _ => settings.request_timeout,
+        };
+        ctx.deadline = ctx.started + budget;
+        let gate = route.gate.clone();
+        ctx.route = Some(route);
+        let Some(gate) = gate else {
+            ctx.stage = Stage::Passthrough;
+            return Ok(false);
+        };
+        if settings.fallback_passthrough && gate.is_degraded() {
+            // The shared quota is out of reach and the operator chose to fail open.
+            ctx.stage = Stage::FailOpen;
+            return Ok(false);
+        }
+
+        ctx.body = body::hold(
+            session,
+            ctx.deadline,
+            settings.max_replay_body,
+            &self.bodies,
+            settings.replay_body_budget,
+        )
+        .await?;
+        if let BodyHold::Streamed(why) = &ctx.body {
+            self.app
+                .metrics
+                .replay_unavailable
+                .with_label_values(&[ctx.route_name(), why.as_str()])
+                .inc();
+        }
+        let mut ticket = gate.admit(ctx.client.clone(), ctx.priority, ctx.deadline);
+        match wait_for_token(session, &mut ticket, ctx.body.is_complete()).await {
+            Some(Verdict::Granted(grant)) => {
+                ctx.admitted_at = Some(now());
+                ctx.stage = Stage::Admitted { grant };
+                Ok(false)
+            }
+            Some(Verdict::Rejected { .. }) if settings.fallback_passthrough => {
+                ctx.stage = Stage::FailOpen;
+                Ok(false)
+            }
+            Some(Verdict::Rejected { why, retry_after }) => {
+                ctx.stage = Stage::Rejected {
+                    why,
+                    retry_after,
+                    after_upstream_429: false,
+                };
+                Answer::rejected(why, retry_after, false)
+                    .send(session)
+                    .await?;
+                Ok(true)
+            }
+            None => {
+                ctx.stage = Stage::ClientLeft;
+                Error::e_explain(ErrorType::ConnectionClosed, "client left while queued")
+                    .map_err(|e| e.into_down())
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx.route.clone().expect("request_filter sets the route");
+        if ctx.stage == Stage::ReplayPending {
+            let gate = route.gate.clone().expect("only rate-limited routes replay");
+            let mut ticket = gate.admit_again(ctx.client.clone(), ctx.priority, ctx.deadline);
+            match wait_for_token(session, &mut ticket, true).await {
+                Some(Verdict::Granted(grant)) => ctx.stage = Stage::Admitted { grant },
+                Some(Verdict::Rejected { why, retry_after }) => {
+                    ctx.stage = Stage::Rejected {
+                        why,
+                        retry_after,
+                        after_upstream_429: true,
+                    };
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(429),
+                        "deadline passed while waiting to replay",
+                    );
+                }
+                None => {
+                    ctx.stage = Stage::ClientLeft;
+                    return client_left("client left while waiting to replay");
+                }
+            }
+        }
+        ctx.answer_observed = false;
+        let settings = self.app.settings();
+        let addr = route
+            .upstream
+            .resolve(settings.upstream.dns_ttl)
+            .await
+            .map_err(|e| Error::explain(ErrorType::ConnectError, e.to_string()).into_up())?;
+        ctx.upstream_sent_at = Some(now());
+        Ok(Box::new(route.upstream.peer(addr, &settings.upstream)))
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // A body we keep ourselves: Pingora hands over its retry buffer (the tail) at the
+        // start of each attempt, and the whole body goes in its place (see `body`).
+        if let (Some(kept), true) = (ctx.body.kept(), end_of_stream) {
+            *body = Some(kept.clone());
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let route = ctx.route.clone().expect("request_filter sets the route");
+        if request.uri.authority().is_some() || !request.raw_path().starts_with(b"/") {
+            // Absolute-form target (client used us as HTTP_PROXY): send origin-form upstream.
+            let origin_form = request
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            request.set_uri(
+                origin_form.parse().map_err(|_| {
+                    Error::explain(ErrorType::InvalidHTTPHeader, "bad request target")
+                })?,
+            );
+        }
+        request.insert_header(
+            http::header::HOST,
+            route.settings.upstream.authority.as_str(),
+        )?;
+        let settings = self.app.settings();
+        if let Some(authorization) = &settings.upstream.authorization {
+            request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
+        }
+        for name in [
+            "x-client-id",
+            "x-priority",
+            "proxy-authorization",
+            "proxy-connection",
+        ] {
+            request.remove_header(name);
+        }
+        for (name, value) in &settings.upstream.headers {
+            request.insert_header(name.clone(), value.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        self.app
+            .metrics
+            .upstream_responses
+            .with_label_values(&[ctx.route_name(), status.to_string().as_str()])
+            .inc();
+        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+            return Ok(());
+        };
+        let signal = replay::read_header(response);
+        if status == 429 && replay::may_replay(ctx, &self.app.settings(), &gate, session) {
+            // Decided here, from the status line and headers, before anything of this answer
+            // can reach the client (see `replay`).
+            self.observe(ctx, &gate, &signal);
+            ctx.replays += 1;
+            ctx.stage = Stage::ReplayPending;
+            self.app
+                .metrics
+                .replays
+                .with_label_values(&[ctx.route_name()])
+                .inc();
+            return Err(replay::replay_error());
+        }
+        if matches!(status, 429 | 503) {
+            // Passed on to the client: classify it once its body is read.
+            ctx.refusal = Some(RefusalBody {
+                status,
+                from_headers: signal,
+                body: Default::default(),
+            });
+            return Ok(());
+        }
+        self.observe(ctx, &gate, &signal);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Tell the client how long it queued and how often it was replayed.
+        if let Some(admitted) = ctx.admitted_at {
+            let wait = admitted.saturating_duration_since(ctx.started).as_millis();
+            response.insert_header("x-sidecar-queue-wait-ms", wait.to_string())?;
+        }
+        if ctx.replays > 0 {
+            response.insert_header("x-sidecar-replays", ctx.replays.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(refusal) = ctx.refusal.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                let room = replay::REFUSAL_BODY_LIMIT.saturating_sub(refusal.body.len());
+                refusal
+                    .body
+                    .extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            if end_of_stream || refusal.body.len() >= replay::REFUSAL_BODY_LIMIT {
+                self.settle_refusal(ctx);
+            }
+        }
+        Ok(None)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.stage == Stage::ReplayPending {
+            // A 429 means the upstream did not act on the request: safe to send again,
+            // whatever the method.
+            e.set_retry(true);
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+            || matches!(ctx.body, BodyHold::Streamed(_))
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let answer = if ctx.stage == Stage::ClientLeft
+            || client_gone(e)
+            || session.response_written().is_some()
+        {
+            None
+        } else if let Stage::Rejected {
+            why,
+            retry_after,
+            after_upstream_429,
+        } = ctx.stage
+        {
+            Some(Answer::rejected(why, retry_after, after_upstream_429))
+        } else {
+            let upstream = ctx
+                .route
+                .as_ref()
+                .map_or("?".to_string(), |r| r.settings.upstream.to_string());
+            Some(Answer::for_failure(e, &upstream))
+        };
+        let code = match answer {
+            Some(answer) => {
+                let status = answer.status;
+                match answer.send(session).await {
+                    Ok(()) => status,
+                    Err(_) => 0,
+                }
+            }
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        // Clients leaving and the sidecar's own 429s are counted, not errors.
+        matches!(ctx.stage, Stage::ClientLeft | Stage::Rejected { .. }) || client_gone(error)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        _e: &Error,
+        _c: ProxyWarnLogContext,
+    ) -> bool {
+        // A replay after an upstream 429 is routine; it is counted in replays_total.
+        ctx.stage == Stage::ReplayPending
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let metrics = &self.app.metrics;
+        metrics.inflight.dec();
+        if let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) {
+            // A refusal whose body never completed is judged by its headers; an attempt that
+            // got no answer at all frees its probe, if it was one.
+            if let Some(refusal) = ctx.refusal.take() {
+                self.observe(ctx, &gate, &refusal.from_headers);
+            } else if matches!(ctx.stage, Stage::Admitted { .. }) && !ctx.answer_observed {
+                self.observe(ctx, &gate, &UpstreamSignal::NoAnswer);
+            }
+        }
+        let outcome = ctx.outcome(error);
+        let route = ctx.route_name().to_string();
+        metrics
+            .requests
+            .with_label_values(&[route.as_str(), outcome.as_str()])
+            .inc();
+        let queue_wait = ctx
+            .admitted_at
+            .map(|at| at.saturating_duration_since(ctx.started));
+        if let Some(wait) = queue_wait {
+            metrics
+                .queue_wait
+                .with_label_values(&[ctx.priority.as_str()])
+                .observe(wait.as_secs_f64());
+        }
+        let upstream_time = ctx
+            .upstream_sent_at
+            .map(|at| now().saturating_duration_since(at));
+        if let (Some(time), Some(_)) = (upstream_time, ctx.upstream_status) {
+            metrics
+                .upstream_duration
+                .with_label_values(&[route.as_str()])
+                .observe(time.as_secs_f64());
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        log::info!(
+            target: "access",
+            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}",
+            ctx.client,
+            route,
+            req.method,
+            req.uri.path(),
+            status,
+            ctx.priority,
+            queue_wait.map_or(0, |w| w.as_millis()),
+            upstream_time.map_or(0, |t| t.as_millis()),
+            ctx.replays,
+            outcome.as_str(),
+            if ctx.stage == Stage::FailOpen { " fallback=fail_open" } else { "" },
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! Sending a request again after an upstream 429, and where Pingora still allows it.
+//!
+//! **Where a response can still be abandoned.** Pingora (0.9, `proxy_h1.rs` and
+//! `proxy_h2.rs`) reads the upstream's answer in one half of a duplex loop and passes it as
+//! tasks (header, body chunks) to the other half, which filters them and writes them to the
+//! client in batches: `process_upstream_tasks` takes the task that woke it plus whatever else
+//! is already queued, runs `upstream_response_filter` / `upstream_response_body_filter` on
+//! each, then writes the batch. An error from a filter abandons the attempt before the batch
+//! is written; `error_while_proxy` decides whether it is retried, and the retry loop in
+//! `proxy_to_upstream`'s caller calls `upstream_peer` again and re-sends the request body.
+//!
+//! The header is the only safe place to decide. When the status line and headers arrive in
+//! one read and the body in a later one (a chunked body, a slow or absent body, many servers'
+//! plain framing), the header's batch holds the header alone and is written to the client
+//! before any body filter runs: a decision taken from the body would come after the client
+//! already has the 429. So a 429 on a replayable request is abandoned in
+//! `upstream_response_filter`, from its status and headers, whatever follows. The price: its
+//! body is never read, so a 429 that is a billing or capacity error in disguise is replayed as
+//! a rate limit. Refusals that are passed on to the client are read (first 4 KiB) and
+//! classified by their body; once one says the account is out of credit
+//! (`insufficient_quota`), the route's 429s are passed on at once for a window.
+
+use std::time::SystemTime;
+
+use pingora::http::ResponseHeader;
+use pingora_core::{Error, ErrorType};
+use pingora_proxy::Session;
+
+use crate::admission::{now, AdmissionGate};
+use crate::config::Settings;
+use crate::limiter::UpstreamSignal;
+
+use super::context::{RequestCtx, Stage};
+
+/// The error that sends a request back to the queue after an upstream 429.
+const REPLAY_ERROR: ErrorType = ErrorType::Custom("upstream rate limited, replaying");
+
+/// How much of a passed-on refusal's body is kept to classify it.
+pub const REFUSAL_BODY_LIMIT: usize = 4096;
+
+/// The reading of an upstream answer from its status line and headers alone.
+pub fn read_header(response: &ResponseHeader) -> UpstreamSignal {
+    UpstreamSignal::read(
+        response.status.as_u16(),
+        |name| response.headers.get(name).and_then(|v| v.to_str().ok()),
+        &[],
+        SystemTime::now(),
+    )
+}
+
+/// Whether an upstream 429 on this request goes back to the queue: the request holds a token
+/// for this attempt, its whole body is in hand, it has replays left, nothing has reached the
+/// client, the upstream has not lately said the account is out of credit, and its deadline
+/// leaves room for the wait the limiter expects.
+pub fn may_replay(
+    ctx: &RequestCtx,
+    settings: &Settings,
+    gate: &AdmissionGate,
+    session: &Session,
+) -> bool {
+    matches!(ctx.stage, Stage::Admitted { .. })
+        && ctx.body.is_complete()
+        && ctx.replays < settings.max_replays
+        && session.response_written().is_none()
+        && gate.replays_429s()
+        && gate.estimated_wait(ctx.priority) < ctx.deadline.saturating_duration_since(now())
+}
+
+/// The error that abandons the attempt and sends the request back to the queue.
+pub fn replay_error() -> Box<Error> {
+    let mut e = Error::explain(
+        REPLAY_ERROR,
+        "the upstream answered 429; the request goes back to the queue",
+    );
+    e.set_retry(true);
+    e.into_up()
+}

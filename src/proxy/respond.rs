@@ -1,0 +1,121 @@
+//! The sidecar's own answers: its 429s, and the error responses for what failed, all in the
+//! OpenAI error shape.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_proxy::Session;
+
+use crate::limiter::Rejection;
+use crate::metrics::Outcome;
+
+/// An OpenAI-style error body.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind, "code": code, "param": null}
+    });
+    Bytes::from(body.to_string())
+}
+
+/// One complete answer of the sidecar's own.
+pub struct Answer {
+    pub status: u16,
+    pub body: Bytes,
+    pub retry_after: Option<Duration>,
+}
+
+impl Answer {
+    /// The sidecar's own 429: queue full or deadline passed, with an honest `Retry-After`.
+    pub fn rejected(why: Rejection, retry_after: Duration, after_upstream_429: bool) -> Answer {
+        let message = match (why, after_upstream_429) {
+            (Rejection::QueueFull, _) => "the sidecar's queue is full; retry later",
+            (Rejection::QueueTimeout, false) => {
+                "no request token became free before the request's deadline"
+            }
+            (Rejection::QueueTimeout, true) => {
+                "the upstream kept answering 429 and no token became free again before the deadline"
+            }
+        };
+        Answer {
+            status: 429,
+            body: error_body(message, "rate_limit_exceeded", why.code()),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// A refusal before admission (405, 403).
+    pub fn refused(status: u16, message: &str, code: &str) -> Answer {
+        Answer {
+            status,
+            body: error_body(message, "invalid_request_error", code),
+            retry_after: None,
+        }
+    }
+
+    /// The answer for a request that failed with `e` before a response reached the client.
+    pub fn for_failure(e: &Error, upstream: &str) -> Answer {
+        let (status, code) = if e.esource() == &ErrorSource::Downstream {
+            match e.etype() {
+                ErrorType::ReadTimedout => (408, "request_timeout"),
+                _ => (400, "bad_request"),
+            }
+        } else {
+            match e.etype() {
+                ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                    (504, "upstream_timeout")
+                }
+                ErrorType::HTTPStatus(status) => (*status, "upstream_error"),
+                _ => (502, "upstream_unreachable"),
+            }
+        };
+        let message = format!("upstream {upstream} failed: {}", e.etype().as_str());
+        Answer {
+            status,
+            body: error_body(&message, "upstream_error", code),
+            retry_after: None,
+        }
+    }
+
+    /// Writes the answer and ends the response.
+    pub async fn send(self, session: &mut Session) -> Result<()> {
+        let mut header = ResponseHeader::build(self.status, Some(4))?;
+        header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        header.insert_header(http::header::CONTENT_LENGTH, self.body.len().to_string())?;
+        if let Some(wait) = self.retry_after {
+            header.insert_header(
+                http::header::RETRY_AFTER,
+                retry_after_secs(wait).to_string(),
+            )?;
+        }
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session.write_response_body(Some(self.body), true).await
+    }
+}
+
+/// The outcome counted for a request the sidecar answered 429 itself.
+pub fn rejected_outcome(why: Rejection) -> Outcome {
+    match why {
+        Rejection::QueueFull => Outcome::RejectedQueueFull,
+        Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs_f64().ceil() as u64).max(1)
+}
+
+/// Whether an error means the client went away (or broke off) rather than a failure of ours
+/// or the upstream's.
+pub fn client_gone(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+        )
+}
