@@ -9,6 +9,8 @@
 //! cargo bench --bench scenarios -- scale       # 6: 10,000 waiting requests: memory and CPU
 //! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
 //! cargo bench --bench scenarios -- shared_minute  # 7b: the same at NVIDIA's 40 per minute (3 min)
+//! cargo bench --bench scenarios -- adaptive_matrix  # 8: windows x quota kinds x 429 styles x framing
+//!                                                   #    x misconfiguration, shipped defaults (6 min a repeat)
 //! ```
 //!
 //! Every run uses the real sidecar binary (built with the bench profile) and a mock upstream
@@ -21,6 +23,9 @@ mod support;
 
 #[path = "support/loadgen.rs"]
 mod loadgen;
+
+#[path = "support/adaptive_matrix.rs"]
+mod adaptive_matrix;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -794,9 +799,12 @@ fn main() {
         if all || which == "shared" {
             shared().await;
         }
-        // Three minutes: only when asked for.
+        // Minutes each: only when asked for.
         if which == "shared_minute" {
             shared_minute().await;
+        }
+        if which == "adaptive_matrix" {
+            adaptive_matrix::adaptive_matrix().await;
         }
     });
 }

@@ -375,3 +375,39 @@ async fn the_worker_capacity_error_is_counted_apart_and_does_not_cut_the_rate() 
     assert_eq!(status["retreat"]["state"], "normal", "{status}");
     assert_eq!(status["retreat"]["effective_rpm"], 600.0);
 }
+
+/// A 503 "all workers are busy" (NVIDIA's ResourceExhausted as a 503): replayed after a short
+/// back-off, counted apart, and the key's rate is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_worker_503_is_replayed_after_a_back_off_without_a_cut() {
+    let mock = MockUpstream::start_framed(
+        None,
+        LimitStyle::Nvidia,
+        Framing::Split {
+            delay: Duration::from_millis(50),
+        },
+    )
+    .await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
+    mock.state.unavailable_next(2);
+    let response = post(
+        &sidecar.url("/v1/chat/completions"),
+        "a",
+        serde_json::to_vec(&chat_body()).unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let arrivals = mock.state.arrivals();
+    let statuses: Vec<u16> = arrivals.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![503, 503, 200]);
+    for pair in arrivals.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(gap >= Duration::from_millis(900), "replayed after {gap:?}");
+    }
+    let count = sidecar
+        .metric("nvidia_sidecar_upstream_refusals_total{reason=\"unavailable\",route=\"default\"}")
+        .await;
+    assert_eq!(count, 2.0);
+    let status = sidecar.status().await;
+    assert_eq!(status["retreat"]["state"], "normal", "{status}");
+}

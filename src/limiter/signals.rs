@@ -28,8 +28,13 @@ pub enum UpstreamSignal {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NonRateLimitReason {
+    /// OpenAI's `insufficient_quota`: the account is out of credit.
     InsufficientQuota,
+    /// NVIDIA's "Worker local total request limit reached" / "ResourceExhausted": a per-model
+    /// concurrency limit.
     WorkerConcurrency,
+    /// A 503: the upstream cannot take the request right now (overloaded, no free worker).
+    Unavailable,
 }
 
 impl UpstreamSignal {
@@ -40,6 +45,9 @@ impl UpstreamSignal {
         body: &[u8],
         now: SystemTime,
     ) -> UpstreamSignal {
+        if status == 503 {
+            return UpstreamSignal::NotRateLimit(NonRateLimitReason::Unavailable);
+        }
         if status != 429 {
             let exhausted = header("x-ratelimit-remaining-requests")
                 .and_then(|v| v.trim().parse::<f64>().ok())
@@ -86,9 +94,19 @@ impl UpstreamSignal {
             UpstreamSignal::NotRateLimit(NonRateLimitReason::InsufficientQuota) => {
                 Some("insufficient_quota")
             }
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::Unavailable) => Some("unavailable"),
             UpstreamSignal::Accepted { .. } | UpstreamSignal::NoAnswer => None,
         }
     }
+}
+
+/// The upstream's own word on how long to wait (after a 429 or a 503), most precise header
+/// first, at most an hour.
+pub fn retry_after_header<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+    now: SystemTime,
+) -> Option<Duration> {
+    retry_after(&header, now).map(|p| p.min(MAX_PAUSE))
 }
 
 /// The upstream's own word on how long to wait after a 429, most precise header first.
@@ -284,6 +302,31 @@ mod tests {
         assert_eq!(
             worker,
             UpstreamSignal::NotRateLimit(NonRateLimitReason::WorkerConcurrency)
+        );
+    }
+
+    #[test]
+    fn a_503_is_no_rate_limit_and_its_body_can_name_the_worker_limit() {
+        let busy = read(503, &[("Retry-After", "2")], "");
+        assert_eq!(
+            busy,
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::Unavailable)
+        );
+        let body = r#"{"message":"ResourceExhausted: All workers are busy, please retry later"}"#;
+        assert_eq!(
+            busy.with_body(503, body.as_bytes()).refusal_reason(),
+            Some("worker_capacity")
+        );
+        let limited = read(429, &[], "");
+        let worker =
+            r#"{"detail":"ResourceExhausted: Worker local total request limit reached (33/32)"}"#;
+        assert_eq!(
+            limited.with_body(429, worker.as_bytes()),
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::WorkerConcurrency)
+        );
+        assert_eq!(
+            read(429, &[], "").with_body(429, b"{}"),
+            UpstreamSignal::RateLimited { retry_after: None }
         );
     }
 

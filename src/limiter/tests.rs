@@ -707,7 +707,11 @@ mod simulated {
                 other => panic!("unknown setting {other}"),
             }
         }
-        let high = |kind, limit, window_s, rpm| scenario(kind, limit, window_s, rpm, 600);
+        let run_s = std::env::var("SIM_RUN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600);
+        let high = |kind, limit, window_s, rpm| scenario(kind, limit, window_s, rpm, run_s);
         let retry_after = |s: Scenario| Scenario {
             style: Style::RetryAfter,
             ..s

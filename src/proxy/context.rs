@@ -30,8 +30,9 @@ pub enum Stage {
     FailOpen,
     /// Holds a token (or is a probe) for the attempt now under way.
     Admitted { grant: Grant },
-    /// The upstream answered 429; `upstream_peer` waits for a token to send it again.
-    ReplayPending,
+    /// The upstream refused (429, or 503 after `backoff`); `upstream_peer` waits for a token
+    /// to send it again.
+    ReplayPending { backoff: Duration },
     /// The sidecar answered 429 itself; `after_upstream_429` when it gave up replaying.
     Rejected {
         why: Rejection,

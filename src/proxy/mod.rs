@@ -112,6 +112,17 @@ async fn wait_for_token(
     }
 }
 
+/// Sleeps for `wait` unless the client leaves first; false when it left.
+async fn wait_watching_client(session: &mut Session, wait: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        read = session.downstream_session.read_body_or_idle(true) => !matches!(
+            read,
+            Err(e) if matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError)
+        ),
+    }
+}
+
 fn client_left(context: &'static str) -> Result<Box<HttpPeer>> {
     Error::e_explain(ErrorType::ConnectionClosed, context).map_err(|e| e.into_down())
 }
@@ -204,8 +215,12 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let route = ctx.route.clone().expect("request_filter sets the route");
-        if ctx.stage == Stage::ReplayPending {
+        if let Stage::ReplayPending { backoff } = ctx.stage {
             let gate = route.gate.clone().expect("only rate-limited routes replay");
+            if !backoff.is_zero() && !wait_watching_client(session, backoff).await {
+                ctx.stage = Stage::ClientLeft;
+                return client_left("client left while waiting to replay");
+            }
             let mut ticket = gate.admit_again(ctx.client.clone(), ctx.priority, ctx.deadline);
             match wait_for_token(session, &mut ticket, true).await {
                 Some(Verdict::Granted(grant)) => ctx.stage = Stage::Admitted { grant },
@@ -311,12 +326,15 @@ impl ProxyHttp for SidecarProxy {
             return Ok(());
         };
         let signal = replay::read_header(response);
-        if status == 429 && replay::may_replay(ctx, &self.app.settings(), &gate, session) {
+        let backoff = replay::backoff(response);
+        if let Some(backoff) =
+            backoff.filter(|_| replay::may_replay(ctx, &self.app.settings(), &gate, session))
+        {
             // Decided here, from the status line and headers, before anything of this answer
             // can reach the client (see `replay`).
             self.observe(ctx, &gate, &signal);
             ctx.replays += 1;
-            ctx.stage = Stage::ReplayPending;
+            ctx.stage = Stage::ReplayPending { backoff };
             self.app
                 .metrics
                 .replays
@@ -384,8 +402,8 @@ impl ProxyHttp for SidecarProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.stage == Stage::ReplayPending {
-            // A 429 means the upstream did not act on the request: safe to send again,
+        if matches!(ctx.stage, Stage::ReplayPending { .. }) {
+            // A 429 (or 503) means the upstream did not act on the request: safe to send again,
             // whatever the method.
             e.set_retry(true);
         } else if !session.req_header().method.is_idempotent()
@@ -453,7 +471,7 @@ impl ProxyHttp for SidecarProxy {
         _c: ProxyWarnLogContext,
     ) -> bool {
         // A replay after an upstream 429 is routine; it is counted in replays_total.
-        ctx.stage == Stage::ReplayPending
+        matches!(ctx.stage, Stage::ReplayPending { .. })
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {

@@ -1,4 +1,5 @@
-//! Sending a request again after an upstream 429, and where Pingora still allows it.
+//! Sending a request again after an upstream 429 (or a 503 from a busy worker), and where
+//! Pingora still allows it.
 //!
 //! **Where a response can still be abandoned.** Pingora (0.9, `proxy_h1.rs` and
 //! `proxy_h2.rs`) reads the upstream's answer in one half of a duplex loop and passes it as
@@ -20,7 +21,7 @@
 //! classified by their body; once one says the account is out of credit
 //! (`insufficient_quota`), the route's 429s are passed on at once for a window.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use pingora::http::ResponseHeader;
 use pingora_core::{Error, ErrorType};
@@ -28,11 +29,11 @@ use pingora_proxy::Session;
 
 use crate::admission::{now, AdmissionGate};
 use crate::config::Settings;
-use crate::limiter::UpstreamSignal;
+use crate::limiter::{retry_after_header, UpstreamSignal};
 
 use super::context::{RequestCtx, Stage};
 
-/// The error that sends a request back to the queue after an upstream 429.
+/// The error that sends a request back to the queue after an upstream refusal.
 const REPLAY_ERROR: ErrorType = ErrorType::Custom("upstream rate limited, replaying");
 
 /// How much of a passed-on refusal's body is kept to classify it.
@@ -46,6 +47,31 @@ pub fn read_header(response: &ResponseHeader) -> UpstreamSignal {
         &[],
         SystemTime::now(),
     )
+}
+
+/// Longest wait before a 503 is replayed, whatever its `Retry-After` says.
+const UNAVAILABLE_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A 503 without `Retry-After` is replayed after this long.
+const UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Whether the answer is a refusal the request may be replayed after, and how long to wait
+/// before it queues again: at once for a 429 (the limiter paces it); after `Retry-After` or a
+/// second for a 503, a worker that is busy for now (NVIDIA's "ResourceExhausted"), which says
+/// nothing about the key's rate.
+pub fn backoff(response: &ResponseHeader) -> Option<Duration> {
+    match response.status.as_u16() {
+        429 => Some(Duration::ZERO),
+        503 => Some(
+            retry_after_header(
+                |name| response.headers.get(name).and_then(|v| v.to_str().ok()),
+                SystemTime::now(),
+            )
+            .unwrap_or(UNAVAILABLE_BACKOFF)
+            .min(UNAVAILABLE_BACKOFF_MAX),
+        ),
+        _ => None,
+    }
 }
 
 /// Whether an upstream 429 on this request goes back to the queue: the request holds a token
@@ -70,7 +96,7 @@ pub fn may_replay(
 pub fn replay_error() -> Box<Error> {
     let mut e = Error::explain(
         REPLAY_ERROR,
-        "the upstream answered 429; the request goes back to the queue",
+        "the upstream refused (429 or 503); the request goes back to the queue",
     );
     e.set_retry(true);
     e.into_up()

@@ -107,6 +107,9 @@ pub enum Framing {
     BodyNever,
 }
 
+/// The body of `MockState::unavailable_next` answers.
+const UNAVAILABLE_BODY: &str = r#"{"message":"ResourceExhausted: All workers are busy, please retry later","type":"Service Unavailable","code":503}"#;
+
 /// The body of `LimitStyle::WorkerCapacity` and of `MockState::worker_busy_next` answers.
 const WORKER_CAPACITY_BODY: &str = r#"{"status":429,"title":"Too Many Requests","detail":"ResourceExhausted: Worker local total request limit reached (33/32)"}"#;
 
@@ -146,6 +149,8 @@ pub struct MockState {
     fail_next: AtomicUsize,
     /// The next N chat requests get the worker-capacity 429 whatever the quota says.
     worker_busy_next: AtomicUsize,
+    /// The next N chat requests get a 503 "all workers are busy".
+    unavailable_next: AtomicUsize,
     pub streams_finished: AtomicUsize,
 }
 
@@ -160,6 +165,7 @@ impl MockState {
             arrivals: Mutex::new(Vec::new()),
             fail_next: AtomicUsize::new(0),
             worker_busy_next: AtomicUsize::new(0),
+            unavailable_next: AtomicUsize::new(0),
             streams_finished: AtomicUsize::new(0),
         })
     }
@@ -296,6 +302,12 @@ impl MockState {
     /// `worker_rejections`, not by `violations`.
     pub fn worker_busy_next(&self, n: usize) {
         self.worker_busy_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` chat requests get a 503 whose body is NVIDIA's "ResourceExhausted: All
+    /// workers are busy", without taking a quota slot. Recorded with status 503.
+    pub fn unavailable_next(&self, n: usize) {
+        self.unavailable_next.store(n, Ordering::SeqCst);
     }
 
     fn take_worker_busy(&self) -> bool {
@@ -558,6 +570,14 @@ fn decide_chat(
     let request: serde_json::Value =
         serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     let style = *state.style.lock().unwrap();
+    if state
+        .unavailable_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        state.record(at, PATH, 503, headers, body, true);
+        return ChatOutcome::Limited(Answer::json(503, UNAVAILABLE_BODY));
+    }
     if state.take_worker_busy() {
         state.record(at, PATH, 429, headers, body, true);
         return ChatOutcome::Limited(Answer::json(429, WORKER_CAPACITY_BODY));
