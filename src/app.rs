@@ -79,7 +79,7 @@ impl RouteTable {
     pub fn route_for(&self, path: &str) -> &Arc<Route> {
         self.routes
             .iter()
-            .find(|r| path.starts_with(&r.settings.path_prefix))
+            .find(|r| r.settings.matches(path))
             .unwrap_or(&self.default)
     }
 

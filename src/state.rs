@@ -26,9 +26,8 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let (temp, mut f) = create_temp(dir, name)?;
     let result = (|| {
-        let mut f = File::create(&temp)?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&temp, path)?;
@@ -38,6 +37,31 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         let _ = fs::remove_file(&temp);
     }
     result
+}
+
+/// A new temporary file beside the target: an unpredictable name, created exclusively (so an
+/// existing file or a symlink planted under that name is never followed) and readable by the
+/// owner only.
+fn create_temp(dir: &Path, name: &str) -> std::io::Result<(PathBuf, File)> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut attempt = 0;
+    loop {
+        // `RandomState` is seeded from the operating system's randomness for every instance.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let temp = dir.join(format!(".{name}.{:016x}.tmp", hasher.finish()));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+        {
+            Ok(f) => return Ok((temp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 pub fn overrides_path(dir: &Path) -> PathBuf {
@@ -225,5 +249,27 @@ mod tests {
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "two");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn state_files_are_private_and_planted_symlinks_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("limiter.json");
+        // Whatever name a temporary file might get, a symlink there is never written through:
+        // the file is created exclusively under a name nobody can guess.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        for guess in ["limiter.json.tmp", ".limiter.json.tmp"] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(guess)).unwrap();
+        }
+        write_atomic(&path, b"state").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode {mode:o}");
+        // The temporary name is not predictable from one write to the next.
+        let (a, _) = create_temp(dir.path(), "x").unwrap();
+        let (b, _) = create_temp(dir.path(), "x").unwrap();
+        assert_ne!(a, b);
     }
 }

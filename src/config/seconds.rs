@@ -14,8 +14,9 @@ use crate::limiter::parse_go_duration;
 pub struct Seconds(pub f64);
 
 impl Seconds {
+    /// The duration, saturating instead of panicking on values too large to represent.
     pub fn duration(self) -> Duration {
-        Duration::from_secs_f64(self.0.max(0.0))
+        crate::limiter::seconds(self.0).unwrap_or(Duration::ZERO)
     }
 }
 

@@ -135,6 +135,14 @@ impl RouteSettings {
     pub fn is_passthrough(&self) -> bool {
         self.bucket.is_none()
     }
+
+    /// Whether a request path falls under this route's prefix, on a segment boundary:
+    /// `/v1/models` takes `/v1/models` and `/v1/models/x`, not `/v1/modelsXYZ`.
+    pub fn matches(&self, path: &str) -> bool {
+        let prefix = self.path_prefix.as_str();
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'))
+    }
 }
 
 /// How the sidecar talks to upstreams.
@@ -226,7 +234,7 @@ impl Settings {
     pub fn route_for(&self, path: &str) -> &RouteSettings {
         self.routes
             .iter()
-            .find(|r| path.starts_with(&r.path_prefix))
+            .find(|r| r.matches(path))
             .unwrap_or(&self.default_route)
     }
 }

@@ -14,7 +14,9 @@ pub use retreat::{
     Admit, Grant, RetreatController, RetreatSettings, RetreatState, SharedControl,
     PROBE_ANSWER_TIMEOUT,
 };
-pub use signals::{parse_go_duration, retry_after_header, NonRateLimitReason, UpstreamSignal};
+pub use signals::{
+    parse_go_duration, retry_after_header, seconds, NonRateLimitReason, UpstreamSignal,
+};
 pub use slots::Slots;
 
 use std::sync::Arc;

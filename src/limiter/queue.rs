@@ -3,7 +3,10 @@
 //! Order is strict by priority class; within a class clients take turns (round-robin), and each
 //! client's own requests are served first come, first served. Removal is lazy: a cancelled or
 //! expired waiter leaves a stale id in its client's line that is skipped when reached, so every
-//! operation stays O(log n) even with thousands of waiters.
+//! operation stays O(log n) even with thousands of waiters. Stale entries never outlive the
+//! waiters by much: a class whose waiters are all gone is emptied, and one whose stale entries
+//! outnumber its live ones is compacted, so memory returns when waiters leave even while no
+//! token is granted.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -73,6 +76,29 @@ struct ClassQueue {
 }
 
 impl ClassQueue {
+    /// Drops stale ids and the clients left without waiters. Called when they outnumber the
+    /// live waiters, so its cost is spread over the removals that made them stale.
+    fn compact(&mut self, is_live: impl Fn(WaiterId) -> bool) {
+        if self.live == 0 {
+            // Fresh containers: `clear` would keep the allocations of the busiest moment.
+            *self = ClassQueue::default();
+            return;
+        }
+        self.lines.retain(|_, line| {
+            line.retain(|id| is_live(*id));
+            !line.is_empty()
+        });
+        let lines = &self.lines;
+        self.turns.retain(|client| lines.contains_key(client));
+        self.lines.shrink_to_fit();
+        self.turns.shrink_to_fit();
+    }
+
+    /// Whether stale entries are worth clearing out.
+    fn mostly_stale(&self) -> bool {
+        self.live == 0 && !self.turns.is_empty() || self.turns.len() > 2 * self.live + 64
+    }
+
     fn push(&mut self, client: &Arc<str>, id: WaiterId, at_front: bool) {
         match self.lines.get_mut(client) {
             Some(line) if at_front => {
@@ -173,8 +199,21 @@ impl AdmissionQueue {
     pub fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
         let waiter = self.waiters.remove(&id)?;
         self.deadlines.remove(&(waiter.deadline, id));
-        self.classes[waiter.priority as usize].live -= 1;
+        let class = &mut self.classes[waiter.priority as usize];
+        class.live -= 1;
+        if class.mostly_stale() {
+            let waiters = &self.waiters;
+            class.compact(|id| waiters.contains_key(&id));
+        }
+        if self.waiters.is_empty() && self.waiters.capacity() > 1024 {
+            self.waiters = HashMap::new();
+        }
         Some(waiter)
+    }
+
+    /// Entries kept for clients in turn order, live or stale (for tests of memory use).
+    pub fn turn_entries(&self) -> usize {
+        self.classes.iter().map(|c| c.turns.len()).sum()
     }
 
     /// Removes and returns every waiter whose deadline is at or before `now`.

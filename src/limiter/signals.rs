@@ -13,6 +13,15 @@ use std::time::{Duration, SystemTime};
 /// Longest pause an upstream header can impose; protects against absurd or hostile values.
 const MAX_PAUSE: Duration = Duration::from_secs(3600);
 
+/// A number of seconds from outside as a duration: `None` when negative or not a number,
+/// saturating (never panicking) when too large to represent.
+pub fn seconds(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+}
+
 /// The limiter's reading of one upstream response.
 #[derive(Debug, Clone, PartialEq)]
 pub enum UpstreamSignal {
@@ -112,15 +121,15 @@ pub fn retry_after_header<'a>(
 /// The upstream's own word on how long to wait after a 429, most precise header first.
 fn retry_after<'a>(header: &impl Fn(&str) -> Option<&'a str>, now: SystemTime) -> Option<Duration> {
     if let Some(ms) = header("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if let Some(wait) = seconds(ms / 1000.0) {
+            return Some(wait);
         }
     }
     if let Some(value) = header("retry-after") {
         let value = value.trim();
         if let Ok(secs) = value.parse::<f64>() {
-            if secs.is_finite() && secs >= 0.0 {
-                return Some(Duration::from_secs_f64(secs));
+            if let Some(wait) = seconds(secs) {
+                return Some(wait);
             }
         } else if let Ok(when) = httpdate::parse_http_date(value) {
             return Some(when.duration_since(now).unwrap_or(Duration::ZERO));
@@ -149,9 +158,7 @@ fn ietf_reset_when_exhausted<'a>(header: &impl Fn(&str) -> Option<&'a str>) -> O
         }
     }
     match (remaining, reset) {
-        (Some(r), Some(t)) if r <= 0.0 && t.is_finite() && t >= 0.0 => {
-            Some(Duration::from_secs_f64(t))
-        }
+        (Some(r), Some(t)) if r <= 0.0 => seconds(t),
         _ => None,
     }
 }
@@ -163,7 +170,7 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         return None;
     }
     if let Ok(secs) = text.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds(secs);
     }
     let mut total = 0.0f64;
     let mut rest = text;
@@ -191,7 +198,7 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         rest = &rest[unit_len..];
         total += number * scale;
     }
-    Some(Duration::from_secs_f64(total))
+    seconds(total)
 }
 
 fn non_rate_limit_reason(body: &[u8]) -> Option<NonRateLimitReason> {
@@ -219,6 +226,42 @@ mod tests {
                 .map(|(_, v)| *v)
         };
         UpstreamSignal::read(status, lookup, body.as_bytes(), SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn hostile_values_clamp_instead_of_panicking() {
+        for (name, value) in [
+            ("Retry-After", "1e300"),
+            ("retry-after-ms", "1e300"),
+            ("x-ratelimit-reset-requests", "1e300"),
+            ("Retry-After", "inf"),
+            ("x-ratelimit-reset-requests", "99999999999999999999999h"),
+            ("RateLimit", "remaining=0, reset=1e300"),
+        ] {
+            assert_eq!(
+                read(429, &[(name, value)], ""),
+                UpstreamSignal::RateLimited {
+                    retry_after: Some(MAX_PAUSE)
+                },
+                "{name}: {value}"
+            );
+        }
+        let used_up = read(
+            200,
+            &[
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "1e300"),
+            ],
+            "",
+        );
+        assert_eq!(
+            used_up,
+            UpstreamSignal::Accepted {
+                pause: Some(MAX_PAUSE)
+            }
+        );
+        assert_eq!(parse_go_duration("NaN"), None);
+        assert_eq!(parse_go_duration("-5s"), None);
     }
 
     #[test]

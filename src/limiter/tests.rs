@@ -235,6 +235,41 @@ fn cancellation_consumes_nothing() {
 }
 
 #[test]
+fn waiters_that_leave_take_their_memory_with_them_even_while_no_token_is_granted() {
+    let t0 = Instant::now();
+    let mut limiter = Limiter::new(settings(60.0, 1, 100_000), t0);
+    let far = t0 + Duration::from_secs(600);
+    assert_eq!(
+        limiter.request(client("first"), Priority::Normal, far, t0),
+        Admission::Granted
+    );
+    // 60,000 distinct clients queue and hang up before any token comes.
+    for i in 0..60_000 {
+        let id = queued(limiter.request(client(&format!("c{i}")), Priority::Normal, far, t0));
+        assert!(limiter.cancel(id, t0));
+    }
+    assert_eq!(limiter.queue_len(), 0);
+    assert_eq!(
+        limiter.queue.turn_entries(),
+        0,
+        "turn entries of departed clients"
+    );
+    // Half of them still waiting: the stale half is dropped well before a token is granted.
+    let ids: Vec<_> = (0..10_000)
+        .map(|i| queued(limiter.request(client(&format!("d{i}")), Priority::Normal, far, t0)))
+        .collect();
+    for id in ids.iter().step_by(2) {
+        assert!(limiter.cancel(*id, t0));
+    }
+    assert_eq!(limiter.queue_len(), 5_000);
+    assert!(
+        limiter.queue.turn_entries() <= 2 * 5_000 + 64,
+        "{} entries for 5,000 waiters",
+        limiter.queue.turn_entries()
+    );
+}
+
+#[test]
 fn a_refund_returns_the_token() {
     let t0 = Instant::now();
     let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);

@@ -49,10 +49,43 @@ pub fn priority(session: &Session) -> Priority {
         .unwrap_or(Priority::Normal)
 }
 
-/// The refusal for what this proxy must not do: `CONNECT`, and absolute-form targets on hosts
-/// that are not configured upstreams.
+/// Whether a request path could mean another path to the upstream than the one routes are
+/// matched on: dot segments (`/v1/models/../chat/completions`), raw or percent-encoded, and
+/// encoded or back slashes (`..%2F`). No API client needs them; an upstream that normalises
+/// them would otherwise serve a counted endpoint through a passthrough route.
+pub fn ambiguous_path(target: &[u8]) -> bool {
+    let lower = target.to_ascii_lowercase();
+    let end = lower
+        .iter()
+        .position(|b| *b == b'?' || *b == b'#')
+        .unwrap_or(lower.len());
+    let path = &lower[..end];
+    if path.contains(&b'\\')
+        || path
+            .windows(3)
+            .any(|w| w == b"%2f" || w == b"%5c" || w == b"%00")
+    {
+        return true;
+    }
+    String::from_utf8_lossy(path)
+        .replace("%2e", ".")
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+}
+
+/// The refusal for what this proxy must not do: `CONNECT`, paths that could reach another
+/// endpoint than the one they are routed as, and absolute-form targets on hosts that are not
+/// configured upstreams.
 pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
     let req = session.req_header();
+    let path = req.uri.path().as_bytes();
+    if ambiguous_path(path) || ambiguous_path(req.raw_path()) {
+        return Some(Answer::refused(
+            400,
+            "the request path has dot segments or encoded slashes; send it in its plain form",
+            "invalid_path",
+        ));
+    }
     if req.method == Method::CONNECT {
         return Some(Answer::refused(
             405,
@@ -80,4 +113,34 @@ pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
     }
     let message = format!("{host} is not a configured upstream: this is not an open proxy");
     Some(Answer::refused(403, &message, "forbidden_target"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ambiguous_path;
+
+    #[test]
+    fn dot_segments_and_encoded_separators_are_ambiguous() {
+        for path in [
+            "/v1/models/../chat/completions",
+            "/v1/models/..%2Fchat/completions",
+            "/v1/models/%2e%2e/chat/completions",
+            "/v1/models/%2E%2E/chat/completions",
+            "/v1/models/./x",
+            "/v1/models\\..\\chat",
+            "/v1/models%5c..%5cchat",
+            "http://localhost/v1/models/../chat",
+        ] {
+            assert!(ambiguous_path(path.as_bytes()), "{path}");
+        }
+        for path in [
+            "/v1/chat/completions",
+            "/v1/models",
+            "/v1/models/meta/llama-3.1-8b-instruct",
+            "/v1/files/a..b",
+            "/v1/chat/completions?next=%2F..%2F",
+        ] {
+            assert!(!ambiguous_path(path.as_bytes()), "{path}");
+        }
+    }
 }

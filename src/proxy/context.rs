@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pingora_core::Error;
+use prometheus::IntGauge;
 
 use crate::admission::now;
 use crate::app::Route;
@@ -53,8 +54,27 @@ pub struct RefusalBody {
     pub body: BytesMut,
 }
 
+/// Counts the request in `inflight_requests` for as long as it lives: the count goes down when
+/// the request's context is dropped, whichever way the request ended (a phase that fails, a
+/// task that panics), so the gauge cannot stick.
+pub struct Inflight(IntGauge);
+
+impl Inflight {
+    pub fn new(gauge: &IntGauge) -> Inflight {
+        gauge.inc();
+        Inflight(gauge.clone())
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Everything a request needs, owned by the request (Pingora's `CTX`).
 pub struct RequestCtx {
+    pub inflight: Option<Inflight>,
     pub started: Instant,
     pub route: Option<Arc<Route>>,
     pub client: Arc<str>,
@@ -80,6 +100,7 @@ impl RequestCtx {
     pub fn new() -> Self {
         let started = now();
         RequestCtx {
+            inflight: None,
             started,
             route: None,
             client: Arc::from("-"),

@@ -136,7 +136,7 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        self.app.metrics.inflight.inc();
+        ctx.inflight = Some(context::Inflight::new(&self.app.metrics.inflight));
         let table = self.app.table();
         if let Some(answer) = classify::refusal(session, &table) {
             ctx.stage = Stage::Refused;
@@ -327,8 +327,9 @@ impl ProxyHttp for SidecarProxy {
         };
         let signal = replay::read_header(response);
         let backoff = replay::backoff(response);
+        let settings = self.app.settings();
         if let Some(backoff) =
-            backoff.filter(|_| replay::may_replay(ctx, &self.app.settings(), &gate, session))
+            backoff.filter(|b| replay::may_replay(ctx, &settings, &gate, session, &signal, *b))
         {
             // Decided here, from the status line and headers, before anything of this answer
             // can reach the client (see `replay`).
@@ -476,7 +477,6 @@ impl ProxyHttp for SidecarProxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         let metrics = &self.app.metrics;
-        metrics.inflight.dec();
         if let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) {
             // A refusal whose body never completed is judged by its headers; an attempt that
             // got no answer at all frees its probe, if it was one.

@@ -83,13 +83,23 @@ pub fn may_replay(
     settings: &Settings,
     gate: &AdmissionGate,
     session: &Session,
+    signal: &UpstreamSignal,
+    backoff: Duration,
 ) -> bool {
+    // The pause this answer asks for is not in the limiter's estimate yet.
+    let asked = match signal {
+        UpstreamSignal::RateLimited {
+            retry_after: Some(wait),
+        } => *wait,
+        _ => Duration::ZERO,
+    };
     matches!(ctx.stage, Stage::Admitted { .. })
         && ctx.body.is_complete()
         && ctx.replays < settings.max_replays
         && session.response_written().is_none()
         && gate.replays_429s()
-        && gate.estimated_wait(ctx.priority) < ctx.deadline.saturating_duration_since(now())
+        && gate.estimated_wait(ctx.priority) + asked.max(backoff)
+            < ctx.deadline.saturating_duration_since(now())
 }
 
 /// The error that abandons the attempt and sends the request back to the queue.

@@ -1,0 +1,187 @@
+//! Hostile input against the real binary: paths that would route a counted request through a
+//! passthrough route, absurd durations in the config and in upstream headers.
+
+mod support;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use support::{LimitStyle, MockUpstream, Sidecar};
+
+/// Sends raw request bytes (no client-side path normalisation) and returns the status code.
+async fn raw_request(port: u16, request: &str) -> u16 {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        answer.extend_from_slice(&buf[..n]);
+        if n == 0 || answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&answer);
+    head.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"))
+}
+
+fn post(path: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_passthrough_route_cannot_be_used_to_reach_a_counted_endpoint() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    // One token per minute on the counted route, already spent by the first request below.
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 1\nrequest_timeout: 1\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}",
+    );
+    assert_eq!(
+        raw_request(sidecar.port, &post("/v1/chat/completions")).await,
+        200
+    );
+    for path in [
+        "/v1/models/../chat/completions",
+        "/v1/models/..%2Fchat/completions",
+        "/v1/models/%2e%2e/chat/completions",
+        "/v1/models/%2E%2E/chat/completions",
+        "/v1/models%2F..%2Fchat/completions",
+        "/v1/models/./../chat/completions",
+    ] {
+        assert_eq!(raw_request(sidecar.port, &post(path)).await, 400, "{path}");
+    }
+    // Not on a segment boundary: the counted route, whose token is spent.
+    assert_eq!(raw_request(sidecar.port, &post("/v1/modelsXYZ")).await, 429);
+    assert_eq!(
+        mock.state.arrivals().len(),
+        1,
+        "only the first request reached the upstream: {:?}",
+        mock.state
+            .arrivals()
+            .iter()
+            .map(|a| &a.path)
+            .collect::<Vec<_>>()
+    );
+    // The passthrough route itself still works, on and below its prefix.
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw_request(sidecar.port, &get("/v1/models")).await, 200);
+    assert_eq!(
+        raw_request(sidecar.port, &get("/v1/models/meta/llama-3.1-8b")).await,
+        200
+    );
+}
+
+/// A tiny upstream that answers every request with a 429 carrying one header.
+async fn hostile_upstream(header: &'static str) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    // Small test bodies: the whole request is in once the head is.
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let body = r#"{"status":429,"title":"Too Many Requests"}"#;
+                        let answer = format!(
+                            "HTTP/1.1 429 Too Many Requests\r\n{header}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                        seen.clear();
+                    }
+                }
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn absurd_upstream_durations_clamp_and_leave_no_request_stuck() {
+    for header in [
+        "Retry-After: 1e300",
+        "retry-after-ms: 1e300",
+        "x-ratelimit-reset-requests: 1e300",
+        "Retry-After: inf",
+        "RateLimit: remaining=0, reset=1e300",
+    ] {
+        let (port, upstream) = hostile_upstream(header).await;
+        let sidecar = Sidecar::start(&format!("http://127.0.0.1:{port}"), "rate_rpm: 600");
+        let status = raw_request(sidecar.port, &post("/v1/chat/completions")).await;
+        // An hour-long pause is longer than the request's deadline: the upstream's 429 is
+        // passed on rather than replayed.
+        assert_eq!(status, 429, "{header}");
+        let status = sidecar.status().await;
+        assert!(
+            status["retreat"]["state"] == "retreat",
+            "{header}: {status}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let inflight = sidecar.metric("nvidia_sidecar_inflight_requests").await;
+            if inflight == 0.0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{header}: inflight_requests stuck at {inflight}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !sidecar.log_text().contains("panicked"),
+            "{header}:\n{}",
+            sidecar.log_text()
+        );
+        upstream.abort();
+    }
+}
+
+#[test]
+fn absurd_config_durations_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in [
+        "\"1e300\"",
+        "1e300",
+        "\"99999999999999999999999h\"",
+        "\"inf\"",
+    ] {
+        let path = dir.path().join("sidecar.yaml");
+        std::fs::write(&path, format!("request_timeout: {value}\n")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
+            .arg("-t")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{value}: {text}");
+        assert!(text.contains("request_timeout"), "{value}: {text}");
+        assert!(!text.contains("panicked"), "{value}: {text}");
+    }
+}
