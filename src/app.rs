@@ -248,6 +248,17 @@ impl App {
         let mut settings = config::validate_with_env(&next.effective())?;
         let current = self.settings();
         let restart_required = keep_restart_only(&current, &mut settings);
+        // The rule "an admin plane off loopback needs a token" holds for the settings that
+        // will run: the admin address stays what it is until a restart.
+        if !settings.admin.listen_host.is_loopback() && settings.admin.token.is_none() {
+            return Err(vec![ConfigError::new(
+                "admin.token_env",
+                format!(
+                    "the admin plane listens on {} (not loopback) until a restart: a token is required",
+                    settings.admin.listen_host
+                ),
+            )]);
+        }
         if next.overrides != layers.overrides {
             if let Some(dir) = &current.state_dir {
                 // Persist first: an override that would be lost on restart is not applied.

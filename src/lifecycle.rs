@@ -12,6 +12,9 @@ use pingora::services::background::BackgroundService;
 use crate::app::{App, ChangeRequest, ChangeSource};
 use crate::state;
 
+/// How long the proxy may take to accept connections after start before the process gives up.
+const LISTEN_WITHIN: Duration = Duration::from_secs(20);
+
 /// How often the limiter state is saved while running (a crash loses at most this much).
 const SAVE_EVERY: Duration = Duration::from_secs(10);
 
@@ -32,13 +35,20 @@ impl LifecycleService {
         }
     }
 
-    /// Waits (up to 5 s) until the proxy listener accepts connections, then tells systemd we
-    /// are ready.
+    /// Waits until the proxy listener accepts connections, then tells systemd we are ready.
+    /// A proxy that does not listen within `LISTEN_WITHIN` ends the process with an error, so
+    /// that the service manager sees a failure (and restarts it) instead of a sidecar without
+    /// a proxy.
     async fn notify_ready(&self) {
         let proxy = self.app.settings().proxy_probe_addr();
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(proxy).await.is_ok() {
-                break;
+        let deadline = tokio::time::Instant::now() + LISTEN_WITHIN;
+        while tokio::net::TcpStream::connect(proxy).await.is_err() {
+            if tokio::time::Instant::now() >= deadline {
+                log::error!(
+                    "the proxy does not accept connections on {proxy} after {} s; stopping",
+                    LISTEN_WITHIN.as_secs()
+                );
+                std::process::exit(1);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -53,6 +53,15 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
     };
+    if !mode.upgrade {
+        // Pingora binds later, in a thread of its own whose failure would leave the process
+        // running without a proxy; find out now and stop with a clear line.
+        if let Err(e) = server::check_listen_addresses(&settings) {
+            log::error!("{e}");
+            eprintln!("{source}: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let mut layers = config::ConfigLayers {
         path: cli.conf.clone(),
         file,

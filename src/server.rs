@@ -87,6 +87,27 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     server
 }
 
+/// Checks that the proxy and admin addresses can be listened on (nobody else holds them, the
+/// process may bind them), by binding and releasing each. Not for upgrades, where the running
+/// instance holds them and hands them over.
+pub fn check_listen_addresses(settings: &crate::config::Settings) -> Result<(), String> {
+    let addresses = [
+        ("proxy", settings.listen_host, settings.listen_port),
+        (
+            "admin plane",
+            settings.admin.listen_host,
+            settings.metrics_port,
+        ),
+    ];
+    for (what, host, port) in addresses {
+        let addr = std::net::SocketAddr::new(host, port);
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(format!("cannot listen on {addr} for the {what}: {e}"));
+        }
+    }
+    Ok(())
+}
+
 /// An IP address as it goes before `:port` (IPv6 in brackets).
 pub fn format_host(ip: std::net::IpAddr) -> String {
     match ip {

@@ -223,6 +223,7 @@ async fn mutations_need_the_admin_token_when_one_is_configured() {
     assert_eq!(wrong.status(), 401);
     let reload = http
         .post(sidecar.admin("/api/admin/reload"))
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap();
@@ -294,6 +295,7 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
     // Counters of config reloads appear once a reload happened.
     let reload = http
         .post(sidecar.admin("/api/admin/reload"))
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap();

@@ -113,3 +113,72 @@ async fn the_dashboard_follows_the_stream_and_its_form_changes_the_rate() {
         .await;
     assert_eq!(state, "live", "the dashboard reconnects by itself");
 }
+
+/// A page on another origin tries what a malicious site would: change the live config and
+/// reload it with `no-cors` fetches that need no preflight. Nothing changes and nothing is
+/// saved; the dashboard's own form (same origin, JSON) still works, as the test above shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_on_another_origin_cannot_change_the_config() {
+    if !require_tool("chromium") {
+        return;
+    }
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state");
+    let target = sidecar.admin("");
+    let page = format!(
+        r#"<!doctype html><html><body><p id="done">running</p><script>
+        (async () => {{
+          const tries = [
+            fetch("{target}/api/admin/config", {{method: "POST", mode: "no-cors",
+              headers: {{"Content-Type": "text/plain"}},
+              body: '{{"fallback_enabled_passthrough":true,"rate_rpm":99999}}'}}),
+            fetch("{target}/api/admin/reload", {{method: "POST", mode: "no-cors"}}),
+            fetch("{target}/api/admin/config", {{method: "POST",
+              headers: {{"Content-Type": "application/json"}},
+              body: '{{"rate_rpm":99999}}'}}),
+          ];
+          for (const t of tries) {{ try {{ await t; }} catch (e) {{}} }}
+          document.getElementById("done").textContent = "done";
+        }})();
+        </script></body></html>"#
+    );
+    // The attacker's page, served from another port (another origin).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let attacker = format!(
+        "http://127.0.0.1:{}/",
+        listener.local_addr().unwrap().port()
+    );
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for _ in 0..20 {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    let mut browser = Browser::launch().await;
+    browser.navigate(&attacker).await;
+    let done = browser
+        .wait_text("done", Duration::from_secs(15), |t| t == "done")
+        .await;
+    assert_eq!(done, "done");
+    let status = sidecar.status().await;
+    assert_eq!(status["token_bucket"]["rate_rpm"], 120.0, "{status}");
+    let config = sidecar.admin_json("/api/admin/config").await;
+    assert_eq!(
+        config["config"]["fallback_enabled_passthrough"], false,
+        "{config}"
+    );
+    assert!(
+        !sidecar.dir.path().join("state/overrides.yaml").exists(),
+        "an override was saved"
+    );
+    server.abort();
+}

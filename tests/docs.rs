@@ -68,6 +68,7 @@ fn reference() -> String {
         ("UpstreamSection", "upstream"),
         ("RouteSection", "routes[]"),
         ("AdminSection", "admin"),
+        ("AccessSection", "access"),
         ("ServerSection", "server"),
         ("SharedQuotaSection", "shared_quota"),
     ];

@@ -185,3 +185,161 @@ fn absurd_config_durations_are_errors_not_panics() {
         assert!(!text.contains("panicked"), "{value}: {text}");
     }
 }
+
+/// A web page that rebinds its own name to 127.0.0.1 sends that name as `Host`: the proxy
+/// refuses it (no key injected for it) and so does the admin plane; IP addresses, `localhost`
+/// and names the operator lists are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_hosts_the_sidecar_serves_reach_it() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 600\naccess:\n  allowed_hosts: [sidecar.internal]",
+    );
+    let chat = |host: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        )
+    };
+    for host in [
+        "rebound.example.com",
+        "rebound.example.com:9180",
+        "evil.localhost.example",
+    ] {
+        assert_eq!(raw_request(sidecar.port, &chat(host)).await, 403, "{host}");
+    }
+    for host in [
+        "127.0.0.1",
+        "127.0.0.1:9180",
+        "localhost:9180",
+        "[::1]:9180",
+        "sidecar.internal",
+        "SIDECAR.internal:1",
+    ] {
+        assert_eq!(raw_request(sidecar.port, &chat(host)).await, 200, "{host}");
+    }
+    assert_eq!(mock.state.arrivals().len(), 6);
+
+    let reload = |host: &str, origin: Option<&str>| {
+        let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        format!(
+            "POST /api/admin/reload HTTP/1.1\r\nHost: {host}\r\n{origin}Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let admin = sidecar.metrics_port;
+    let own = format!("127.0.0.1:{admin}");
+    assert_eq!(
+        raw_request(admin, &reload("rebound.example.com", None)).await,
+        403
+    );
+    assert_eq!(
+        raw_request(admin, &reload(&own, Some("http://rebound.example.com"))).await,
+        403
+    );
+    assert_eq!(raw_request(admin, &reload(&own, Some("null"))).await, 403);
+    assert_eq!(
+        raw_request(admin, &reload(&own, Some(&format!("http://{own}")))).await,
+        200
+    );
+    assert_eq!(raw_request(admin, &reload(&own, None)).await, 200);
+    let text_plain = format!(
+        "POST /api/admin/config HTTP/1.1\r\nHost: {own}\r\nContent-Type: text/plain\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{{\"rate_rpm\": 1}}"
+    );
+    assert_eq!(raw_request(admin, &text_plain).await, 415);
+    assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 600.0);
+}
+
+/// With its port taken, the sidecar does not pretend to run: it exits with an error and says
+/// why, so that a service manager sees the failure.
+#[test]
+fn a_proxy_port_that_is_taken_ends_the_process_with_an_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let admin = support::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen_port: {port}\nmetrics_port: {admin}\nupstream_url: http://127.0.0.1:9\nserver:\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
+            pid = dir.path().join("pid").display(),
+            sock = dir.path().join("sock").display(),
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
+        .arg("-c")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the sidecar kept running without its proxy port");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{text}"
+    );
+    drop(taken);
+}
+
+/// An admin plane off loopback keeps its address until a restart, so a reload that moves it to
+/// loopback and drops its token is refused instead of leaving it open until then.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_cannot_remove_the_token_of_an_admin_plane_off_loopback() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start_with_env(
+        &mock.url(),
+        "rate_rpm: 60\nadmin:\n  listen_host: 0.0.0.0\n  token_env: SIDECAR_TEST_ADMIN_TOKEN",
+        &[("SIDECAR_TEST_ADMIN_TOKEN", "s3cret-admin")],
+    );
+    let path = sidecar.config_path();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let without_token: String = text
+        .lines()
+        .filter(|l| !l.contains("token_env"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        .replace("rate_rpm: 60", "rate_rpm: 61")
+        // Loopback without a token is valid on its own; but the address only changes on a
+        // restart, and until then the plane stays on 0.0.0.0.
+        .replace("listen_host: 0.0.0.0", "listen_host: 127.0.0.1");
+    std::fs::write(&path, without_token).unwrap();
+    sidecar.signal("HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sidecar
+        .metric("nvidia_sidecar_config_reloads_total{result=\"error\",source=\"sighup\"}")
+        .await
+        < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            sidecar.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let denied = support::client()
+        .post(sidecar.admin("/api/admin/config"))
+        .json(&serde_json::json!({"rate_rpm": 99}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 60.0);
+    assert!(sidecar.log_text().contains("a token is required"));
+}

@@ -181,6 +181,7 @@ async fn a_broken_file_keeps_the_running_config_and_says_why() {
 
     let answer = client()
         .post(sidecar.admin("/api/admin/reload"))
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap();

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::routes::{authorize, detail};
+use super::routes::{detail, guard_mutation};
 use super::AdminState;
 use crate::app::{ChangeReport, ChangeRequest, ChangeSource};
 use crate::config::{effective_view, ConfigError, Overrides, LIVE_FIELDS};
@@ -52,7 +52,7 @@ pub(crate) async fn patch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
+    if let Err(denied) = guard_mutation(&state, &headers, true) {
         return *denied;
     }
     let value: Value = match serde_json::from_slice(&body) {
@@ -81,7 +81,7 @@ pub(crate) async fn clear_overrides(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
+    if let Err(denied) = guard_mutation(&state, &headers, false) {
         return *denied;
     }
     match state
@@ -94,7 +94,7 @@ pub(crate) async fn clear_overrides(
 }
 
 pub(crate) async fn reload(State(state): State<Arc<AdminState>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
+    if let Err(denied) = guard_mutation(&state, &headers, true) {
         return *denied;
     }
     match state

@@ -45,6 +45,8 @@ pub struct FileConfig {
     pub routes: Vec<RouteSection>,
     /// The admin plane.
     pub admin: AdminSection,
+    /// Who may address the proxy and the admin plane.
+    pub access: AccessSection,
     /// Pingora's server knobs.
     pub server: ServerSection,
     /// Directory where runtime overrides and limiter state are kept; unset keeps nothing.
@@ -141,6 +143,16 @@ pub struct AdminSection {
     pub token_env: Option<String>,
     /// File holding the admin bearer token; takes precedence over `token_env`.
     pub token_file: Option<String>,
+}
+
+/// `access:` — the names under which the sidecar may be addressed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessSection {
+    /// Host names (without port) clients may put in `Host` to reach the proxy and the admin
+    /// plane, besides IP addresses and `localhost`. Any other name is refused (403): a web page
+    /// that rebinds its own name to this machine cannot use the key or change the config.
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `server:` — Pingora's server knobs.

@@ -10,14 +10,14 @@ mod view;
 
 pub use bytes::ByteSize;
 pub use file::{
-    AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection, SharedQuotaSection,
-    UpstreamSection,
+    AccessSection, AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection,
+    SharedQuotaSection, UpstreamSection,
 };
 pub use layers::{ConfigLayers, Overrides, LIVE_FIELDS};
 pub use seconds::Seconds;
 pub use validate::{
-    defaults, validate, AdminSettings, ConfigError, RouteSettings, Secret, ServerSettings,
-    Settings, SharedQuotaSettings, UpstreamOptions, UpstreamUrl,
+    defaults, validate, AccessSettings, AdminSettings, ConfigError, RouteSettings, Secret,
+    ServerSettings, Settings, SharedQuotaSettings, UpstreamOptions, UpstreamUrl,
 };
 pub use view::effective_view;
 
@@ -25,6 +25,39 @@ use serde_yaml::{Mapping, Value};
 
 /// The default configuration, compiled in: the same text as `conf/sidecar.yaml`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/sidecar.yaml");
+
+/// Deepest nesting a config file may have; the real format needs four levels.
+const MAX_NESTING: usize = 32;
+
+/// The nesting depth of YAML text when it exceeds `limit`, found without parsing: flow
+/// brackets outside quotes, and block indentation. A hostile file nested a hundred thousand
+/// levels deep is refused at once instead of being parsed for many seconds.
+fn nesting_beyond(text: &str, limit: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    for c in text.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > limit {
+                    return Some(depth);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    // Block style: every level indents by at least one space (a list item by "- ").
+    let deepest = text
+        .lines()
+        .map(|l| l.len() - l.trim_start_matches([' ', '-']).len())
+        .max()
+        .unwrap_or(0);
+    (deepest > 4 * limit).then_some(deepest / 2)
+}
 
 /// Parses YAML text into the file structs, reporting every unknown key and wrongly typed value
 /// at once rather than stopping at the first.
@@ -40,6 +73,12 @@ pub fn parse(text: &str) -> Result<FileConfig, Vec<ConfigError>> {
 /// Parses what can be parsed: the file with its bad entries left out, and the problems with
 /// those entries. Fails outright only when the text is not a YAML mapping at all.
 fn parse_lenient(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Vec<ConfigError>> {
+    if let Some(depth) = nesting_beyond(text, MAX_NESTING) {
+        return Err(vec![ConfigError::new(
+            "(file)",
+            format!("nests deeper than {MAX_NESTING} levels (at least {depth}); the config never needs more than a few"),
+        )]);
+    }
     let doc: Value =
         serde_yaml::from_str(text).map_err(|e| vec![ConfigError::new("(file)", clean(&e))])?;
     let entries = match doc {

@@ -165,6 +165,44 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
+/// The names under which the sidecar may be addressed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccessSettings {
+    /// Lower-case host names allowed besides IP addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl AccessSettings {
+    /// Whether a `Host` value (a name or address, with or without a port) may address the
+    /// sidecar. IP addresses are always allowed: a page can only reach an address under that
+    /// address as its own origin, so it cannot rebind it. Names must be `localhost`, under
+    /// `.localhost`, or listed.
+    pub fn allows_host(&self, host: &str) -> bool {
+        let host = host.trim();
+        let name = match host.strip_prefix('[') {
+            // [v6]:port
+            Some(rest) => {
+                return rest
+                    .split(']')
+                    .next()
+                    .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
+            }
+            None => host.rsplit_once(':').map_or(host, |(name, port)| {
+                if port.bytes().all(|b| b.is_ascii_digit()) {
+                    name
+                } else {
+                    host
+                }
+            }),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        name.parse::<IpAddr>().is_ok()
+            || name == "localhost"
+            || name.ends_with(".localhost")
+            || self.allowed_hosts.contains(&name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     pub threads: usize,
@@ -212,6 +250,7 @@ pub struct Settings {
     pub replay_body_budget: usize,
     pub upstream: UpstreamOptions,
     pub admin: AdminSettings,
+    pub access: AccessSettings,
     pub server: ServerSettings,
     pub state_dir: Option<PathBuf>,
     pub log_level: String,
@@ -465,6 +504,11 @@ fn validate_shared_quota(
     }
 }
 
+/// The slowest rate a bucket may be set to: one request in 100 minutes.
+const MIN_RPM: f64 = 0.01;
+/// The fastest: far above any quota-limited API, and finite arithmetic everywhere below it.
+const MAX_RPM: f64 = 1_000_000.0;
+
 /// Default values, shared by validation and the documentation.
 pub mod defaults {
     pub const LISTEN_HOST: &str = "127.0.0.1";
@@ -604,7 +648,14 @@ pub fn validate(
         );
     }
     let bucket = |c: &mut Checker, key: &str, rpm: f64, capacity: u32| {
-        let rpm = c.positive(key, rpm);
+        let mut rpm = c.positive(key, rpm);
+        if rpm > 0.0 && !(MIN_RPM..=MAX_RPM).contains(&rpm) {
+            c.fail(
+                key,
+                format!("must be between {MIN_RPM} and {MAX_RPM} requests per minute, got {rpm}"),
+            );
+            rpm = defaults::RATE_RPM;
+        }
         LimiterSettings {
             base_rpm: rpm,
             capacity,
@@ -734,6 +785,29 @@ pub fn validate(
         ),
     };
 
+    let access = AccessSettings {
+        allowed_hosts: file
+            .access
+            .allowed_hosts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| {
+                let name = h.trim().trim_end_matches('.').to_ascii_lowercase();
+                let valid = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if !valid {
+                    c.fail(
+                        &format!("access.allowed_hosts[{i}]"),
+                        format!("must be a host name without port or scheme, got {h:?}"),
+                    );
+                }
+                valid.then_some(name)
+            })
+            .collect(),
+    };
+
     if !admin.listen_host.is_loopback() && admin.token.is_none() {
         c.fail(
             "admin.listen_host",
@@ -815,6 +889,7 @@ pub fn validate(
         replay_body_budget: usize::try_from(replay_body_budget).unwrap_or(usize::MAX),
         upstream,
         admin,
+        access,
         server,
         state_dir: file.state_dir.as_ref().map(PathBuf::from),
         log_level,

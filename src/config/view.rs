@@ -43,6 +43,7 @@ pub fn effective_view(settings: &Settings) -> Value {
         "low_priority_timeout": secs(settings.low_priority_timeout),
         "fallback_enabled_passthrough": settings.fallback_passthrough,
         "log_level": settings.log_level,
+        "access": {"allowed_hosts": settings.access.allowed_hosts},
         "adaptive": {
             "window": secs(a.window),
             "retreat_threshold": a.threshold,

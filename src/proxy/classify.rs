@@ -49,6 +49,33 @@ pub fn priority(session: &Session) -> Priority {
         .unwrap_or(Priority::Normal)
 }
 
+/// A client-controlled value as it goes into the access log: as it is when it is a plain
+/// token, else quoted with `"` and `\` escaped, so that no value can add fields of its own
+/// (`X-Client-Id: x route=admin status=200`).
+pub fn log_value(value: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
+    if plain {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_control() => quoted.push_str(&c.escape_default().to_string()),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    std::borrow::Cow::Owned(quoted)
+}
+
 /// Whether a request path could mean another path to the upstream than the one routes are
 /// matched on: dot segments (`/v1/models/../chat/completions`), raw or percent-encoded, and
 /// encoded or back slashes (`..%2F`). No API client needs them; an upstream that normalises
@@ -74,10 +101,24 @@ pub fn ambiguous_path(target: &[u8]) -> bool {
 }
 
 /// The refusal for what this proxy must not do: `CONNECT`, paths that could reach another
-/// endpoint than the one they are routed as, and absolute-form targets on hosts that are not
+/// endpoint than the one they are routed as, a `Host` it does not serve (a web page that
+/// rebinds its name to this machine), and absolute-form targets on hosts that are not
 /// configured upstreams.
 pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
     let req = session.req_header();
+    let lengths: Vec<&http::HeaderValue> = req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .collect();
+    if lengths.len() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+        // Two framings for one body: what the upstream reads may differ from what we held.
+        return Some(Answer::refused(
+            400,
+            "the request has more than one Content-Length",
+            "bad_request",
+        ));
+    }
     let path = req.uri.path().as_bytes();
     if ambiguous_path(path) || ambiguous_path(req.raw_path()) {
         return Some(Answer::refused(
@@ -96,6 +137,17 @@ pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
     // Pingora normalises the parsed URI; the raw target shows an absolute-form request.
     // Origin-form targets (the usual case) start with '/' and need no parsing.
     if req.raw_path().starts_with(b"/") {
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+        if host.is_some_and(|h| !table.settings.access.allows_host(&h)) {
+            return Some(Answer::refused(
+                403,
+                "this Host is not one the sidecar serves; add it to access.allowed_hosts",
+                "forbidden_host",
+            ));
+        }
         return None;
     }
     let uri = String::from_utf8_lossy(req.raw_path())
@@ -117,7 +169,19 @@ pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
 
 #[cfg(test)]
 mod tests {
-    use super::ambiguous_path;
+    use super::{ambiguous_path, log_value};
+
+    #[test]
+    fn client_values_cannot_forge_log_fields() {
+        assert_eq!(log_value("agent-7"), "agent-7");
+        assert_eq!(log_value("10.0.0.1"), "10.0.0.1");
+        assert_eq!(
+            log_value("x route=admin status=200"),
+            "\"x route=admin status=200\""
+        );
+        assert_eq!(log_value("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(log_value(""), "\"\"");
+    }
 
     #[test]
     fn dot_segments_and_encoded_separators_are_ambiguous() {

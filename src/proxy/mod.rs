@@ -515,10 +515,10 @@ impl ProxyHttp for SidecarProxy {
         log::info!(
             target: "access",
             "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}",
-            ctx.client,
+            classify::log_value(&ctx.client),
             route,
             req.method,
-            req.uri.path(),
+            classify::log_value(req.uri.path()),
             status,
             ctx.priority,
             queue_wait.map_or(0, |w| w.as_millis()),
