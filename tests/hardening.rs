@@ -343,3 +343,56 @@ async fn a_reload_cannot_remove_the_token_of_an_admin_plane_off_loopback() {
     assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 60.0);
     assert!(sidecar.log_text().contains("a token is required"));
 }
+
+/// Runs `nvidia-sidecar -t` on `text`; its exit code and output.
+fn check_config(text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.yaml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"))
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn a_config_nested_a_hundred_thousand_levels_deep_is_refused_with_a_reason() {
+    let flow = format!("routes: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let (code, text) = check_config(&flow);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("nests deeper"), "{text}");
+    let mut block = String::from("adaptive:\n");
+    for level in 1..200 {
+        block.push_str(&format!("{}k{level}:\n", "  ".repeat(level)));
+    }
+    let (code, text) = check_config(&block);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("nests deeper"), "{text}");
+    // The shipped config is far from the limit.
+    let shipped = std::fs::read_to_string("conf/sidecar.yaml").unwrap();
+    assert_eq!(check_config(&shipped).0, Some(0));
+}
+
+#[test]
+fn rates_outside_a_sane_range_are_errors() {
+    for rate in ["1e308", "1e-300", "0.001", "2000000"] {
+        let (code, text) = check_config(&format!("rate_rpm: {rate}\n"));
+        assert_eq!(code, Some(1), "{rate}: {text}");
+        assert!(text.contains("rate_rpm: must be between"), "{rate}: {text}");
+    }
+    assert_eq!(check_config("rate_rpm: 0.5\n").0, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_two_content_lengths_is_refused() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2, 2\r\nConnection: close\r\n\r\n{}";
+    assert_eq!(raw_request(sidecar.port, request).await, 400);
+    assert!(mock.state.arrivals().is_empty());
+}

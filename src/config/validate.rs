@@ -652,7 +652,7 @@ pub fn validate(
         if rpm > 0.0 && !(MIN_RPM..=MAX_RPM).contains(&rpm) {
             c.fail(
                 key,
-                format!("must be between {MIN_RPM} and {MAX_RPM} requests per minute, got {rpm}"),
+                format!("must be between {MIN_RPM} and {MAX_RPM} requests per minute, got {rpm:e}"),
             );
             rpm = defaults::RATE_RPM;
         }
