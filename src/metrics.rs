@@ -22,18 +22,22 @@ pub enum Outcome {
     ClientClosed,
     /// The upstream could not be reached, timed out or broke off.
     UpstreamError,
+    /// The client sent something broken (a bad chunk, a body shorter than declared) or too
+    /// slowly.
+    ClientError,
     /// Refused before admission: CONNECT, a foreign absolute-form target.
     Refused,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::Forwarded,
         Outcome::Passthrough,
         Outcome::RejectedQueueFull,
         Outcome::RejectedQueueTimeout,
         Outcome::ClientClosed,
         Outcome::UpstreamError,
+        Outcome::ClientError,
         Outcome::Refused,
     ];
 
@@ -45,6 +49,7 @@ impl Outcome {
             Outcome::RejectedQueueTimeout => "rejected_queue_timeout",
             Outcome::ClientClosed => "client_closed",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::ClientError => "client_error",
             Outcome::Refused => "refused",
         }
     }

@@ -396,3 +396,94 @@ async fn a_request_with_two_content_lengths_is_refused() {
     assert_eq!(raw_request(sidecar.port, request).await, 400);
     assert!(mock.state.arrivals().is_empty());
 }
+
+/// At `trace`, Pingora would log every upstream request header, the key among them; the
+/// modules that do so stay at `info` unless the operator says secrets may be logged.
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_logging_keeps_the_key_out_unless_told_otherwise() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let key = "nvapi-trace-secret-1234567890";
+    for (secrets, expect_key) in [(None, false), (Some("yes"), true)] {
+        let mut env = vec![("SIDECAR_TEST_KEY", key)];
+        if let Some(v) = secrets {
+            env.push((nvidia_sidecar::LOG_SECRETS_ENV, v));
+        }
+        let sidecar = Sidecar::start_with_env(
+            &mock.url(),
+            "rate_rpm: 600\nlog_level: trace\nupstream:\n  api_key_env: SIDECAR_TEST_KEY",
+            &env,
+        );
+        assert_eq!(
+            raw_request(sidecar.port, &post("/v1/chat/completions")).await,
+            200
+        );
+        sidecar.wait_for_access_line(|l| l.contains("status=200"));
+        let log = sidecar.log_text();
+        assert_eq!(log.contains(key), expect_key, "secrets flag {secrets:?}");
+        if !expect_key {
+            assert!(
+                log.contains(nvidia_sidecar::LOG_SECRETS_ENV),
+                "the cap is announced"
+            );
+        }
+    }
+}
+
+/// A client that sends a broken chunked body is a client error: counted as such, answered
+/// 400, and not logged as an upstream failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_request_body_is_a_client_error() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n";
+    let mut stream = TcpStream::connect(("127.0.0.1", sidecar.port))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    sidecar.wait_for_access_line(|l| l.contains("outcome="));
+    let counted = sidecar
+        .metric("nvidia_sidecar_requests_total{outcome=\"client_error\",route=\"default\"}")
+        .await;
+    assert_eq!(counted, 1.0, "{}", sidecar.log_text());
+    assert_eq!(
+        sidecar
+            .metric("nvidia_sidecar_requests_total{outcome=\"upstream_error\"")
+            .await,
+        0.0
+    );
+    assert!(
+        !sidecar.log_text().contains(" ERROR "),
+        "{}",
+        sidecar.log_text()
+    );
+}
+
+/// `X-Priority` is capped by what the operator allows each client.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_cannot_claim_more_priority_than_the_operator_allows() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 600\naccess:\n  max_priority: normal\n  client_max_priority: {ci-deploy: high}",
+    );
+    for client in ["agent", "ci-deploy"] {
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: {client}\r\nX-Priority: high\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        assert_eq!(raw_request(sidecar.port, &request).await, 200);
+    }
+    let agent = sidecar.wait_for_access_line(|l| l.contains("client=agent "));
+    assert!(
+        agent
+            .as_deref()
+            .is_some_and(|l| l.contains("priority=normal")),
+        "{agent:?}"
+    );
+    let ci = sidecar.wait_for_access_line(|l| l.contains("client=ci-deploy "));
+    assert!(
+        ci.as_deref().is_some_and(|l| l.contains("priority=high")),
+        "{ci:?}"
+    );
+}

@@ -153,6 +153,12 @@ pub struct AccessSection {
     /// plane, besides IP addresses and `localhost`. Any other name is refused (403): a web page
     /// that rebinds its own name to this machine cannot use the key or change the config.
     pub allowed_hosts: Vec<String>,
+    /// Highest `X-Priority` a client may claim (`high`, `normal`, `low`); a higher one is
+    /// lowered to it. Clients listed in `client_max_priority` get theirs instead.
+    pub max_priority: Option<String>,
+    /// Highest priority per client id (`X-Client-Id`), e.g. `{ci-deploy: high}`, for when
+    /// `max_priority` keeps everyone else lower.
+    pub client_max_priority: BTreeMap<String, String>,
 }
 
 /// `server:` — Pingora's server knobs.

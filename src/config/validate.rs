@@ -1,6 +1,7 @@
 //! From the file's structs to the settings the code runs on: every value checked, every
 //! problem reported at once, secrets read from where the file points.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 
 use super::file::{FileConfig, RouteSection, SharedQuotaSection};
-use crate::limiter::{LimiterSettings, RetreatSettings};
+use crate::limiter::{LimiterSettings, Priority, RetreatSettings};
 
 /// One problem with the configuration: which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,13 +167,37 @@ pub struct AdminSettings {
 }
 
 /// The names under which the sidecar may be addressed.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AccessSettings {
     /// Lower-case host names allowed besides IP addresses and `localhost`.
     pub allowed_hosts: Vec<String>,
+    /// Highest priority a client not listed below may claim.
+    pub max_priority: Priority,
+    /// Highest priority per client id.
+    pub client_max_priority: BTreeMap<String, Priority>,
+}
+
+impl Default for AccessSettings {
+    fn default() -> Self {
+        AccessSettings {
+            allowed_hosts: Vec::new(),
+            max_priority: Priority::High,
+            client_max_priority: BTreeMap::new(),
+        }
+    }
 }
 
 impl AccessSettings {
+    /// The priority a request gets: what it claims, at most what its client may claim.
+    pub fn cap_priority(&self, client: &str, claimed: Priority) -> Priority {
+        let max = self
+            .client_max_priority
+            .get(client)
+            .copied()
+            .unwrap_or(self.max_priority);
+        claimed.min(max)
+    }
+
     /// Whether a `Host` value (a name or address, with or without a port) may address the
     /// sidecar. IP addresses are always allowed: a page can only reach an address under that
     /// address as its own origin, so it cannot rebind it. Names must be `localhost`, under
@@ -338,6 +363,13 @@ impl Checker {
             return Duration::from_secs_f64(default);
         }
         Duration::from_secs_f64(secs)
+    }
+
+    fn priority(&mut self, key: &str, value: &str) -> Priority {
+        value.parse().unwrap_or_else(|_| {
+            self.fail(key, format!("must be high, normal or low, got {value:?}"));
+            Priority::High
+        })
     }
 
     fn ip(&mut self, key: &str, value: &str) -> IpAddr {
@@ -804,6 +836,19 @@ pub fn validate(
                     );
                 }
                 valid.then_some(name)
+            })
+            .collect(),
+        max_priority: match &file.access.max_priority {
+            Some(p) => c.priority("access.max_priority", p),
+            None => Priority::High,
+        },
+        client_max_priority: file
+            .access
+            .client_max_priority
+            .iter()
+            .map(|(id, p)| {
+                let key = format!("access.client_max_priority.{id}");
+                (id.clone(), c.priority(&key, p))
             })
             .collect(),
     };

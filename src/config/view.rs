@@ -43,7 +43,16 @@ pub fn effective_view(settings: &Settings) -> Value {
         "low_priority_timeout": secs(settings.low_priority_timeout),
         "fallback_enabled_passthrough": settings.fallback_passthrough,
         "log_level": settings.log_level,
-        "access": {"allowed_hosts": settings.access.allowed_hosts},
+        "access": {
+            "allowed_hosts": settings.access.allowed_hosts,
+            "max_priority": settings.access.max_priority.as_str(),
+            "client_max_priority": settings
+                .access
+                .client_max_priority
+                .iter()
+                .map(|(id, p)| (id.clone(), p.as_str()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        },
         "adaptive": {
             "window": secs(a.window),
             "retreat_threshold": a.threshold,

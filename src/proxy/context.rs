@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use pingora_core::Error;
+use pingora_core::{Error, ErrorSource};
 use prometheus::IntGauge;
 
 use crate::admission::now;
@@ -131,6 +131,7 @@ impl RequestCtx {
         }
         match error {
             Some(e) if client_gone(e) => Outcome::ClientClosed,
+            Some(e) if e.esource() == &ErrorSource::Downstream => Outcome::ClientError,
             Some(_) => Outcome::UpstreamError,
             None => match self.stage {
                 Stage::Passthrough | Stage::FailOpen => Outcome::Passthrough,

@@ -146,7 +146,9 @@ impl ProxyHttp for SidecarProxy {
         let route = table.route_for(session.req_header().uri.path()).clone();
         let settings = &table.settings;
         ctx.client = classify::client_id(session);
-        ctx.priority = classify::priority(session);
+        ctx.priority = settings
+            .access
+            .cap_priority(&ctx.client, classify::priority(session));
         let budget = match ctx.priority {
             Priority::Low => settings.low_priority_timeout,
             _ => settings.request_timeout,
@@ -460,8 +462,10 @@ impl ProxyHttp for SidecarProxy {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
-        // Clients leaving and the sidecar's own 429s are counted, not errors.
-        matches!(ctx.stage, Stage::ClientLeft | Stage::Rejected { .. }) || client_gone(error)
+        // Clients leaving or sending something broken, and the sidecar's own 429s, are counted
+        // (`client_closed`, `client_error`, `rejected_*`), not logged as errors.
+        matches!(ctx.stage, Stage::ClientLeft | Stage::Rejected { .. })
+            || error.esource() == &pingora_core::ErrorSource::Downstream
     }
 
     fn suppress_proxy_warn_log(
