@@ -13,6 +13,8 @@ pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod limiter;
 pub mod metrics;

@@ -33,6 +33,7 @@ use crate::app::App;
 use crate::limiter::{Priority, UpstreamSignal};
 
 pub use body::{BodyBudget, PINGORA_RETRY_BUFFER};
+pub use classify::{ambiguous_path, log_value};
 pub use context::{RequestCtx, Stage};
 pub use respond::error_body;
 

@@ -235,6 +235,18 @@ fn micros(n: i64) -> Duration {
     Duration::from_micros(n.max(0) as u64)
 }
 
+/// Reads a script reply built from fuzz input (see `crate::fuzzing`).
+pub(super) fn fuzz_reply(items: &[Result<i64, Vec<u8>>]) {
+    let reply: Vec<Value> = items
+        .iter()
+        .map(|item| match item {
+            Ok(n) => Value::Int(*n),
+            Err(bytes) => Value::BulkString(bytes.clone()),
+        })
+        .collect();
+    let _ = parse_reply(&reply);
+}
+
 fn parse_reply(reply: &[Value]) -> Result<LeaseReply, String> {
     let rate = text(reply.get(1), "the rate")?;
     let ceiling = text(reply.get(4), "the ceiling")?;

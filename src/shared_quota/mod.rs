@@ -7,6 +7,12 @@
 //! be reached the route falls back to a local share of the rate, and rejoins on the first
 //! answer. `client` holds the connection and the script.
 
+/// Reads a script reply built from fuzz input (see `crate::fuzzing`).
+#[doc(hidden)]
+pub fn fuzz_reply(items: &[Result<i64, Vec<u8>>]) {
+    client::fuzz_reply(items);
+}
+
 mod client;
 mod link;
 
