@@ -487,3 +487,45 @@ async fn a_client_cannot_claim_more_priority_than_the_operator_allows() {
         "{ci:?}"
     );
 }
+
+/// Admin connections cannot be held open: an idle one and one that sends its header a line at
+/// a time are both closed once the header deadline (10 s) has passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_and_slow_admin_connections_are_closed() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60");
+    let admin = sidecar.metrics_port;
+    let idle = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
+    let mut slow = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
+    let started = std::time::Instant::now();
+    let drip = async {
+        for line in ["GET /status HTTP/1.1\r\n", "Host: 127.0.0.1\r\n"]
+            .into_iter()
+            .chain(std::iter::repeat("X-Slow: 1\r\n"))
+            .take(40)
+        {
+            if slow.write_all(line.as_bytes()).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut buf = [0u8; 64];
+        let _ = slow.read(&mut buf).await;
+    };
+    let wait_closed = async {
+        let mut idle = idle;
+        let mut buf = [0u8; 64];
+        // A closed connection reads 0 bytes (or fails).
+        matches!(idle.read(&mut buf).await, Ok(0) | Err(_))
+    };
+    let (closed, ()) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(wait_closed, drip)
+    })
+    .await
+    .expect("both connections are closed within 30 s");
+    assert!(closed, "the idle connection was closed");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(25), "closed after {took:?}");
+    // The admin plane still answers.
+    assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 60.0);
+}

@@ -72,7 +72,11 @@ pub fn admin_plane(app: Arc<App>) -> (AdminApp, StatusSampler) {
     let grace = state.app.settings().server.grace_period;
     let drain = grace.saturating_sub(Duration::from_millis(250).min(grace / 2));
     (
-        AdminApp { router, drain },
+        AdminApp {
+            router,
+            drain,
+            connections: Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX)),
+        },
         StatusSampler {
             state,
             publish: Mutex::new(Some(tx)),
@@ -80,9 +84,17 @@ pub fn admin_plane(app: Arc<App>) -> (AdminApp, StatusSampler) {
     )
 }
 
+/// Time an admin client has to send a whole request header, and that an idle kept-alive
+/// admin connection stays open.
+pub const ADMIN_HEADER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Admin connections open at once at most.
+pub const ADMIN_CONNECTIONS_MAX: usize = 128;
+
 /// Serves admin connections accepted by Pingora.
 pub struct AdminApp {
     router: axum::Router,
+    connections: Arc<tokio::sync::Semaphore>,
     /// How long an open admin connection keeps serving once shutdown began: most of the grace
     /// period, so that it closes cleanly before the runtime stops.
     drain: Duration,
@@ -95,9 +107,20 @@ impl ServerApp for AdminApp {
         session: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // A bounded number of admin connections: a flood of idle or slow ones must not take
+        // the file descriptors the proxy needs.
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            log::warn!("admin plane: {ADMIN_CONNECTIONS_MAX} connections open, refusing another");
+            return None;
+        };
         let io = hyper_util::rt::TokioIo::new(session);
         let service = hyper_util::service::TowerToHyperService::new(self.router.clone());
-        let connection = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+        // The whole request header must arrive within the deadline, and a kept-alive
+        // connection that sends no next request is closed after as long.
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(ADMIN_HEADER_DEADLINE)
+            .serve_connection(io, service);
         tokio::pin!(connection);
         let mut shutdown = shutdown.clone();
         tokio::select! {
