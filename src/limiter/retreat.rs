@@ -6,11 +6,12 @@
 //! **Probing.** The controller does not know the upstream's window. A 429 without
 //! `Retry-After` says the window is full *now*, not when it frees: sending on at the cut rate
 //! into a window that stays full for tens of seconds would collect a 429 every interval. So a
-//! cut without `Retry-After` also starts probing: no tokens are issued, one request at a time
-//! goes as a probe, the first one interval of the cut rate after the 429, and every further 429
-//! triples the spacing. The first probe the upstream accepts (or that gets no answer within
-//! [`PROBE_ANSWER_TIMEOUT`]) ends probing and the cut rate resumes. An incident therefore costs
-//! 1 + ⌈log₃(time the window stays full ÷ first spacing)⌉ violations, whatever the window.
+//! cut also starts probing: no tokens are issued, one request at a time goes as a probe, the
+//! first one interval of the cut rate after the 429 (and not before a `Retry-After` pause has
+//! ended), and every further 429 triples the spacing. The first probe the upstream accepts (or
+//! that gets no answer within [`PROBE_ANSWER_TIMEOUT`]) ends probing and the cut rate resumes.
+//! An incident therefore costs 1 + ⌈log₃(time the window stays full ÷ first spacing)⌉
+//! violations, whatever the window; with an honest `Retry-After`, one.
 //!
 //! **Epochs.** Every cut starts a new epoch, and every grant is stamped with the epoch it was
 //! given in ([`Grant`]). Answers to grants of an older epoch were sent before the cut took
@@ -337,7 +338,7 @@ impl RetreatController {
                     self.pause_for(*wait, now);
                 }
                 if probe {
-                    self.probe_refused(retry_after.is_some(), now);
+                    self.probe_refused(now);
                     return;
                 }
                 let cut = match self.state {
@@ -349,9 +350,10 @@ impl RetreatController {
                 };
                 if cut {
                     self.cut(now);
-                    if retry_after.is_none() {
-                        self.start_probing(now);
-                    }
+                    // With `Retry-After` the probing starts when the pause ends: the upstream's
+                    // word on when its window frees is checked with one request before the
+                    // cut rate resumes.
+                    self.start_probing(now);
                 }
             }
             UpstreamSignal::NotRateLimit(reason) => {
@@ -438,12 +440,8 @@ impl RetreatController {
         });
     }
 
-    fn probe_refused(&mut self, paused: bool, now: Instant) {
-        if paused {
-            // The upstream said how long to wait: the pause replaces the probing.
-            self.probing = None;
-            return;
-        }
+    fn probe_refused(&mut self, now: Instant) {
+        // A `Retry-After` on the refusal pauses as well; whichever ends later counts.
         if let Some(p) = self.probing.as_mut() {
             p.spacing = (p.spacing * PROBE_GROWTH).min(PROBE_SPACING_MAX);
             p.next_at = now + p.spacing;
@@ -825,7 +823,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_pauses_instead_of_probing() {
+    fn retry_after_pauses_then_one_probe_checks_the_upstream_s_word() {
         let t0 = Instant::now();
         let mut c = RetreatController::new(60.0, settings(), t0);
         c.observe(
@@ -834,15 +832,27 @@ mod tests {
             },
             t0,
         );
-        assert!(!c.is_probing());
         assert!(c.is_paused(t0 + secs(19)));
         assert_eq!(c.admit(t0 + secs(19)), Admit::Closed);
         assert_eq!(c.admission_rate_per_sec(t0 + secs(19)), 0.0);
         c.tick(t0 + secs(19));
         assert_eq!(c.state(), RetreatState::Retreat, "no recovery while paused");
-        c.tick(t0 + secs(20));
-        assert!(!c.is_paused(t0 + secs(20)));
-        assert_eq!(c.admit(t0 + secs(20)), Admit::Open);
+        // The window was still full when the pause ended (the upstream said too little):
+        // the probe is refused, and the next one waits three times as long, no second cut.
+        let p = probe(&mut c, t0 + secs(20));
+        c.observe_answer(
+            &UpstreamSignal::RateLimited {
+                retry_after: Some(secs(2)),
+            },
+            p,
+            t0 + secs(20),
+        );
+        assert_eq!(c.effective_rpm(), 30.0);
+        assert_eq!(c.admit(t0 + secs(22)), Admit::Closed);
+        let p = probe(&mut c, t0 + secs(26));
+        c.observe_answer(&OK, p, t0 + secs(26));
+        assert_eq!(c.admit(t0 + secs(26)), Admit::Open);
+        c.tick(t0 + secs(26));
         assert_eq!(c.state(), RetreatState::Recover);
     }
 
@@ -938,6 +948,9 @@ mod tests {
             },
             t0 + secs(11),
         );
+        // The pause ends at 12 s; the first probe waits one interval of the cut rate (2 s).
+        let p = probe(&mut c, t0 + secs(13));
+        c.observe_answer(&OK, p, t0 + secs(13));
         c.tick(t0 + secs(16));
         assert_eq!(c.state(), RetreatState::Recover);
         c.tick(t0 + secs(60));

@@ -27,6 +27,9 @@ pub enum Style {
     Bare,
     /// `Retry-After` with the time until a request would be accepted, rounded up to seconds.
     RetryAfter,
+    /// `Retry-After` with the same number of seconds whatever the quota's state (an upstream
+    /// that says "2" when its window frees in 8).
+    RetryAfterFixed(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -224,6 +227,7 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
                         Style::RetryAfter => {
                             Some(Duration::from_secs(wait.as_secs_f64().ceil() as u64))
                         }
+                        Style::RetryAfterFixed(secs) => Some(Duration::from_secs(secs)),
                     };
                     limiter.observe_answer(
                         &UpstreamSignal::RateLimited { retry_after },

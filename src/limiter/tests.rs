@@ -319,9 +319,23 @@ fn no_token_before_retry_after_passes() {
     let id = queued(limiter.request(client("a"), Priority::Normal, far, t0));
     assert_eq!(limiter.next_wakeup(t0), Some(t0 + Duration::from_secs(3)));
     assert!(limiter.poll(t0 + ms(2999)).is_empty());
-    // Refill restarts at the end of the pause: at 300 rpm the first token comes 200 ms later.
-    assert!(limiter.poll(t0 + ms(3000)).is_empty());
-    assert_eq!(granted(&limiter.poll(t0 + ms(3200))), vec![id]);
+    // When the pause ends one request goes, as a probe of the upstream's word.
+    assert_eq!(granted(&limiter.poll(t0 + ms(3000))), vec![id]);
+    assert!(limiter.last_grant().probe);
+    let next = queued(limiter.request(client("a"), Priority::Normal, far, t0 + ms(3000)));
+    assert!(
+        limiter.poll(t0 + ms(3500)).is_empty(),
+        "one probe at a time"
+    );
+    let probe = limiter.last_grant();
+    limiter.observe_answer(
+        &UpstreamSignal::Accepted { pause: None },
+        probe,
+        t0 + ms(3500),
+    );
+    // Accepted: the cut rate (300 rpm) resumes from an empty bucket.
+    assert!(limiter.poll(t0 + ms(3699)).is_empty());
+    assert_eq!(granted(&limiter.poll(t0 + ms(3700))), vec![next]);
 }
 
 #[test]
@@ -333,6 +347,16 @@ fn recovery_returns_to_the_base_rate() {
             retry_after: Some(Duration::from_secs(1)),
         },
         t0,
+    );
+    let far = t0 + Duration::from_secs(60);
+    queued(limiter.request(client("a"), Priority::Normal, far, t0));
+    // The probe goes one interval of the cut rate (2 s) after the 429, the pause being over.
+    assert_eq!(granted(&limiter.poll(t0 + Duration::from_secs(2))).len(), 1);
+    let probe = limiter.last_grant();
+    limiter.observe_answer(
+        &UpstreamSignal::Accepted { pause: None },
+        probe,
+        t0 + Duration::from_secs(2),
     );
     let s = limiter.snapshot(t0 + Duration::from_secs(6));
     assert_eq!(s.state, RetreatState::Recover);
@@ -798,6 +822,22 @@ mod simulated {
             (
                 "10 s Retry-After +50%",
                 retry_after(high(Kind::Sliding, 30, 10, 270.0)),
+                false,
+            ),
+            (
+                "10 s Retry-After 2 s always +50%",
+                Scenario {
+                    style: Style::RetryAfterFixed(2),
+                    ..high(Kind::Sliding, 30, 10, 270.0)
+                },
+                false,
+            ),
+            (
+                "minute Retry-After 2 s always +50%",
+                Scenario {
+                    style: Style::RetryAfterFixed(2),
+                    ..high(Kind::Sliding, 40, 60, 60.0)
+                },
                 false,
             ),
             (
