@@ -7,7 +7,7 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
 use crate::app::App;
-use crate::proxy::SidecarProxy;
+use crate::proxy::{ProxyApp, SidecarProxy};
 
 /// How the process was asked to run (from the command line).
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,10 +49,10 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&app, mode));
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        SidecarProxy::new(app.clone()),
-        "nvidia-sidecar proxy",
+    let proxy = pingora::proxy::http_proxy(&server.configuration, SidecarProxy::new(app.clone()));
+    let mut proxy = pingora::services::listening::Service::new(
+        "nvidia-sidecar proxy".to_string(),
+        ProxyApp::new(proxy),
     );
     proxy.add_tcp(&format!(
         "{}:{}",

@@ -529,3 +529,57 @@ async fn idle_and_slow_admin_connections_are_closed() {
     // The admin plane still answers.
     assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 60.0);
 }
+
+/// A client that sends its request header a line every 2 s is cut off at the header deadline
+/// (15 s) instead of holding its connection for ever; a request sent at once on a kept-alive
+/// connection afterwards, and a response streamed for longer than the deadline, are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_request_header_on_the_proxy_is_cut_off_at_the_deadline() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let mut slow = TcpStream::connect(("127.0.0.1", sidecar.port))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let lines = ["GET /v1/models HTTP/1.1\r\n", "Host: 127.0.0.1\r\n"]
+        .into_iter()
+        .chain(std::iter::repeat("X-Slow: 1\r\n"))
+        .take(30);
+    let mut cut = false;
+    for line in lines {
+        if slow.write_all(line.as_bytes()).await.is_err() {
+            cut = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(2), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                cut = true; // an error answer, then the close
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    let took = started.elapsed();
+    assert!(cut, "the slow header was still accepted after {took:?}");
+    assert!(took < Duration::from_secs(30), "cut off after {took:?}");
+    assert!(
+        took >= Duration::from_secs(10),
+        "cut off too early, after {took:?}"
+    );
+
+    // A stream that lasts longer than the deadline, the client silent meanwhile.
+    let response = support::client()
+        .post(sidecar.url("/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "mock", "stream": true, "chunks": 9, "chunk_delay_ms": 2000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "the stream was cut: {text}");
+}

@@ -4,7 +4,8 @@
 //! - `classify`: client id, priority, and what is refused outright;
 //! - `body`: holding request bodies for replay and for watching waiting clients;
 //! - `replay`: sending a request again after an upstream 429, and where Pingora allows it;
-//! - `respond`: the sidecar's own answers and error responses.
+//! - `respond`: the sidecar's own answers and error responses;
+//! - `header_deadline`: a deadline for every request header, and a cap on connections.
 //!
 //! Replaying rides on Pingora's own retry loop: `upstream_response_filter` abandons an
 //! attempt that met a 429 with an error marked retryable, `error_while_proxy` keeps it
@@ -15,6 +16,7 @@
 mod body;
 mod classify;
 mod context;
+mod header_deadline;
 mod replay;
 mod respond;
 
@@ -35,6 +37,7 @@ use crate::limiter::{Priority, UpstreamSignal};
 pub use body::{BodyBudget, PINGORA_RETRY_BUFFER};
 pub use classify::{ambiguous_path, log_value};
 pub use context::{RequestCtx, Stage};
+pub use header_deadline::{ProxyApp, HEADER_DEADLINE, PROXY_CONNECTIONS_MAX};
 pub use respond::error_body;
 
 use body::BodyHold;

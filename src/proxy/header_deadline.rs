@@ -1,0 +1,270 @@
+//! A deadline for every request header on the proxy port.
+//!
+//! Pingora times out each read of a request header (60 s), not the header as a whole: a client
+//! that sends one header line every 20 s keeps its connection, and a file descriptor, for
+//! ever. Pingora offers no hook before it reads the header, so the deadline sits one layer
+//! down, in the stream: `HeaderDeadline` wraps each accepted connection and fails a read that
+//! is still waiting for the end of a request header (`\r\n\r\n`) when the deadline has passed.
+//! The first header's deadline runs from the moment the connection is accepted. Once the head of
+//! a final response (`HTTP/1.x` with a status of 200 or more) has been written, the next
+//! header's deadline runs from its first byte: a kept-alive connection that sends nothing is
+//! left to Pingora's keep-alive timeout, and a response that streams for minutes while the
+//! client sends nothing is never cut. Reads of a request body are never limited.
+//!
+//! `ProxyApp` puts every accepted connection in a `HeaderDeadline`, and refuses connections
+//! beyond `PROXY_CONNECTIONS_MAX`, before handing it to Pingora's HTTP proxy.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use pingora_core::protocols::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Time a client has to send a whole request header, and that a kept-alive connection may
+/// stay idle before its next request.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Proxy connections open at once at most; beyond that a new connection is closed at once.
+pub const PROXY_CONNECTIONS_MAX: usize = 4096;
+
+/// An accepted connection whose request headers must arrive within a deadline.
+pub struct HeaderDeadline {
+    inner: Stream,
+    deadline: Duration,
+    /// `Some` while a request header is being received: it fires at the deadline.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The last three bytes read, to find `\r\n\r\n` across reads.
+    tail: [u8; 3],
+    /// A final response head was written since the last header ended: the next bytes read
+    /// begin the next request's header.
+    answered: bool,
+}
+
+impl HeaderDeadline {
+    pub fn new(inner: Stream, deadline: Duration) -> HeaderDeadline {
+        HeaderDeadline {
+            inner,
+            deadline,
+            timer: Some(Box::pin(tokio::time::sleep(deadline))),
+            tail: [0; 3],
+            answered: false,
+        }
+    }
+
+    /// Whether `read` (following `tail`) completes a request header.
+    fn ends_header(&mut self, read: &[u8]) -> bool {
+        let mut window: Vec<u8> = self.tail.to_vec();
+        window.extend_from_slice(&read[..read.len().min(65_536)]);
+        let found = window.windows(4).any(|w| w == b"\r\n\r\n");
+        let keep = window.len().min(3);
+        self.tail = [0; 3];
+        self.tail[3 - keep..].copy_from_slice(&window[window.len() - keep..]);
+        found
+    }
+}
+
+/// Whether a write is the head of a final response: `HTTP/1.x NNN` with NNN ≥ 200.
+fn final_response_head(buf: &[u8]) -> bool {
+    buf.len() >= 12
+        && buf.starts_with(b"HTTP/1.")
+        && buf[8] == b' '
+        && (b'2'..=b'9').contains(&buf[9])
+}
+
+impl AsyncRead for HeaderDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let read = buf.filled()[before..].to_vec();
+                if this.answered && !read.is_empty() {
+                    // The first bytes of the next request: its header's deadline starts now.
+                    this.answered = false;
+                    this.tail = [0; 3];
+                    this.timer = Some(Box::pin(tokio::time::sleep(this.deadline)));
+                }
+                if this.timer.is_some() && this.ends_header(&read) {
+                    this.timer = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let expired = this
+                    .timer
+                    .as_mut()
+                    .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "request header not complete within the deadline",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for HeaderDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.timer.is_none() && final_response_head(buf) {
+            self.answered = true;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeaderDeadline {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeaderDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeaderDeadline {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeaderDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeaderDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeaderDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for HeaderDeadline {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+impl fmt::Debug for HeaderDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderDeadline")
+            .field("inner", &self.inner)
+            .field("awaiting_header", &self.timer.is_some())
+            .finish()
+    }
+}
+
+/// The proxy's listening application: Pingora's HTTP proxy, behind a connection cap and a
+/// header deadline.
+pub struct ProxyApp<A> {
+    inner: Arc<A>,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl<A> ProxyApp<A> {
+    pub fn new(inner: A) -> ProxyApp<A> {
+        ProxyApp {
+            inner: Arc::new(inner),
+            connections: Arc::new(tokio::sync::Semaphore::new(PROXY_CONNECTIONS_MAX)),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyApp<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            log::warn!("proxy: {PROXY_CONNECTIONS_MAX} connections open, refusing another");
+            return None;
+        };
+        let stream: Stream = Box::new(HeaderDeadline::new(stream, HEADER_DEADLINE));
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn final_response_heads_are_told_from_informational_ones_and_bodies() {
+        assert!(final_response_head(b"HTTP/1.1 200 OK\r\n"));
+        assert!(final_response_head(b"HTTP/1.1 429 Too Many Requests\r\n"));
+        assert!(!final_response_head(b"HTTP/1.1 100 Continue\r\n"));
+        assert!(!final_response_head(b"data: {\"x\":1}\n\n"));
+        assert!(!final_response_head(b"1f\r\n"));
+    }
+}
