@@ -10,7 +10,7 @@
 //! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
 //! cargo bench --bench scenarios -- shared_minute  # 7b: the same at NVIDIA's 40 per minute (3 min)
 //! cargo bench --bench scenarios -- adaptive_matrix  # 8: windows x quota kinds x 429 styles x framing
-//!                                                   #    x misconfiguration, shipped defaults (6 min a repeat)
+//!                                                   #    x misconfiguration, shipped defaults (11 min a repeat)
 //! ```
 //!
 //! Every run uses the real sidecar binary (built with the bench profile) and a mock upstream

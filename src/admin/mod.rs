@@ -159,7 +159,11 @@ impl BackgroundService for StatusSampler {
         else {
             return;
         };
-        status::run_sampler(self.state.clone(), tx, shutdown).await;
+        crate::lifecycle::supervise(
+            "status sampler",
+            status::run_sampler(self.state.clone(), tx, shutdown),
+        )
+        .await;
         self.state.draining.store(true, Ordering::SeqCst);
     }
 }

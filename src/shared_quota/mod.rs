@@ -232,13 +232,16 @@ struct Link {
 #[async_trait]
 impl BackgroundService for SharedQuotaService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut linked = HashMap::new();
-        loop {
-            self.start_links(&mut linked);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => break,
+        crate::lifecycle::supervise("shared quota", async {
+            let mut linked = HashMap::new();
+            loop {
+                self.start_links(&mut linked);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => break,
+                }
             }
-        }
+        })
+        .await
     }
 }
