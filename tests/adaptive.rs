@@ -29,6 +29,20 @@ fn long_prompt(bytes: usize) -> Vec<u8> {
     .unwrap()
 }
 
+/// A mock whose answers come as header and body `delay_ms` apart.
+async fn split_mock(delay_ms: u64) -> MockUpstream {
+    let framing = Framing::Split {
+        delay: Duration::from_millis(delay_ms),
+    };
+    MockUpstream::start_framed(None, LimitStyle::Nvidia, framing).await
+}
+
+/// One small chat completion through the sidecar.
+async fn chat(sidecar: &Sidecar) -> reqwest::Response {
+    let body = serde_json::to_vec(&chat_body()).unwrap();
+    post(&sidecar.url("/v1/chat/completions"), "a", body).await
+}
+
 async fn post(url: &str, client_id: &str, body: Vec<u8>) -> reqwest::Response {
     client()
         .post(url)
@@ -61,12 +75,7 @@ async fn an_upstream_429_is_absorbed_whatever_its_framing() {
         let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
         mock.state.fail_next(2);
         let started = Instant::now();
-        let response = post(
-            &sidecar.url("/v1/chat/completions"),
-            "a",
-            serde_json::to_vec(&chat_body()).unwrap(),
-        )
-        .await;
+        let response = chat(&sidecar).await;
         let status = response.status().as_u16();
         let replays = response
             .headers()
@@ -105,12 +114,7 @@ async fn an_upstream_429_over_tls_is_absorbed() {
         &format!("rate_rpm: 600\nupstream:\n  ca_file: {}", ca.display()),
     );
     mock.state.fail_next(1);
-    let response = post(
-        &sidecar.url("/v1/chat/completions"),
-        "a",
-        serde_json::to_vec(&chat_body()).unwrap(),
-    )
-    .await;
+    let response = chat(&sidecar).await;
     assert_eq!(response.status(), 200);
     let statuses: Vec<u16> = mock.state.arrivals().iter().map(|a| a.status).collect();
     assert_eq!(statuses, vec![429, 200]);
@@ -120,14 +124,7 @@ async fn an_upstream_429_over_tls_is_absorbed() {
 /// whole body again, byte for byte.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_one_mebibyte_body_is_replayed_byte_for_byte() {
-    let mock = MockUpstream::start_framed(
-        None,
-        LimitStyle::Nvidia,
-        Framing::Split {
-            delay: Duration::from_millis(100),
-        },
-    )
-    .await;
+    let mock = split_mock(100).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
     mock.state.fail_next(1);
     let body = long_prompt(1 << 20);
@@ -353,12 +350,7 @@ async fn the_worker_capacity_error_is_counted_apart_and_does_not_cut_the_rate() 
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 0");
     mock.state.worker_busy_next(1);
-    let response = post(
-        &sidecar.url("/v1/chat/completions"),
-        "a",
-        serde_json::to_vec(&chat_body()).unwrap(),
-    )
-    .await;
+    let response = chat(&sidecar).await;
     assert_eq!(response.status(), 429);
     let body = response.text().await.unwrap();
     assert!(
@@ -380,22 +372,10 @@ async fn the_worker_capacity_error_is_counted_apart_and_does_not_cut_the_rate() 
 /// back-off, counted apart, and the key's rate is not cut.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_worker_503_is_replayed_after_a_back_off_without_a_cut() {
-    let mock = MockUpstream::start_framed(
-        None,
-        LimitStyle::Nvidia,
-        Framing::Split {
-            delay: Duration::from_millis(50),
-        },
-    )
-    .await;
+    let mock = split_mock(50).await;
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
     mock.state.unavailable_next(2);
-    let response = post(
-        &sidecar.url("/v1/chat/completions"),
-        "a",
-        serde_json::to_vec(&chat_body()).unwrap(),
-    )
-    .await;
+    let response = chat(&sidecar).await;
     assert_eq!(response.status(), 200);
     let arrivals = mock.state.arrivals();
     let statuses: Vec<u16> = arrivals.iter().map(|a| a.status).collect();
