@@ -573,3 +573,35 @@ async fn a_slow_request_header_on_the_proxy_is_cut_off_at_the_deadline() {
     let text = response.text().await.unwrap();
     assert!(text.contains("[DONE]"), "the stream was cut: {text}");
 }
+
+/// The file that once killed the lifecycle task on SIGHUP: the reload is refused with the
+/// reason, and the next reload (of a good file) still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60");
+    let path = sidecar.config_path();
+    let good = std::fs::read_to_string(&path).unwrap();
+    let wait_for = |result: &'static str, count: f64| {
+        let sidecar = &sidecar;
+        async move {
+            let name = format!(
+                "nvidia_sidecar_config_reloads_total{{result=\"{result}\",source=\"sighup\"}}"
+            );
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while sidecar.metric(&name).await < count {
+                assert!(std::time::Instant::now() < deadline, "{}", sidecar.log_text());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    std::fs::write(&path, format!("{good}request_timeout: \"1e300\"\n")).unwrap();
+    sidecar.signal("HUP");
+    wait_for("error", 1.0).await;
+    assert!(sidecar.log_text().contains("request_timeout"));
+    std::fs::write(&path, good.replace("rate_rpm: 60", "rate_rpm: 75")).unwrap();
+    sidecar.signal("HUP");
+    wait_for("ok", 1.0).await;
+    assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 75.0);
+    assert!(!sidecar.log_text().contains("panicked"));
+}
