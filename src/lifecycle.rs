@@ -1,6 +1,7 @@
 //! The sidecar's life as a service: readiness notification to systemd, SIGHUP reloads, and
-//! keeping the limiter state in `state_dir` (every few seconds, when shutdown begins, and at
-//! the end of the grace period, when the last queued request is done).
+//! keeping the limiter state in `state_dir` (every few seconds, when shutdown begins, and when
+//! the last queued or in-flight request is done, at the latest at the end of the grace period,
+//! which a sidecar with nothing left to do does not wait out).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,9 @@ use pingora::services::background::BackgroundService;
 
 use crate::app::{App, ChangeRequest, ChangeSource};
 use crate::state;
+
+/// How often a stopping sidecar looks whether anything is still queued or in flight.
+const IDLE_CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// How long the proxy may take to accept connections after start before the process gives up.
 const LISTEN_WITHIN: Duration = Duration::from_secs(20);
@@ -121,16 +125,25 @@ impl LifecycleService {
         }
         sd_notify("STOPPING=1");
         self.save_state();
-        // Queued and in-flight requests keep running through the grace period; save what they
-        // leave behind.
-        tokio::time::sleep(
-            self.app
-                .settings()
-                .server
-                .grace_period
-                .saturating_sub(Duration::from_millis(200)),
-        )
-        .await;
+        // Queued and in-flight requests keep running through the grace period; once none is
+        // left the process ends at once instead of waiting the period out.
+        let grace = self.app.settings().server.grace_period;
+        let until = tokio::time::Instant::now() + grace.saturating_sub(Duration::from_millis(200));
+        let mut idle_checks = 0;
+        while tokio::time::Instant::now() < until {
+            if self.app.metrics.inflight.get() == 0 {
+                idle_checks += 1;
+                // Twice, 50 ms apart: a request that had just arrived is counted by then.
+                if idle_checks >= 2 {
+                    self.save_state();
+                    log::info!("nothing queued or in flight: stopping now");
+                    std::process::exit(0);
+                }
+            } else {
+                idle_checks = 0;
+            }
+            tokio::time::sleep(IDLE_CHECK_EVERY).await;
+        }
         self.save_state();
     }
 }

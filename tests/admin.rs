@@ -446,3 +446,44 @@ async fn readiness_turns_503_while_draining_and_streams_end() {
     // sidecar can start on the port meanwhile.)
     assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+/// Scripts written for the earlier Python service read `GET /api/admin/config` flat:
+/// `.rate_rpm` is the rate in force after any retreat. Those keys stay at the top level, beside
+/// the full effective config, the base rate and the overrides.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_config_answer_keeps_the_python_service_s_flat_keys() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60\nbucket_capacity: 2");
+    let python_fields = [
+        "listen_host",
+        "listen_port",
+        "metrics_port",
+        "upstream_url",
+        "rate_rpm",
+        "bucket_capacity",
+        "request_timeout",
+        "queue_max_size",
+        "low_priority_timeout",
+        "fallback_enabled_passthrough",
+        "log_level",
+    ];
+    let answer = sidecar.admin_json("/api/admin/config").await;
+    for field in python_fields {
+        assert!(
+            !answer[field].is_null(),
+            "{field} missing at the top level: {answer}"
+        );
+    }
+    assert_eq!(answer["rate_rpm"], 60.0);
+    assert_eq!(answer["base_rpm"], 60.0);
+    assert_eq!(answer["bucket_capacity"], 2);
+    assert_eq!(answer["listen_port"], sidecar.port);
+    assert!(answer["config"]["adaptive"].is_object(), "{answer}");
+    // After an upstream 429 the rate in force is cut; `rate_rpm` says so, `base_rpm` keeps 60.
+    mock.state.fail_next(1);
+    assert_eq!(sidecar.chat().await, 200);
+    let answer = sidecar.admin_json("/api/admin/config").await;
+    assert_eq!(answer["rate_rpm"], 30.0, "{answer}");
+    assert_eq!(answer["base_rpm"], 60.0);
+    assert_eq!(answer["config"]["rate_rpm"], 60.0);
+}

@@ -590,7 +590,11 @@ async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
             );
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while sidecar.metric(&name).await < count {
-                assert!(std::time::Instant::now() < deadline, "{}", sidecar.log_text());
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{}",
+                    sidecar.log_text()
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

@@ -523,3 +523,24 @@ async fn corrupt_state_files_are_logged_and_ignored() {
     assert!(log.contains("ignoring unreadable overrides"), "{log}");
     assert_eq!(sidecar.chat().await, 200);
 }
+
+/// With nothing queued or in flight, SIGTERM does not wait out the grace period (30 s here):
+/// the state is saved and the process ends at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_sidecar_stops_at_once_on_sigterm() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let mut sidecar =
+        Sidecar::start_full(&mock.url(), "rate_rpm: 60\nstate_dir: {dir}/state", &[], 30);
+    assert_eq!(sidecar.chat().await, 200);
+    let started = std::time::Instant::now();
+    sidecar.signal("TERM");
+    let code = sidecar.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    println!("idle SIGTERM: exit {code:?} after {took:?}");
+    assert_eq!(code, Some(0), "still running after {took:?}");
+    assert!(
+        sidecar.dir.path().join("state/limiter-state.json").exists(),
+        "the limiter state was saved"
+    );
+}

@@ -16,17 +16,49 @@ use super::AdminState;
 use crate::app::{ChangeReport, ChangeRequest, ChangeSource};
 use crate::config::{effective_view, ConfigError, Overrides, LIVE_FIELDS};
 
+/// The keys the earlier Python service answered at the top level of `GET /api/admin/config`;
+/// scripts read them there (`.rate_rpm`), so they stay, with its meaning.
+pub(crate) const PYTHON_KEYS: [&str; 11] = [
+    "listen_host",
+    "listen_port",
+    "metrics_port",
+    "upstream_url",
+    "rate_rpm",
+    "bucket_capacity",
+    "request_timeout",
+    "queue_max_size",
+    "low_priority_timeout",
+    "fallback_enabled_passthrough",
+    "log_level",
+];
+
 pub(crate) async fn show(State(state): State<Arc<AdminState>>) -> Response {
     let layers = state.app.layers();
-    let settings = state.app.settings();
-    Json(json!({
-        "source": layers.path.as_deref().unwrap_or("(embedded default)"),
-        "config": effective_view(&settings),
-        "overrides": layers.overrides,
-        "override_fields": layers.overrides.names(),
-        "live_fields": LIVE_FIELDS,
-    }))
-    .into_response()
+    let table = state.app.table();
+    let settings = &table.settings;
+    let config = effective_view(settings);
+    let mut answer = serde_json::Map::new();
+    for key in PYTHON_KEYS {
+        answer.insert(key.to_string(), config[key].clone());
+    }
+    // In the Python service `rate_rpm` was the rate in force, after any retreat.
+    let base = config["rate_rpm"].clone();
+    if let Some(gate) = &table.default.gate {
+        answer.insert("rate_rpm".to_string(), json!(gate.snapshot().effective_rpm));
+    }
+    answer.insert("base_rpm".to_string(), base);
+    answer.insert(
+        "source".to_string(),
+        json!(layers.path.as_deref().unwrap_or("(embedded default)")),
+    );
+    answer.insert("config".to_string(), config);
+    answer.insert("overrides".to_string(), json!(layers.overrides));
+    answer.insert(
+        "override_fields".to_string(),
+        json!(layers.overrides.names()),
+    );
+    answer.insert("live_fields".to_string(), json!(LIVE_FIELDS));
+    Json(Value::Object(answer)).into_response()
 }
 
 fn rejected(errors: &[ConfigError]) -> Response {
