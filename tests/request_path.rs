@@ -470,3 +470,27 @@ async fn tls_upstream_with_a_test_ca() {
     assert_eq!(mock.state.arrivals().len(), 1);
     let _ = std::fs::remove_file(ca_path);
 }
+
+/// A config without an `upstream:` section still reads the key from `NVIDIA_API_KEY`, the
+/// documented default, instead of forwarding the client's own (often empty) credential.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_key_comes_from_nvidia_api_key_by_default() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start_with_env(
+        &mock.url(),
+        "rate_rpm: 600",
+        &[("NVIDIA_API_KEY", "nvapi-default-env")],
+    );
+    let response = client()
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("authorization", "Bearer")
+        .json(&support::chat_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        mock.state.arrivals()[0].authorization.as_deref(),
+        Some("Bearer nvapi-default-env")
+    );
+}

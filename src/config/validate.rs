@@ -547,6 +547,8 @@ pub mod defaults {
     pub const LISTEN_PORT: u16 = 9180;
     pub const METRICS_PORT: u16 = 9191;
     pub const UPSTREAM_URL: &str = "https://integrate.api.nvidia.com";
+    /// Where the upstream key is read from when the config names no source.
+    pub const API_KEY_ENV: &str = "NVIDIA_API_KEY";
     pub const RATE_RPM: f64 = 40.0;
     pub const BUCKET_CAPACITY: u32 = 1;
     pub const REQUEST_TIMEOUT: f64 = 300.0;
@@ -755,10 +757,12 @@ pub fn validate(
             c.fail("upstream.ca_file", format!("cannot read {ca}"));
         }
     }
+    // The documented default holds wherever the config comes from: a file without an
+    // `upstream:` section still reads the key from `NVIDIA_API_KEY`.
     let api_key = c.secret(
         "upstream.api_key_file",
         u.api_key_file.as_deref(),
-        u.api_key_env.as_deref(),
+        Some(u.api_key_env.as_deref().unwrap_or(defaults::API_KEY_ENV)),
         env,
     );
     let authorization = api_key.as_ref().and_then(|key| {
