@@ -202,6 +202,16 @@ pub async fn hold(
         )
         .map_err(|e| e.into_down());
     }
+    if matches!(held, BodyHold::Kept { .. })
+        && session.downstream_session.get_retry_buffer().is_none()
+    {
+        // Pingora reads at most 64 KiB at a time, so the tail is always there; without it
+        // Pingora would send no body at all, so fail clearly rather than hang.
+        return Error::e_explain(
+            ErrorType::InternalError,
+            "the request body's tail is not in Pingora's retry buffer",
+        );
+    }
     Ok(held)
 }
 
