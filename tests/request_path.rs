@@ -38,28 +38,35 @@ async fn forwards_and_rewrites_host() {
     assert!(line.is_some(), "{:?}", sidecar.access_log());
 }
 
+/// The injected key replaces the client's credential: named in the config, or, with no
+/// `upstream:` section at all, from `NVIDIA_API_KEY`, the documented default (not the client's
+/// own, often empty, credential).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_upstream_key_replaces_the_clients_credential() {
-    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start_with_env(
-        &mock.url(),
-        "rate_rpm: 600\nupstream:\n  api_key_env: TEST_UPSTREAM_KEY",
-        &[("TEST_UPSTREAM_KEY", "nvapi-test-secret")],
-    );
-    let response = client()
-        .post(sidecar.url("/v1/chat/completions"))
-        .bearer_auth("client-own-key")
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let seen = mock.state.arrivals()[0].authorization.clone();
-    assert_eq!(seen.as_deref(), Some("Bearer nvapi-test-secret"));
-    assert!(
-        !sidecar.log_text().contains("nvapi-test-secret"),
-        "the key must never be logged"
-    );
+    for (extra, env) in [
+        (
+            "rate_rpm: 600\nupstream:\n  api_key_env: TEST_UPSTREAM_KEY",
+            "TEST_UPSTREAM_KEY",
+        ),
+        ("rate_rpm: 600", "NVIDIA_API_KEY"),
+    ] {
+        let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+        let sidecar = Sidecar::start_with_env(&mock.url(), extra, &[(env, "nvapi-test-secret")]);
+        let response = client()
+            .post(sidecar.url("/v1/chat/completions"))
+            .bearer_auth("client-own-key")
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let seen = mock.state.arrivals()[0].authorization.clone();
+        assert_eq!(seen.as_deref(), Some("Bearer nvapi-test-secret"), "{env}");
+        assert!(
+            !sidecar.log_text().contains("nvapi-test-secret"),
+            "the key must never be logged"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -469,28 +476,4 @@ async fn tls_upstream_with_a_test_ca() {
     assert_eq!(response.status(), 502);
     assert_eq!(mock.state.arrivals().len(), 1);
     let _ = std::fs::remove_file(ca_path);
-}
-
-/// A config without an `upstream:` section still reads the key from `NVIDIA_API_KEY`, the
-/// documented default, instead of forwarding the client's own (often empty) credential.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_key_comes_from_nvidia_api_key_by_default() {
-    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start_with_env(
-        &mock.url(),
-        "rate_rpm: 600",
-        &[("NVIDIA_API_KEY", "nvapi-default-env")],
-    );
-    let response = client()
-        .post(sidecar.url("/v1/chat/completions"))
-        .header("authorization", "Bearer")
-        .json(&support::chat_body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        mock.state.arrivals()[0].authorization.as_deref(),
-        Some("Bearer nvapi-default-env")
-    );
 }
