@@ -260,11 +260,7 @@ impl AdmissionGate {
 
     /// The stamp a grant made now would carry, for answers to requests sent without a token.
     pub fn current_grant(&self) -> Grant {
-        let grant = self.lock().limiter.controller().grant();
-        Grant {
-            probe: false,
-            ..grant
-        }
+        self.lock().limiter.controller().unprobed_grant()
     }
 
     pub fn snapshot(&self) -> LimiterSnapshot {

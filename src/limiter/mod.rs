@@ -398,15 +398,8 @@ impl Limiter {
 
     /// Feeds an upstream answer to the controller, as the answer to a grant of now.
     pub fn observe(&mut self, signal: &UpstreamSignal, now: Instant) {
-        let grant = self.controller.grant();
-        self.observe_answer(
-            signal,
-            Grant {
-                probe: false,
-                ..grant
-            },
-            now,
-        );
+        let grant = self.controller.unprobed_grant();
+        self.observe_answer(signal, grant, now);
     }
 
     /// Feeds the upstream's answer to the request granted as `grant`. A pause empties the

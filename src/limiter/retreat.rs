@@ -306,11 +306,16 @@ impl RetreatController {
     /// Feeds one upstream answer to the controller, as if it answered a grant of the current
     /// epoch that was not a probe.
     pub fn observe(&mut self, signal: &UpstreamSignal, now: Instant) {
-        let grant = Grant {
+        self.observe_answer(signal, self.unprobed_grant(), now);
+    }
+
+    /// The stamp of a request sent now without a token or outside probing (a passthrough
+    /// answer, a fail-open request): of the current epoch, never a probe.
+    pub fn unprobed_grant(&self) -> Grant {
+        Grant {
             probe: false,
             ..self.grant()
-        };
-        self.observe_answer(signal, grant, now);
+        }
     }
 
     /// Feeds the upstream's answer to the request granted as `grant`.

@@ -121,11 +121,6 @@ impl BodyBudget {
             bytes,
         })
     }
-
-    /// Bytes held right now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
-    }
 }
 
 impl Drop for Reservation {

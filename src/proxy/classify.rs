@@ -119,8 +119,8 @@ pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
             "bad_request",
         ));
     }
-    let path = req.uri.path().as_bytes();
-    if ambiguous_path(path) || ambiguous_path(req.raw_path()) {
+    // The target as the client sent it: what the upstream will see and normalise.
+    if ambiguous_path(req.raw_path()) {
         return Some(Answer::refused(
             400,
             "the request path has dot segments or encoded slashes; send it in its plain form",

@@ -63,17 +63,22 @@ impl HeaderDeadline {
             answered: false,
         }
     }
+}
 
-    /// Whether `read` (following `tail`) completes a request header.
-    fn ends_header(&mut self, read: &[u8]) -> bool {
-        let mut window: Vec<u8> = self.tail.to_vec();
-        window.extend_from_slice(&read[..read.len().min(65_536)]);
-        let found = window.windows(4).any(|w| w == b"\r\n\r\n");
-        let keep = window.len().min(3);
-        self.tail = [0; 3];
-        self.tail[3 - keep..].copy_from_slice(&window[window.len() - keep..]);
-        found
-    }
+/// Whether `read`, following the last three bytes read before it (`tail`, updated), completes a
+/// request header (`\r\n\r\n`). Looks at the seam between the reads, then at `read` itself,
+/// without copying it.
+fn ends_header(tail: &mut [u8; 3], read: &[u8]) -> bool {
+    let head = read.len().min(3);
+    let mut seam = [0u8; 6];
+    seam[..3].copy_from_slice(tail);
+    seam[3..3 + head].copy_from_slice(&read[..head]);
+    let seam = &seam[..3 + head];
+    let found =
+        seam.windows(4).any(|w| w == b"\r\n\r\n") || read.windows(4).any(|w| w == b"\r\n\r\n");
+    let last = if read.len() >= 3 { read } else { seam };
+    tail.copy_from_slice(&last[last.len() - 3..]);
+    found
 }
 
 /// Whether a write is the head of a final response: `HTTP/1.x NNN` with NNN ≥ 200.
@@ -94,14 +99,14 @@ impl AsyncRead for HeaderDeadline {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let read = buf.filled()[before..].to_vec();
+                let read = &buf.filled()[before..];
                 if this.answered && !read.is_empty() {
                     // The first bytes of the next request: its header's deadline starts now.
                     this.answered = false;
                     this.tail = [0; 3];
                     this.timer = Some(Box::pin(tokio::time::sleep(this.deadline)));
                 }
-                if this.timer.is_some() && this.ends_header(&read) {
+                if this.timer.is_some() && ends_header(&mut this.tail, read) {
                     this.timer = None;
                 }
                 Poll::Ready(Ok(()))
@@ -258,6 +263,42 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyApp<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The end of a header is found however the reads cut it, and only once it is complete.
+    #[test]
+    fn the_end_of_a_header_is_found_across_reads() {
+        let header = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let n = header.len();
+        let cuts = [
+            vec![n],
+            vec![1; n],
+            vec![n - 2, 2],
+            vec![n - 3, 1, 2],
+            vec![n - 1, 1],
+        ];
+        for cut in cuts {
+            let mut tail = [0u8; 3];
+            let mut at = 0;
+            let ends: Vec<bool> = cut
+                .iter()
+                .map(|len| {
+                    let end = ends_header(&mut tail, &header[at..at + len]);
+                    at += len;
+                    end
+                })
+                .collect();
+            assert_eq!(
+                ends.iter().filter(|e| **e).count(),
+                1,
+                "cut {cut:?}: {ends:?}"
+            );
+            assert_eq!(ends.last(), Some(&true), "cut {cut:?}: {ends:?}");
+        }
+        let mut tail = [0u8; 3];
+        assert!(!ends_header(&mut tail, b"GET / HTTP/1.1\r\nX: 1\r\n"));
+        assert!(!ends_header(&mut tail, b"\r"));
+        assert!(ends_header(&mut tail, b"\n"));
+    }
 
     #[test]
     fn final_response_heads_are_told_from_informational_ones_and_bodies() {

@@ -34,13 +34,12 @@ use crate::admission::{now, AdmissionGate, Ticket, Verdict};
 use crate::app::App;
 use crate::limiter::{Priority, UpstreamSignal};
 
-pub use body::{BodyBudget, PINGORA_RETRY_BUFFER};
 pub use classify::{ambiguous_path, log_value};
 pub use context::{RequestCtx, Stage};
-pub use header_deadline::{ProxyApp, HEADER_DEADLINE, PROXY_CONNECTIONS_MAX};
+pub use header_deadline::ProxyApp;
 pub use respond::error_body;
 
-use body::BodyHold;
+use body::{BodyBudget, BodyHold};
 use context::RefusalBody;
 use respond::{client_gone, Answer};
 
