@@ -9,25 +9,12 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    chat_body, client, fnv1a64, Framing, LimitStyle, MockUpstream, Quota, QuotaKind, Sidecar,
+    chat_body, client, fnv1a64, long_prompt, Framing, LimitStyle, MockUpstream, Quota, QuotaKind,
+    Sidecar,
 };
 
 /// The timing-sensitive tests run one at a time on this 2-core machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A chat body of about `bytes` bytes (a long prompt).
-fn long_prompt(bytes: usize) -> Vec<u8> {
-    let text: String = "lorem ipsum dolor sit amet "
-        .chars()
-        .cycle()
-        .take(bytes)
-        .collect();
-    serde_json::to_vec(&serde_json::json!({
-        "model": "mock",
-        "messages": [{"role": "user", "content": text}],
-    }))
-    .unwrap()
-}
 
 /// A mock whose answers come as header and body `delay_ms` apart.
 async fn split_mock(delay_ms: u64) -> MockUpstream {
@@ -210,54 +197,6 @@ async fn held_bodies_stay_within_the_budget() {
     assert_eq!(sidecar.metric("nvidia_sidecar_held_body_bytes").await, 0.0);
 }
 
-/// A waiting client with a 1 MiB body that hangs up leaves the queue without consuming a
-/// token: the next client gets the token it would have had.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_waiter_with_a_one_mebibyte_body_that_hangs_up_consumes_no_token() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    // One token every 2 s.
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30");
-    let url = sidecar.url("/v1/chat/completions");
-    let start = Instant::now();
-    assert_eq!(
-        post(&url, "a", serde_json::to_vec(&chat_body()).unwrap())
-            .await
-            .status(),
-        200
-    );
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_millis(600))
-        .build()
-        .unwrap();
-    let gave_up = impatient
-        .post(&url)
-        .header("x-client-id", "b")
-        .body(long_prompt(1 << 20))
-        .send()
-        .await;
-    assert!(
-        gave_up.is_err(),
-        "the impatient client times out while queued"
-    );
-    let c = post(&url, "c", serde_json::to_vec(&chat_body()).unwrap()).await;
-    assert_eq!(c.status(), 200);
-    let waited = start.elapsed();
-    assert!(
-        waited < Duration::from_millis(3500),
-        "C waited {waited:?}: B's abandoned place took a token"
-    );
-    assert_eq!(
-        mock.state.arrivals().len(),
-        2,
-        "B never reached the upstream"
-    );
-    let line = sidecar
-        .wait_for_access_line(|l| l.contains("client=b") && l.contains("outcome=client_closed"));
-    assert!(line.is_some(), "{:?}", sidecar.access_log());
-}
-
 /// The rate set 50% too high against a strict 4 s window, NVIDIA's 429 without
 /// `Retry-After`, header and body in separate writes, shipped adaptive defaults: the first
 /// incident costs at most 3 upstream 429s (one more may be in flight when it starts), no client
@@ -343,29 +282,40 @@ async fn one_incident_is_bounded_and_recovery_stays_below_what_was_accepted() {
     assert!(highest_after_learning > 0.0);
 }
 
-/// NVIDIA's worker-capacity error on a request that cannot be replayed (its body streams):
-/// passed on, counted as `worker_capacity`, and the key's rate is not cut.
+/// NVIDIA's worker-capacity error on a request that cannot be replayed (no replays left):
+/// passed on, counted as `worker_capacity`, and the key's rate is not cut, whether its body
+/// comes with the header, 300 ms after it, or chunked.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_capacity_error_is_counted_apart_and_does_not_cut_the_rate() {
-    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 0");
-    mock.state.worker_busy_next(1);
-    let response = chat(&sidecar).await;
-    assert_eq!(response.status(), 429);
-    let body = response.text().await.unwrap();
-    assert!(
-        body.contains("Worker local total request limit reached"),
-        "{body}"
-    );
-    let count = sidecar
-        .metric(
-            "nvidia_sidecar_upstream_refusals_total{reason=\"worker_capacity\",route=\"default\"}",
-        )
-        .await;
-    assert_eq!(count, 1.0);
-    let status = sidecar.status().await;
-    assert_eq!(status["retreat"]["state"], "normal", "{status}");
-    assert_eq!(status["retreat"]["effective_rpm"], 600.0);
+    let late = Duration::from_millis(300);
+    for framing in [
+        Framing::OneWrite,
+        Framing::Split { delay: late },
+        Framing::Chunked { delay: late },
+    ] {
+        let mock = MockUpstream::start_framed(None, LimitStyle::Nvidia, framing).await;
+        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 0");
+        mock.state.worker_busy_next(1);
+        let response = chat(&sidecar).await;
+        assert_eq!(response.status(), 429, "{framing:?}");
+        let body = response.text().await.unwrap();
+        assert!(
+            body.contains("Worker local total request limit reached"),
+            "{framing:?}: {body}"
+        );
+        let count = sidecar
+            .metric(
+                "nvidia_sidecar_upstream_refusals_total{reason=\"worker_capacity\",route=\"default\"}",
+            )
+            .await;
+        assert_eq!(count, 1.0, "{framing:?}");
+        let status = sidecar.status().await;
+        assert_eq!(
+            status["retreat"]["state"], "normal",
+            "{framing:?}: {status}"
+        );
+        assert_eq!(status["retreat"]["effective_rpm"], 600.0);
+    }
 }
 
 /// A 503 "all workers are busy" (NVIDIA's ResourceExhausted as a 503): replayed after a short

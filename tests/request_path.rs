@@ -39,19 +39,26 @@ async fn forwards_and_rewrites_host() {
 }
 
 /// The injected key replaces the client's credential: named in the config, or, with no
-/// `upstream:` section at all, from `NVIDIA_API_KEY`, the documented default (not the client's
-/// own, often empty, credential).
+/// `upstream:` section at all, from `NVIDIA_API_KEY`, the documented default. Only without any
+/// key is the client's own credential forwarded.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_upstream_key_replaces_the_clients_credential() {
-    for (extra, env) in [
+    let injected = Some("Bearer nvapi-test-secret");
+    for (extra, env, expected) in [
         (
             "rate_rpm: 600\nupstream:\n  api_key_env: TEST_UPSTREAM_KEY",
-            "TEST_UPSTREAM_KEY",
+            Some("TEST_UPSTREAM_KEY"),
+            injected,
         ),
-        ("rate_rpm: 600", "NVIDIA_API_KEY"),
+        ("rate_rpm: 600", Some("NVIDIA_API_KEY"), injected),
+        ("rate_rpm: 600", None, Some("Bearer client-own-key")),
     ] {
         let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-        let sidecar = Sidecar::start_with_env(&mock.url(), extra, &[(env, "nvapi-test-secret")]);
+        let env: Vec<(&str, &str)> = env
+            .map(|name| (name, "nvapi-test-secret"))
+            .into_iter()
+            .collect();
+        let sidecar = Sidecar::start_with_env(&mock.url(), extra, &env);
         let response = client()
             .post(sidecar.url("/v1/chat/completions"))
             .bearer_auth("client-own-key")
@@ -61,30 +68,12 @@ async fn the_upstream_key_replaces_the_clients_credential() {
             .unwrap();
         assert_eq!(response.status(), 200);
         let seen = mock.state.arrivals()[0].authorization.clone();
-        assert_eq!(seen.as_deref(), Some("Bearer nvapi-test-secret"), "{env}");
+        assert_eq!(seen.as_deref(), expected, "{env:?}");
         assert!(
             !sidecar.log_text().contains("nvapi-test-secret"),
             "the key must never be logged"
         );
     }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn without_a_configured_key_the_clients_credential_is_forwarded() {
-    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
-    let response = client()
-        .post(sidecar.url("/v1/chat/completions"))
-        .bearer_auth("client-own-key")
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        mock.state.arrivals()[0].authorization.as_deref(),
-        Some("Bearer client-own-key")
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -132,48 +121,61 @@ async fn a_full_queue_answers_429_with_retry_after_and_openai_json() {
     );
 }
 
+/// A waiting client that hangs up leaves the queue without consuming a token, with a small
+/// body and with a coding agent's 1 MiB prompt alike (both are read while it waits).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_waiter_that_disconnects_consumes_no_token() {
-    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    // One token every 2 s.
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30");
-    let url = sidecar.url("/v1/chat/completions");
-    let start = Instant::now();
-    assert_eq!(post_chat(&url, "a").await.status(), 200);
-    // B queues for the token due at 2 s, then gives up after 300 ms.
-    let impatient = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    let gave_up = impatient
-        .post(&url)
-        .header("x-client-id", "b")
-        .json(&support::chat_body())
-        .send()
-        .await;
-    assert!(
-        gave_up.is_err(),
-        "the impatient client times out while queued"
-    );
-    // C queues behind nobody: it gets the token due at 2 s, not the one at 4 s.
-    let c = post_chat(&url, "c").await;
-    assert_eq!(c.status(), 200);
-    let waited = start.elapsed();
-    assert!(
-        waited < Duration::from_millis(3500),
-        "C waited {waited:?}: B's abandoned place took a token"
-    );
-    let clients: Vec<_> = mock.state.arrivals().iter().map(|a| a.body_len).collect();
-    assert_eq!(clients.len(), 2, "B never reached the upstream");
-    let line = sidecar
-        .wait_for_access_line(|l| l.contains("client=b") && l.contains("outcome=client_closed"));
-    assert!(line.is_some(), "{:?}", sidecar.access_log());
-    assert!(
-        !sidecar.log_text().contains(" ERROR "),
-        "a client leaving is not an error:\n{}",
-        sidecar.log_text()
-    );
+    for body in [
+        serde_json::to_vec(&support::chat_body()).unwrap(),
+        support::long_prompt(1 << 20),
+    ] {
+        let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+        // One token every 2 s.
+        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30");
+        let url = sidecar.url("/v1/chat/completions");
+        let start = Instant::now();
+        assert_eq!(post_chat(&url, "a").await.status(), 200);
+        // B queues for the token due at 2 s, then gives up after 600 ms.
+        let impatient = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(600))
+            .build()
+            .unwrap();
+        let gave_up = impatient
+            .post(&url)
+            .header("x-client-id", "b")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        let size = body.len();
+        assert!(
+            gave_up.is_err(),
+            "{size} B: the impatient client times out while queued"
+        );
+        // C queues behind nobody: it gets the token due at 2 s, not the one at 4 s.
+        let c = post_chat(&url, "c").await;
+        assert_eq!(c.status(), 200);
+        let waited = start.elapsed();
+        assert!(
+            waited < Duration::from_millis(3500),
+            "{size} B: C waited {waited:?}: B's abandoned place took a token"
+        );
+        assert_eq!(
+            mock.state.arrivals().len(),
+            2,
+            "{size} B: B never reached the upstream"
+        );
+        let line = sidecar.wait_for_access_line(|l| {
+            l.contains("client=b") && l.contains("outcome=client_closed")
+        });
+        assert!(line.is_some(), "{size} B: {:?}", sidecar.access_log());
+        assert!(
+            !sidecar.log_text().contains(" ERROR "),
+            "a client leaving is not an error:\n{}",
+            sidecar.log_text()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

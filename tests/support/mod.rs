@@ -41,6 +41,20 @@ pub fn require_tool(tool: &str) -> bool {
     found
 }
 
+/// A chat body of about `bytes` bytes: a coding agent's long prompt.
+pub fn long_prompt(bytes: usize) -> Vec<u8> {
+    let text: String = "lorem ipsum dolor sit amet "
+        .chars()
+        .cycle()
+        .take(bytes)
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "model": "mock",
+        "messages": [{"role": "user", "content": text}],
+    }))
+    .unwrap()
+}
+
 /// A small chat completion request body.
 pub fn chat_body() -> serde_json::Value {
     serde_json::json!({"model": "mock", "messages": [{"role": "user", "content": "hi"}]})
