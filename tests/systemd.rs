@@ -11,10 +11,9 @@ use support::require_tool;
 /// executable exists).
 fn unit_for_this_build(dir: &std::path::Path) -> std::path::PathBuf {
     let unit = std::fs::read_to_string("systemd/nvidia-sidecar.service").unwrap();
-    assert!(unit
-        .contains("ExecStart=/usr/local/bin/nvidia-sidecar -c /etc/nvidia-sidecar/sidecar.yaml"));
+    assert!(unit.contains("ExecStart=/usr/bin/nvidia-sidecar -c /etc/nvidia-sidecar/sidecar.yaml"));
     let unit = unit.replace(
-        "/usr/local/bin/nvidia-sidecar",
+        "/usr/bin/nvidia-sidecar",
         env!("CARGO_BIN_EXE_nvidia-sidecar"),
     );
     let path = dir.join("nvidia-sidecar.service");

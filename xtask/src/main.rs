@@ -1,13 +1,18 @@
 //! `cargo xtask run [-- sidecar args]`: runs the sidecar (release build) on its embedded
 //! default config. `cargo xtask test [-- cargo test args]`: runs the test suite.
 //! `cargo xtask prerequisites [--test-tools]`: only installs what is missing.
+//! `cargo xtask deb [--binary PATH] [--out DIR] [--compression xz|gzip|none]`: builds the
+//! Debian package (`deb.rs`).
 //!
 //! Building the sidecar needs a C compiler and CMake (Pingora's zlib-ng). On a fresh Debian or
 //! Ubuntu machine with only the Rust toolchain, these commands install them with `apt-get`
 //! (as root, or through `sudo`) before they build; elsewhere they say what to install. With
 //! `--test-tools` (and always under `CI=true` for `test`) the optional tools some tests use are
-//! installed as well: `promtool`, `chromium`, `systemd-analyze`, `redis-server`.
+//! installed as well: `promtool`, `chromium`, `systemd-analyze`, `redis-server`,
+//! `redis-sentinel`, `debootstrap`, `systemd-nspawn` and `dpkg-deb`.
 #![forbid(unsafe_code)]
+
+mod deb;
 
 use std::process::{exit, Command};
 
@@ -16,11 +21,15 @@ const BUILD: [(&str, &str); 2] = [("cc", "build-essential"), ("cmake", "cmake")]
 
 /// What some tests use: (command, Debian package). Without them those tests skip by hand and
 /// fail under `CI=true`.
-const TEST_TOOLS: [(&str, &str); 4] = [
+const TEST_TOOLS: [(&str, &str); 8] = [
     ("promtool", "prometheus"),
     ("chromium", "chromium"),
     ("systemd-analyze", "systemd"),
     ("redis-server", "redis-server"),
+    ("redis-sentinel", "redis-sentinel"),
+    ("debootstrap", "debootstrap"),
+    ("systemd-nspawn", "systemd-container"),
+    ("dpkg-deb", "dpkg"),
 ];
 
 fn main() {
@@ -53,13 +62,39 @@ fn main() {
                 install_missing(&TEST_TOOLS);
             }
         }
+        "deb" => {
+            let binary = option(&rest, "--binary");
+            if binary.is_none() {
+                install_missing(&BUILD);
+                let code = cargo(&["build", "--release", "--locked"]);
+                if code != 0 {
+                    exit(code);
+                }
+            }
+            install_missing(&[("dpkg-deb", "dpkg")]);
+            match deb::build(binary, option(&rest, "--out"), option(&rest, "--compression")) {
+                Ok(path) => println!("{}", path.display()),
+                Err(e) => {
+                    eprintln!("xtask deb: {e}");
+                    exit(1);
+                }
+            }
+        }
         _ => {
             eprintln!(
-                "usage: cargo xtask run [-- ARGS] | test [-- ARGS] | prerequisites [--test-tools]"
+                "usage: cargo xtask run [-- ARGS] | test [-- ARGS] | prerequisites [--test-tools] \
+                 | deb [--binary PATH] [--out DIR] [--compression TYPE]"
             );
             exit(2);
         }
     }
+}
+
+/// The value after `name` in `args`.
+fn option<'a>(args: &[&'a str], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| *a == name)
+        .and_then(|i| args.get(i + 1).copied())
 }
 
 /// Runs cargo with `args`; its exit code.
