@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use support::{
-    chat_body, client, require_tool, LimitStyle, MockUpstream, Quota, RedisServer, Sidecar,
+    chat_body, client, require_tool, LimitStyle, MockUpstream, Quota, RedisServer, Sentinels,
+    Sidecar,
 };
 
 /// Load tests run one at a time (see tests/quota.rs).
@@ -609,4 +610,97 @@ async fn a_redis_behind_tls_with_a_password_from_the_environment() {
         );
     }
     assert!(view.contains(r#""password":"***""#), "{view}");
+}
+
+/// Redis as teams run it: a primary, one replica and three Sentinels. The primary is killed
+/// under load; the Sentinels promote the replica, and the sidecars, which asked the Sentinels
+/// where the primary is, ride out the failover on their local shares and follow the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sentinel_failover_under_load_loses_nothing_and_breaks_no_quota() {
+    if !require_tool("redis-server") || !require_tool("redis-sentinel") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let sentinels = Sentinels::start(3, &primary);
+    assert_eq!(sentinels.primary_port(), Some(primary.port));
+
+    let mock = MockUpstream::start(Some(quota()), LimitStyle::Nvidia).await;
+    let key = unique_key("sentinel");
+    let sidecars: Vec<Sidecar> = (0..2)
+        .map(|_| {
+            Sidecar::start(
+                &mock.url(),
+                &format!(
+                    "rate_rpm: 600\nrequest_timeout: 30\nqueue_max_size: 500\n{MARGIN_AND_WINDOW}\nshared_quota:\n  sentinels:{}\n  key: {key}\n  timeout: 0.3\n",
+                    sentinels.yaml_list()
+                ),
+            )
+        })
+        .collect();
+    let all: Vec<&Sidecar> = sidecars.iter().collect();
+    let joined = until_all(&all, Duration::from_secs(5), |s| {
+        s["shared_quota"]["state"] == "connected" && s["shared_quota"]["instances"] == 2
+    })
+    .await;
+    assert!(
+        joined.is_some(),
+        "the sidecars did not connect through the Sentinels"
+    );
+    mock.state.reset();
+
+    let start = Instant::now();
+    let kill_at = start + Duration::from_secs(4);
+    let end = kill_at + Duration::from_secs(16);
+    let load = closed_loop(&all, 6, end);
+    tokio::time::sleep_until(kill_at.into()).await;
+    primary.kill();
+    let mut promoted = None;
+    while Instant::now() < kill_at + Duration::from_secs(12) {
+        if sentinels.primary_port() == Some(replica.port) {
+            promoted = Some(kill_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let followed = until_all(&all, Duration::from_secs(8), |s| {
+        s["shared_quota"]["state"] == "connected"
+    })
+    .await
+    .map(|_| kill_at.elapsed());
+    let statuses = load.await.unwrap();
+    let failed = failures(&statuses);
+    let violations = mock.state.violations();
+    let after_from = kill_at + Duration::from_secs(12);
+    let after_quota = (end - after_from).as_secs_f64() / 2.0 * 20.0;
+    let after_goodput = mock.state.accepted_between(after_from, end) as f64 / after_quota;
+    let instances_on_new_primary = replica.command(&["ZCARD", &format!("{{{key}}}:instances")]);
+    let degraded_warnings: Vec<usize> = sidecars
+        .iter()
+        .map(|s| s.log_text().matches("cannot be reached").count())
+        .collect();
+    println!(
+        "Sentinel failover: replica promoted {promoted:?} after the primary was killed, sidecars connected to it {followed:?} after; upstream 429s {violations}; failed client requests {failed} of {}; goodput/quota after the failover {after_goodput:.3}; fallback warnings per sidecar {degraded_warnings:?}",
+        statuses.iter().flatten().count()
+    );
+    assert!(
+        promoted.is_some(),
+        "the Sentinels did not promote the replica"
+    );
+    assert!(
+        followed.is_some(),
+        "the sidecars did not follow the new primary"
+    );
+    assert_eq!(
+        instances_on_new_primary,
+        redis::Value::Int(2),
+        "both sidecars lease from the new primary"
+    );
+    assert_eq!(violations, 0, "the upstream saw requests beyond its quota");
+    assert_eq!(failed, 0, "client requests failed through the failover");
+    assert!(
+        after_goodput >= 0.8,
+        "goodput after the failover {after_goodput:.3}"
+    );
 }

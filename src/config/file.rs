@@ -183,9 +183,14 @@ pub struct ServerSection {
 pub struct SharedQuotaSection {
     /// Where the shared bucket lives; `redis` (the default) is the only backend.
     pub backend: Option<String>,
-    /// Required: `redis://host:port/db`, `rediss://…` for TLS, or `unix:///path`. No password
-    /// here: use `password_env` or `password_file`.
+    /// Required unless `sentinels` is given: `redis://host:port/db`, `rediss://…` for TLS, or
+    /// `unix:///path`. No password here: use `password_env` or `password_file`.
     pub url: Option<String>,
+    /// Redis Sentinel addresses (`host:port`), in place of `url`: the sidecar asks them for the
+    /// primary of `sentinel_master`, and asks again after a failover.
+    pub sentinels: Option<Vec<String>>,
+    /// Name of the primary the Sentinels monitor. Default `mymaster`.
+    pub sentinel_master: Option<String>,
     /// Name every sidecar sharing the quota uses; the Redis keys start with it. Default
     /// `nvidia-sidecar`.
     pub key: Option<String>,

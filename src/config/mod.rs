@@ -404,6 +404,50 @@ mod tests {
     }
 
     #[test]
+    fn sentinels_replace_the_url_and_are_checked() {
+        let q = load_str("shared_quota: {sentinels: ['10.0.0.1:26379', 'sentinel-b:26380']}")
+            .unwrap()
+            .shared_quota
+            .unwrap();
+        assert_eq!(
+            q.sentinels,
+            ["redis://10.0.0.1:26379", "redis://sentinel-b:26380"]
+        );
+        assert_eq!(q.sentinel_master, "mymaster");
+        assert!(q.url.is_empty());
+        let errors_for = |yaml: &str, key: &str| {
+            let errors = errors_of(yaml);
+            assert!(
+                errors.iter().any(|e| e.starts_with(&format!("{key}:"))),
+                "{key} not reported for {yaml}: {errors:?}"
+            );
+        };
+        errors_for(
+            "shared_quota: {url: 'redis://h', sentinels: ['h:26379']}",
+            "shared_quota.url",
+        );
+        errors_for("shared_quota: {sentinels: []}", "shared_quota.sentinels");
+        for bad in ["h", ":26379", "h:0", "h:port", "redis://h:26379", "u@h:1"] {
+            errors_for(
+                &format!("shared_quota: {{sentinels: ['{bad}']}}"),
+                "shared_quota.sentinels",
+            );
+        }
+        errors_for(
+            "shared_quota: {sentinels: ['h:1'], sentinel_master: 'two words'}",
+            "shared_quota.sentinel_master",
+        );
+        errors_for(
+            "shared_quota: {url: 'redis://h', sentinel_master: m}",
+            "shared_quota.sentinel_master",
+        );
+        errors_for(
+            "shared_quota: {sentinels: ['h:1'], ca_file: Cargo.toml}",
+            "shared_quota.ca_file",
+        );
+    }
+
+    #[test]
     fn the_redis_password_comes_from_a_file_and_is_masked() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("redis-password");

@@ -240,8 +240,11 @@ pub struct ServerSettings {
 /// `shared_quota:`, checked: where the shared bucket lives and how this sidecar uses it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SharedQuotaSettings {
-    /// The Redis URL as written (it holds no password).
+    /// The Redis URL as written (it holds no password); empty with Sentinels.
     pub url: String,
+    /// `redis://host:port` of each Sentinel; empty without Sentinels.
+    pub sentinels: Vec<String>,
+    pub sentinel_master: String,
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub ca_file: Option<String>,
@@ -419,13 +422,23 @@ fn validate_shared_quota(
             format!("must be redis, got {backend:?}"),
         );
     }
-    let url = section.url.clone().unwrap_or_default();
-    if url.is_empty() {
+    let sentinels = validate_sentinels(c, section);
+    let url = match (&section.url, sentinels.is_empty()) {
+        (Some(_), false) => {
+            c.fail(
+                "shared_quota.url",
+                "cannot be used with shared_quota.sentinels: the Sentinels name the primary",
+            );
+            String::new()
+        }
+        (url, _) => url.clone().unwrap_or_default(),
+    };
+    if url.is_empty() && section.sentinels.is_none() {
         c.fail(
             "shared_quota.url",
-            "is required, e.g. redis://127.0.0.1:6379",
+            "is required (or shared_quota.sentinels), e.g. redis://127.0.0.1:6379",
         );
-    } else {
+    } else if !url.is_empty() {
         use redis::IntoConnectionInfo;
         match url.as_str().into_connection_info() {
             Ok(info) if info.redis.password.is_some() => c.fail(
@@ -512,8 +525,19 @@ fn validate_shared_quota(
             }
         }
     }
+    if section.ca_file.is_some() && !sentinels.is_empty() {
+        c.fail(
+            "shared_quota.ca_file",
+            "is not supported with shared_quota.sentinels (TLS to Sentinels is not implemented)",
+        );
+    }
     SharedQuotaSettings {
         url,
+        sentinels,
+        sentinel_master: section
+            .sentinel_master
+            .clone()
+            .unwrap_or_else(|| defaults::SENTINEL_MASTER.to_string()),
         ca_file: section.ca_file.clone(),
         ca_pem,
         username: section.username.clone(),
@@ -536,6 +560,45 @@ fn validate_shared_quota(
     }
 }
 
+/// `shared_quota.sentinels` as `redis://host:port` URLs, and a sensible `sentinel_master`.
+fn validate_sentinels(c: &mut Checker, section: &SharedQuotaSection) -> Vec<String> {
+    let Some(addresses) = &section.sentinels else {
+        if section.sentinel_master.is_some() {
+            c.fail(
+                "shared_quota.sentinel_master",
+                "is only used with shared_quota.sentinels",
+            );
+        }
+        return Vec::new();
+    };
+    if addresses.is_empty() {
+        c.fail("shared_quota.sentinels", "must list at least one host:port");
+    }
+    if let Some(name) = &section.sentinel_master {
+        if name.is_empty() || name.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            c.fail(
+                "shared_quota.sentinel_master",
+                format!("must be a name without spaces, got {name:?}"),
+            );
+        }
+    }
+    let mut urls = Vec::new();
+    for address in addresses {
+        let parsed = address
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.is_empty() && !host.contains(['/', '@', ' ']))
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok().filter(|p| *p > 0)?)));
+        match parsed {
+            Some((host, port)) => urls.push(format!("redis://{host}:{port}")),
+            None => c.fail(
+                "shared_quota.sentinels",
+                format!("must be host:port entries, got {address:?}"),
+            ),
+        }
+    }
+    urls
+}
+
 /// The slowest rate a bucket may be set to: one request in 100 minutes.
 const MIN_RPM: f64 = 0.01;
 /// The fastest: far above any quota-limited API, and finite arithmetic everywhere below it.
@@ -543,6 +606,8 @@ const MAX_RPM: f64 = 1_000_000.0;
 
 /// Default values, shared by validation and the documentation.
 pub mod defaults {
+    /// `shared_quota.sentinel_master`: Redis Sentinel's own example name.
+    pub const SENTINEL_MASTER: &str = "mymaster";
     pub const LISTEN_HOST: &str = "127.0.0.1";
     pub const LISTEN_PORT: u16 = 9180;
     pub const METRICS_PORT: u16 = 9191;

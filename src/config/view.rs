@@ -93,6 +93,8 @@ pub fn effective_view(settings: &Settings) -> Value {
         "shared_quota": settings.shared_quota.as_ref().map(|q| json!({
             "backend": "redis",
             "url": q.url,
+            "sentinels": q.sentinels,
+            "sentinel_master": (!q.sentinels.is_empty()).then_some(&q.sentinel_master),
             "key": q.key,
             "username": q.username,
             "password": q.password.as_ref().map(|_| MASK),

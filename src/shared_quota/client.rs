@@ -1,9 +1,11 @@
 //! The Redis side of the shared quota: one connection (re-established by the client crate when
-//! Redis comes back), the lease script, and its reply.
+//! Redis comes back, or found again through the Sentinels after a failed call), the lease
+//! script, and its reply.
 
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{IntoConnectionInfo, Script, Value};
 use tokio::sync::Mutex;
 
@@ -67,9 +69,17 @@ pub struct LeaseReply {
     pub slots: Vec<Duration>,
 }
 
+/// Where the Redis holding the shared quota is.
+enum Source {
+    /// At a fixed address.
+    Direct(redis::Client),
+    /// Wherever the Sentinels say the primary is; asked again after every failed call.
+    Sentinel(Mutex<SentinelClient>),
+}
+
 /// The connection to the Redis holding the shared quota.
 pub struct RedisQuota {
-    client: redis::Client,
+    source: Source,
     connection: Mutex<Option<ConnectionManager>>,
     timeout: Duration,
     key: String,
@@ -104,33 +114,57 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// The client of a Redis at `settings.url`.
+fn direct_client(settings: &SharedQuotaSettings) -> Result<redis::Client, String> {
+    let mut info = settings
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| format!("shared_quota.url: {e}"))?;
+    if let Some(user) = &settings.username {
+        info.redis.username = Some(user.clone());
+    }
+    if let Some(password) = &settings.password {
+        info.redis.password = Some(password.expose().to_string());
+    }
+    match &settings.ca_pem {
+        Some(pem) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        ),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| format!("shared_quota: {e}"))
+}
+
 impl RedisQuota {
     /// Prepares the client; nothing connects until the first call.
     pub fn new(settings: &SharedQuotaSettings, instance: String) -> Result<Self, String> {
-        let mut info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| format!("shared_quota.url: {e}"))?;
-        if let Some(user) = &settings.username {
-            info.redis.username = Some(user.clone());
-        }
-        if let Some(password) = &settings.password {
-            info.redis.password = Some(password.expose().to_string());
-        }
-        let client = match &settings.ca_pem {
-            Some(pem) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-            None => redis::Client::open(info),
-        }
-        .map_err(|e| format!("shared_quota: {e}"))?;
+        let source = if settings.sentinels.is_empty() {
+            Source::Direct(direct_client(settings)?)
+        } else {
+            let primary = SentinelNodeConnectionInfo {
+                tls_mode: None,
+                redis_connection_info: Some(redis::RedisConnectionInfo {
+                    username: settings.username.clone(),
+                    password: settings.password.as_ref().map(|p| p.expose().to_string()),
+                    ..Default::default()
+                }),
+            };
+            let client = SentinelClient::build(
+                settings.sentinels.clone(),
+                settings.sentinel_master.clone(),
+                Some(primary),
+                SentinelServerType::Master,
+            )
+            .map_err(|e| format!("shared_quota.sentinels: {e}"))?;
+            Source::Sentinel(Mutex::new(client))
+        };
         Ok(RedisQuota {
-            client,
+            source,
             connection: Mutex::new(None),
             timeout: settings.timeout,
             key: settings.key.clone(),
@@ -164,7 +198,11 @@ impl RedisQuota {
             .set_response_timeout(self.timeout)
             .set_number_of_retries(0)
             .set_max_delay(self.timeout.as_millis() as u64);
-        let connection = ConnectionManager::new_with_config(self.client.clone(), config)
+        let client = match &self.source {
+            Source::Direct(client) => client.clone(),
+            Source::Sentinel(sentinels) => sentinels.lock().await.async_get_client().await?,
+        };
+        let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(CallError::from)?;
         *slot = Some(connection.clone());
@@ -209,10 +247,15 @@ impl RedisQuota {
                 .map_err(CallError::from)?;
             parse_reply(&reply).map_err(CallError::Redis)
         };
-        match tokio::time::timeout(self.timeout, call).await {
+        let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(CallError::Timeout),
+        };
+        if result.is_err() && matches!(self.source, Source::Sentinel(_)) {
+            // The primary may have moved (or been demoted: READONLY): ask the Sentinels again.
+            *self.connection.lock().await = None;
         }
+        result
     }
 }
 

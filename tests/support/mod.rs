@@ -12,7 +12,7 @@ pub mod tls;
 pub use mock_upstream::{fnv1a64, Framing, LimitStyle, MockUpstream, Quota, QuotaKind};
 
 #[allow(unused_imports)]
-pub use redis_server::RedisServer;
+pub use redis_server::{RedisServer, Sentinels};
 #[allow(unused_imports)]
 pub use sidecar::{free_port, Sidecar};
 
