@@ -4,7 +4,7 @@
 //! `cargo xtask deb [--binary PATH] [--out DIR] [--compression xz|gzip|none]`: builds the
 //! Debian package (`deb.rs`).
 //!
-//! Building the sidecar needs a C compiler and CMake (Pingora's zlib-ng). On a fresh Debian or
+//! Building the sidecar needs C and C++ compilers, make and CMake (Pingora's zlib-ng). On a fresh Debian or
 //! Ubuntu machine with only the Rust toolchain, these commands install them with `apt-get`
 //! (as root, or through `sudo`) before they build; elsewhere they say what to install. With
 //! `--test-tools` (and always under `CI=true` for `test`) the optional tools some tests use are
@@ -16,8 +16,15 @@ mod deb;
 
 use std::process::{exit, Command};
 
-/// What the build needs: (command, Debian package).
-const BUILD: [(&str, &str); 2] = [("cc", "build-essential"), ("cmake", "cmake")];
+/// What the build needs: (command, Debian package). CMake drives Pingora's zlib-ng build with
+/// `make` and probes a C++ compiler, so a machine with only `cc` (the Rust toolchain's linker)
+/// still lacks three of them.
+const BUILD: [(&str, &str); 4] = [
+    ("cc", "gcc"),
+    ("c++", "g++"),
+    ("make", "make"),
+    ("cmake", "cmake"),
+];
 
 /// What some tests use: (command, Debian package). Without them those tests skip by hand and
 /// fail under `CI=true`.
@@ -118,11 +125,12 @@ fn found(command: &str) -> bool {
 
 /// Installs the Debian packages of the commands that are missing, or says what to install.
 fn install_missing(tools: &[(&str, &str)]) {
-    let missing: Vec<&str> = tools
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(command, _)| !found(command))
         .map(|(_, package)| *package)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         return;
     }
