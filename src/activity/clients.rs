@@ -5,7 +5,9 @@
 //! a time; a request from any other id is counted under "other", so totals and shares stay
 //! right. An id with nothing in the last minute is forgotten when the table is read (once per
 //! second), which makes room for new ones. Each tracked id costs one fixed array of
-//! per-second counters, and the map's room is reserved up front: recording never allocates.
+//! per-second counters (about 1.4 KiB), allocated when the id is first tracked; the map's room
+//! is reserved up front and the id shares the request's own string, so a request from a
+//! tracked id, or one counted as "other", allocates nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -153,7 +155,7 @@ pub struct ClientsView {
 
 /// Per-client counters over a sliding minute, for at most `capacity` ids at a time.
 pub struct ClientTable {
-    tracked: HashMap<Arc<str>, Minute>,
+    tracked: HashMap<Arc<str>, Box<Minute>>,
     capacity: usize,
     other: Minute,
     grants_total: u64,
@@ -170,29 +172,27 @@ impl ClientTable {
     }
 
     /// The counters for `client`: its own, a fresh entry while there is room, else "other".
-    fn entry(&mut self, client: &str, may_add: bool) -> &mut Minute {
-        if !self.tracked.contains_key(client) {
-            if !may_add || self.tracked.len() >= self.capacity {
+    fn entry(&mut self, client: &Arc<str>) -> &mut Minute {
+        if !self.tracked.contains_key(&**client) {
+            if self.tracked.len() >= self.capacity {
                 return &mut self.other;
             }
-            self.tracked.insert(Arc::from(client), Minute::new());
+            self.tracked.insert(client.clone(), Box::new(Minute::new()));
         }
         self.tracked
-            .get_mut(client)
+            .get_mut(&**client)
             .expect("the entry was just found or added")
     }
 
     /// A request from `client` arrived in second `at`.
-    pub fn arrived(&mut self, client: &str, at: u64) {
-        self.entry(client, true).arrived(at);
+    pub fn arrived(&mut self, client: &Arc<str>, at: u64) {
+        self.entry(client).arrived(at);
     }
 
-    /// A request from `client` got its token in second `at` after waiting `wait`. A client
-    /// that is not tracked (it arrived while the table was full) counts as "other", like its
-    /// arrival did.
-    pub fn granted(&mut self, client: &str, wait: Duration, at: u64) {
+    /// A request from `client` got its token in second `at` after waiting `wait`.
+    pub fn granted(&mut self, client: &Arc<str>, wait: Duration, at: u64) {
         let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
-        self.entry(client, false).granted(wait_ms, at);
+        self.entry(client).granted(wait_ms, at);
         self.grants_total += 1;
     }
 
@@ -274,18 +274,22 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn id(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
     #[test]
     fn shares_rates_and_waits_over_the_minute() {
         let mut table = ClientTable::new(8);
         for i in 0..30 {
-            table.arrived("heavy", i);
-            table.granted("heavy", ms(100), i);
+            table.arrived(&id("heavy"), i);
+            table.granted(&id("heavy"), ms(100), i);
         }
         for i in 0..10 {
-            table.arrived("light", i * 3);
-            table.granted("light", ms(400 + i), i * 3);
+            table.arrived(&id("light"), i * 3);
+            table.granted(&id("light"), ms(400 + i), i * 3);
         }
-        table.arrived("refused", 5);
+        table.arrived(&id("refused"), 5);
         let view = table.view(59);
         assert_eq!(view.window_seconds, 60);
         assert_eq!((view.requests, view.grants), (41, 40));
@@ -308,8 +312,8 @@ mod tests {
     #[test]
     fn the_window_slides_and_idle_clients_are_forgotten() {
         let mut table = ClientTable::new(8);
-        table.arrived("early", 0);
-        table.arrived("late", 30);
+        table.arrived(&id("early"), 0);
+        table.arrived(&id("late"), 30);
         let view = table.view(59);
         assert_eq!(view.requests, 2);
         // At 60 the second 0 has left the window: "early" is gone from the counts and the
@@ -320,8 +324,8 @@ mod tests {
         assert_eq!(view.by_rate[0].id, "late");
         // A young sidecar divides by the seconds it has run.
         let mut young = ClientTable::new(8);
-        young.arrived("a", 0);
-        young.arrived("a", 1);
+        young.arrived(&id("a"), 0);
+        young.arrived(&id("a"), 1);
         assert_eq!(young.view(1).by_rate[0].requests_per_second, 1.0);
     }
 
@@ -331,9 +335,9 @@ mod tests {
         let mut table = ClientTable::new(cap);
         // A hostile client: a new id with every request.
         for i in 0..1000 {
-            let id = format!("id-{i}");
-            table.arrived(&id, 10);
-            table.granted(&id, ms(5), 10);
+            let name: Arc<str> = Arc::from(format!("id-{i}"));
+            table.arrived(&name, 10);
+            table.granted(&name, ms(5), 10);
         }
         let view = table.view(10);
         assert_eq!(view.tracked, cap);
@@ -352,16 +356,17 @@ mod tests {
         // The map never grew beyond the room reserved at the start.
         assert!(table.tracked.capacity() >= cap && table.tracked.len() == cap);
 
-        // A grant for an id that was folded at arrival stays in "other" even when a place
-        // has freed since.
+        // An id idle for a minute gives its place to the next one.
         let mut table = ClientTable::new(1);
-        table.arrived("first", 0);
-        table.arrived("second", 0);
+        table.arrived(&id("first"), 0);
+        table.arrived(&id("second"), 0);
+        assert_eq!(table.view(0).other.map(|o| o.requests_per_minute), Some(1));
+        assert_eq!(table.view(61).tracked, 0);
+        table.granted(&id("second"), ms(1), 61);
         let view = table.view(61);
-        assert_eq!(view.tracked, 0);
-        table.granted("second", ms(1), 61);
-        let view = table.view(61);
-        assert_eq!(view.tracked, 0);
-        assert_eq!(view.other.map(|o| o.grants_per_minute), Some(1));
+        assert_eq!(view.tracked, 1);
+        assert_eq!(view.by_rate[0].id, "second");
+        assert_eq!(view.by_rate[0].grants_per_minute, 1);
+        assert!(view.other.is_none());
     }
 }

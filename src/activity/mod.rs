@@ -4,7 +4,7 @@
 //! The proxy records into it at two points of a request — when the request is classified
 //! (`arrived`) and when it gets its token (`granted`) — and the admin plane reads it once per
 //! second. Memory is bounded whatever the clients send: a fixed number of client ids is tracked
-//! at a time, the rest are folded into "other", and nothing is allocated per request. Time is
+//! at a time and the rest are folded into "other". Time is
 //! passed in, as in the limiter, so the tables are tested at exact instants.
 
 mod clients;
@@ -13,7 +13,7 @@ mod waits;
 pub use clients::{ClientTable, ClientView, ClientsView, TOP_CLIENTS, TRACKED_CLIENTS_MAX};
 pub use waits::{WaitQuantiles, WaitWindow, WAIT_WINDOW_SECONDS};
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Per-client counts and queue waits, shared by the proxy (writer) and the admin plane (reader).
@@ -34,13 +34,13 @@ impl Activity {
     }
 
     /// A request from `client` was classified at `now`.
-    pub fn arrived(&self, client: &str, now: Instant) {
+    pub fn arrived(&self, client: &Arc<str>, now: Instant) {
         let second = self.second(now);
         lock(&self.clients).arrived(client, second);
     }
 
     /// A request from `client` got its token at `now` after waiting `wait` in the queue.
-    pub fn granted(&self, client: &str, wait: Duration, now: Instant) {
+    pub fn granted(&self, client: &Arc<str>, wait: Duration, now: Instant) {
         let second = self.second(now);
         lock(&self.clients).granted(client, wait, second);
         lock(&self.waits).record(wait, second);
@@ -85,9 +85,10 @@ mod tests {
     fn seconds_count_from_the_origin_and_feed_both_tables() {
         let origin = Instant::now();
         let activity = Activity::new(origin);
-        activity.arrived("a", origin + Duration::from_millis(500));
+        let a: Arc<str> = Arc::from("a");
+        activity.arrived(&a, origin + Duration::from_millis(500));
         activity.granted(
-            "a",
+            &a,
             Duration::from_millis(40),
             origin + Duration::from_millis(900),
         );
@@ -101,6 +102,6 @@ mod tests {
         let p50 = waits.p50_ms.expect("one wait recorded");
         assert!((36.0..44.0).contains(&p50), "{p50}");
         // An instant before the origin counts as its first second instead of panicking.
-        activity.arrived("a", origin - Duration::from_secs(5));
+        activity.arrived(&a, origin - Duration::from_secs(5));
     }
 }
