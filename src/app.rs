@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
+use crate::activity::Activity;
 use crate::admission::AdmissionGate;
 use crate::config::{self, ConfigError, ConfigLayers, Overrides, RouteSettings, Settings};
 use crate::metrics::Metrics;
@@ -143,6 +144,8 @@ pub struct App {
     /// The file and overrides in force; the mutex serialises every configuration change.
     layers: Mutex<ConfigLayers>,
     pub metrics: Arc<Metrics>,
+    /// Requests, grants and queue waits per client over the last minute (bounded).
+    pub activity: Activity,
     /// Membership in a quota shared with other sidecars (`shared_quota`), fixed at start.
     pub shared: Option<Arc<SharedQuota>>,
     pub started: Instant,
@@ -163,6 +166,7 @@ impl App {
             table: ArcSwap::from_pointee(table),
             layers: Mutex::new(layers),
             metrics,
+            activity: Activity::new(crate::admission::now()),
             shared,
             started: Instant::now(),
             started_at: SystemTime::now(),

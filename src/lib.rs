@@ -2,12 +2,14 @@
 //!
 //! Layout: `config` (file format and validation), `limiter` (bucket, queue and adaptive
 //! controller: pure logic), `admission` (waiting for tokens), `upstream` (where requests go),
-//! `proxy` (the request path), `app` (shared state), `metrics`, `server` (Pingora wiring),
+//! `proxy` (the request path), `app` (shared state), `metrics`, `activity` (per-client counts
+//! and queue waits for the dashboard), `server` (Pingora wiring),
 //! `cli` (command line), `state` (what survives a restart), `lifecycle` (signals,
 //! readiness, state saving), `admin` (the admin plane: metrics, health, status, dashboard,
 //! config API), `shared_quota` (one quota for several sidecars, kept in Redis).
 #![forbid(unsafe_code)]
 
+pub mod activity;
 pub mod admin;
 pub mod admission;
 pub mod app;

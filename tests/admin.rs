@@ -487,3 +487,176 @@ async fn the_config_answer_keeps_the_python_service_s_flat_keys() {
     assert_eq!(answer["base_rpm"], 60.0);
     assert_eq!(answer["config"]["rate_rpm"], 60.0);
 }
+
+/// One chat request from `client_id`; its status.
+async fn chat_as(sidecar: &Sidecar, client_id: &str) -> u16 {
+    client()
+        .post(sidecar.url("/v1/chat/completions"))
+        .header("x-client-id", client_id)
+        .json(&chat_body())
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Reads `count` server-sent events: (event name, data).
+async fn read_events(response: reqwest::Response, count: usize) -> Vec<(Option<String>, String)> {
+    let mut stream = response.bytes_stream();
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("the stream stays open")
+            .unwrap();
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let name = event
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .map(str::to_string);
+            if let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                events.push((name, data.to_string()));
+            }
+        }
+    }
+    events
+}
+
+/// Two clients that sent 30 and 10 requests: `/status` lists them busiest first with their
+/// shares of the tokens granted (75 % and 25 %) and their queue waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_the_clients_with_their_shares_of_the_quota() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000");
+    for (id, count) in [("light", 10), ("heavy", 30)] {
+        for _ in 0..count {
+            assert_eq!(chat_as(&sidecar, id).await, 200);
+        }
+    }
+    let status = sidecar.status().await;
+    let clients = &status["clients"];
+    assert_eq!(clients["requests"], 40, "{clients}");
+    assert_eq!(clients["grants"], 40, "{clients}");
+    assert_eq!(clients["tracked"], 2);
+    assert_eq!(clients["tracked_max"], 256);
+    assert!(clients.get("other").is_none(), "{clients}");
+    let by_rate = clients["by_rate"].as_array().unwrap();
+    let ids: Vec<&str> = by_rate.iter().map(|c| c["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["heavy", "light"], "{clients}");
+    for (client, requests, share) in [(&by_rate[0], 30, 0.75), (&by_rate[1], 10, 0.25)] {
+        assert_eq!(client["requests_per_minute"], requests, "{client}");
+        assert_eq!(client["grants_per_minute"], requests, "{client}");
+        let got = client["grant_share"].as_f64().unwrap();
+        assert!((got - share).abs() < 0.02, "share {got}, expected {share}");
+        assert!(client["requests_per_second"].as_f64().unwrap() > 0.0);
+        assert!(client["queue_wait_mean_ms"].is_number(), "{client}");
+        assert!(client["queue_wait_max_ms"].is_u64(), "{client}");
+    }
+    assert_eq!(clients["by_wait"].as_array().unwrap().len(), 2);
+}
+
+/// The dashboard's history: one sample a second from the sampler (not one per `/status`
+/// request), at most 300, served by `GET /api/dashboard/history` and, when asked for, as the
+/// first event of the stream; the plain stream stays as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_history_is_served_on_connect_one_sample_a_second() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000");
+    let history = |sidecar: &Sidecar| {
+        let url = sidecar.admin("/api/dashboard/history");
+        async move { get_json(&url).await.1 }
+    };
+    let samples = |h: &Value| h["samples"].as_array().unwrap().clone();
+    // Wait for a first sample, then send requests and ask for /status many times.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while samples(&history(&sidecar).await).is_empty() {
+        assert!(Instant::now() < deadline, "no history sample within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = samples(&history(&sidecar).await).len();
+    for _ in 0..5 {
+        assert_eq!(chat_as(&sidecar, "agent").await, 200);
+    }
+    for _ in 0..30 {
+        sidecar.status().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let h = loop {
+        let h = history(&sidecar).await;
+        if samples(&h).len() >= before + 3 {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "the history does not grow: {h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(h["capacity"], 300);
+    assert_eq!(h["interval_seconds"], 1);
+    let list = samples(&h);
+    assert!(list.len() <= 300);
+    for pair in list.windows(2) {
+        let gap = pair[1]["t"].as_f64().unwrap() - pair[0]["t"].as_f64().unwrap();
+        assert!(
+            (0.5..2.0).contains(&gap),
+            "samples should be a second apart, whatever /status does: {h}"
+        );
+    }
+    let granted: u64 = list.iter().map(|s| s["granted"].as_u64().unwrap()).sum();
+    assert_eq!(
+        granted, 5,
+        "the grants of the samples add up to the requests: {h}"
+    );
+    let last = list.last().unwrap();
+    assert_eq!(last["state"], "normal");
+    assert_eq!(last["base_rpm"], 6000.0);
+    for field in [
+        "effective_rpm",
+        "queue_depth",
+        "requests_per_second",
+        "upstream_429",
+        "rejected",
+    ] {
+        assert!(last[field].is_number(), "{field} missing: {last}");
+    }
+    assert!(
+        list.iter().any(|s| s["queue_wait_p50_ms"].is_number()),
+        "{h}"
+    );
+
+    // With ?history=1 the stream starts with the history, then snapshots that carry the
+    // newest sample.
+    let response = client()
+        .get(sidecar.admin("/api/dashboard/stream?history=1"))
+        .send()
+        .await
+        .unwrap();
+    let events = read_events(response, 3).await;
+    assert_eq!(events[0].0.as_deref(), Some("history"));
+    let first: Value = serde_json::from_str(&events[0].1).unwrap();
+    let first = samples(&first);
+    assert!(first.len() >= list.len() && first.len() <= 300);
+    let newest = first.last().unwrap()["t"].as_f64().unwrap();
+    for (name, data) in &events[1..] {
+        assert_eq!(name, &None);
+        let snapshot: Value = serde_json::from_str(data).unwrap();
+        let t = snapshot["history_sample"]["t"].as_f64().unwrap();
+        assert!(
+            t >= newest,
+            "a snapshot's sample is not older than the history"
+        );
+    }
+    // Without it, the first event is a plain snapshot, as the Python service sent.
+    let response = client()
+        .get(sidecar.admin("/api/dashboard/stream"))
+        .send()
+        .await
+        .unwrap();
+    let events = read_events(response, 1).await;
+    assert_eq!(events[0].0, None);
+    let snapshot: Value = serde_json::from_str(&events[0].1).unwrap();
+    assert!(snapshot["token_bucket"].is_object(), "{snapshot}");
+}

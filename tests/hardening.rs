@@ -1,5 +1,6 @@
 //! Hostile input against the real binary: paths that would route a counted request through a
-//! passthrough route, absurd durations in the config and in upstream headers.
+//! passthrough route, absurd durations in the config and in upstream headers, a client id per
+//! request.
 
 mod support;
 
@@ -608,4 +609,35 @@ async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
     wait_for("ok", 1.0).await;
     assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 75.0);
     assert!(!sidecar.log_text().contains("panicked"));
+}
+
+/// A client that sends a new `X-Client-Id` with every request cannot grow the per-client table
+/// of `/status`: 256 ids are tracked by name, the rest count under `other`, and the totals
+/// stay whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_client_id_per_request_is_folded_into_other_beyond_the_cap() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60000\nbucket_capacity: 50");
+    let http = support::client();
+    let url = sidecar.url("/v1/models");
+    for batch in 0..15 {
+        let sends = (0..20).map(|i| {
+            http.get(&url)
+                .header("x-client-id", format!("hostile-{batch}-{i}"))
+                .send()
+        });
+        for answer in futures_util::future::join_all(sends).await {
+            assert_eq!(answer.unwrap().status(), 200);
+        }
+    }
+    let status = sidecar.status().await;
+    let clients = &status["clients"];
+    assert_eq!(clients["tracked"], 256, "{clients}");
+    assert_eq!(clients["requests"], 300, "{clients}");
+    assert_eq!(
+        clients["other"]["requests_per_minute"],
+        300 - 256,
+        "{clients}"
+    );
+    assert_eq!(clients["by_rate"].as_array().unwrap().len(), 10);
 }

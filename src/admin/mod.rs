@@ -12,9 +12,11 @@
 
 mod config_api;
 mod dashboard;
+mod history;
 mod routes;
 mod status;
 
+pub use history::{HistorySample, HISTORY_LEN};
 pub use status::{Snapshot, StatusBuilder};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,15 +46,27 @@ pub(crate) struct AdminState {
 impl AdminState {
     /// A snapshot of this instant (building one also refreshes the gauges of `/metrics`).
     pub fn snapshot(&self) -> Snapshot {
-        self.builder
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .build()
+        self.lock_builder().build()
     }
 
     /// A snapshot of this instant, as JSON.
     pub fn snapshot_json(&self) -> String {
         serde_json::to_string(&self.snapshot()).expect("snapshots serialise")
+    }
+
+    /// The sampler's step, as JSON: a snapshot whose history sample joins the ring.
+    pub fn tick_json(&self) -> String {
+        let snapshot = self.lock_builder().tick();
+        serde_json::to_string(&snapshot).expect("snapshots serialise")
+    }
+
+    /// The five-minute history as JSON.
+    pub fn history_json(&self) -> String {
+        serde_json::to_string(&self.lock_builder().history().view()).expect("history serialises")
+    }
+
+    fn lock_builder(&self) -> std::sync::MutexGuard<'_, StatusBuilder> {
+        self.builder.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

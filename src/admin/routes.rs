@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +26,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/health/ready", get(ready))
         .route("/status", get(status))
         .route("/api/dashboard/stream", get(stream))
+        .route("/api/dashboard/history", get(history))
         .route("/", get(dashboard::page))
         .route("/api/dashboard", get(dashboard::page))
         .route("/static/vendor/uplot/{file}", get(dashboard::vendor))
@@ -177,21 +178,63 @@ async fn status(State(state): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
+/// The last five minutes, one sample per second, oldest first.
+async fn history(State(state): State<Arc<AdminState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.history_json(),
+    )
+        .into_response()
+}
+
+/// Whether a stream request asks for the history first (`?history=1` or `?history=true`).
+fn wants_history(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|pair| matches!(pair, "history" | "history=1" | "history=true"))
+    })
+}
+
 /// One `data: <snapshot>` event per second per subscriber, starting with the current one;
-/// ends when the sidecar shuts down.
+/// ends when the sidecar shuts down. With `?history=1` an `event: history` with the last five
+/// minutes comes first; without it the stream is exactly the Python service's, so scripts that
+/// read every `data:` line as a snapshot keep working.
 async fn stream(
     State(state): State<Arc<AdminState>>,
+    RawQuery(query): RawQuery,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    use futures_util::StreamExt;
     let mut rx = state.status.clone();
     rx.mark_changed();
-    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+    // The first snapshot is the newest at the time it is sent: its sample is the history's
+    // last one or the next, never further ahead (the page skips samples it already has).
+    let first = wants_history(query.as_deref())
+        .then(|| Ok(Event::default().event("history").data(state.history_json())));
+    let snapshots = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.changed().await.ok()?;
         let json = rx.borrow_and_update().clone();
         Some((Ok(Event::default().data(&*json)), rx))
     });
+    let events = futures_util::stream::iter(first).chain(snapshots);
     Sse::new(events).keep_alive(
         KeepAlive::new()
             .interval(Duration::from_secs(15))
             .text("keep-alive"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_history;
+
+    #[test]
+    fn the_history_is_sent_first_only_when_asked_for() {
+        for query in ["history=1", "history", "a=b&history=true"] {
+            assert!(wants_history(Some(query)), "{query}");
+        }
+        for query in ["", "history=0", "history=false", "historyx=1", "x=history"] {
+            assert!(!wants_history(Some(query)), "{query}");
+        }
+        assert!(!wants_history(None));
+    }
 }

@@ -1,9 +1,10 @@
 //! The status snapshot of `GET /status` and the dashboard stream, compatible field for field
 //! with the earlier Python service (fields are added, never renamed).
 //!
-//! One sampler task builds the snapshot once per second, refreshes the gauges, and publishes
-//! the serialised JSON on a watch channel; every subscriber reads that one string, so a
-//! hundred dashboards cost no more snapshot work than one.
+//! One sampler task builds the snapshot once per second, refreshes the gauges, adds a sample
+//! to the five-minute history, and publishes the serialised JSON on a watch channel; every
+//! subscriber reads that one string, so a hundred dashboards cost no more snapshot work than
+//! one.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::history::{History, HistorySample};
+use crate::activity::ClientsView;
 use crate::app::App;
 use crate::limiter::{LimiterSnapshot, Priority};
 use crate::metrics::Outcome;
@@ -27,10 +30,17 @@ pub struct Snapshot {
     pub errors: ErrorsView,
     pub inflight: i64,
     pub upstream_429_per_minute: u64,
+    /// Upstream 429s since the start.
+    pub upstream_429_total: u64,
     pub routes: Vec<RouteView>,
     /// Present when the quota is shared with other sidecars through Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_quota: Option<SharedQuotaStatus>,
+    /// The top clients of the last minute: requests, shares of the quota, queue waits.
+    pub clients: ClientsView,
+    /// The newest sample of the five-minute history (`GET /api/dashboard/history`): a
+    /// dashboard appends it to the history it was sent on connect. `null` before the first.
+    pub history_sample: Option<HistorySample>,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +63,8 @@ pub struct QueueView {
 #[derive(Debug, Serialize)]
 pub struct RetreatView {
     pub state: &'static str,
+    /// Probing a full window after a 429: one request at a time, no tokens issued.
+    pub probing: bool,
     pub effective_rpm: f64,
     pub base_rpm: f64,
     pub upstream_429_rate: f64,
@@ -110,6 +122,7 @@ fn bucket_view(s: &LimiterSnapshot) -> BucketView {
 fn retreat_view(s: &LimiterSnapshot) -> RetreatView {
     RetreatView {
         state: s.state.as_str(),
+        probing: s.probing,
         effective_rpm: round3(s.effective_rpm),
         base_rpm: s.base_rpm,
         upstream_429_rate: round3(s.upstream_429_ratio),
@@ -121,7 +134,7 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Totals kept once per second, for rates over time.
+/// Totals kept at every snapshot, for rates over time.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at: Instant,
@@ -129,18 +142,68 @@ struct Sample {
     upstream_429: u64,
 }
 
-/// Builds snapshots and keeps the short history that per-second and per-minute rates need.
+/// Counters as of the last history sample, for the per-second counts of the next.
+#[derive(Debug, Clone, Copy, Default)]
+struct SampledTotals {
+    granted: u64,
+    upstream_429: u64,
+    rejected: u64,
+}
+
+/// Builds snapshots; keeps the short history that per-second and per-minute rates need, and
+/// the five-minute history of the dashboard.
 pub struct StatusBuilder {
     app: Arc<App>,
-    history: VecDeque<Sample>,
+    totals: VecDeque<Sample>,
+    history: History,
+    sampled: Option<SampledTotals>,
 }
 
 impl StatusBuilder {
     pub fn new(app: Arc<App>) -> Self {
         StatusBuilder {
             app,
-            history: VecDeque::new(),
+            totals: VecDeque::new(),
+            history: History::new(),
+            sampled: None,
         }
+    }
+
+    /// The five-minute history.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    /// The sampler's once-a-second step: a snapshot of now, whose history sample is added to
+    /// the ring and carried in the snapshot.
+    pub fn tick(&mut self) -> Snapshot {
+        let mut snapshot = self.build();
+        let totals = SampledTotals {
+            granted: self.app.activity.grants_total(),
+            upstream_429: snapshot.upstream_429_total,
+            rejected: snapshot.requests.ratelimited,
+        };
+        // The first sample has no second before it: it counts nothing rather than everything.
+        let before = self.sampled.replace(totals).unwrap_or(totals);
+        let waits = self.app.activity.waits(crate::admission::now());
+        let sample = HistorySample {
+            t: snapshot.timestamp,
+            state: snapshot.retreat.state,
+            probing: snapshot.retreat.probing,
+            paused: snapshot.retreat.pause_remaining_seconds > 0.0,
+            effective_rpm: snapshot.retreat.effective_rpm,
+            base_rpm: snapshot.retreat.base_rpm,
+            queue_depth: snapshot.token_bucket.queue_size,
+            queue_wait_p50_ms: waits.p50_ms,
+            queue_wait_p99_ms: waits.p99_ms,
+            requests_per_second: snapshot.requests.per_second,
+            granted: totals.granted.saturating_sub(before.granted),
+            upstream_429: totals.upstream_429.saturating_sub(before.upstream_429),
+            rejected: totals.rejected.saturating_sub(before.rejected),
+        };
+        self.history.push(sample.clone());
+        snapshot.history_sample = Some(sample);
+        snapshot
     }
 
     /// A snapshot of now; also refreshes the gauges of `/metrics`.
@@ -157,21 +220,21 @@ impl StatusBuilder {
             .sum();
 
         let now = Instant::now();
-        self.history.push_back(Sample {
+        self.totals.push_back(Sample {
             at: now,
             finished,
             upstream_429,
         });
         while self
-            .history
+            .totals
             .front()
             .is_some_and(|s| now.duration_since(s.at) > Duration::from_secs(61))
         {
-            self.history.pop_front();
+            self.totals.pop_front();
         }
         let per_second = self.rate_over(Duration::from_secs(1), |s| s.finished);
         let minute_ago = self
-            .history
+            .totals
             .iter()
             .find(|s| now.duration_since(s.at) <= Duration::from_secs(60))
             .copied();
@@ -241,24 +304,27 @@ impl StatusBuilder {
             },
             inflight: m.inflight.get(),
             upstream_429_per_minute: per_minute_429,
+            upstream_429_total: upstream_429,
             routes,
             shared_quota: app.shared.as_ref().map(|q| q.status()),
+            clients: app.activity.clients(crate::admission::now()),
+            history_sample: self.history.latest().cloned(),
         }
     }
 
     /// Events per second of `value` over about `span`, from the history.
     fn rate_over(&self, span: Duration, value: impl Fn(&Sample) -> u64) -> f64 {
-        let (Some(last), true) = (self.history.back(), self.history.len() > 1) else {
+        let (Some(last), true) = (self.totals.back(), self.totals.len() > 1) else {
             return 0.0;
         };
         let first = self
-            .history
+            .totals
             .iter()
             .rev()
             .skip(1)
             .find(|s| last.at.duration_since(s.at) >= span)
-            .or(self.history.front())
-            .expect("history has at least two samples");
+            .or(self.totals.front())
+            .expect("totals hold at least two samples");
         let elapsed = last.at.duration_since(first.at).as_secs_f64();
         if elapsed <= 0.0 {
             0.0
@@ -280,7 +346,7 @@ pub(crate) async fn run_sampler(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                tx.send_replace(Arc::from(state.snapshot_json()));
+                tx.send_replace(Arc::from(state.tick_json()));
             }
             _ = stop.changed() => return,
         }

@@ -76,6 +76,8 @@ pub struct LimiterSnapshot {
     pub base_rpm: f64,
     pub effective_rpm: f64,
     pub state: RetreatState,
+    /// Probing a full window after a 429: one request at a time, no tokens issued.
+    pub probing: bool,
     pub upstream_429_ratio: f64,
     /// Waiters by priority: high, normal, low.
     pub queue_depth: [usize; 3],
@@ -470,6 +472,7 @@ impl Limiter {
             base_rpm: self.controller.base_rpm(),
             effective_rpm: self.controller.effective_rpm(),
             state: self.controller.state(),
+            probing: self.controller.is_probing(),
             upstream_429_ratio: self.controller.upstream_429_ratio(now),
             queue_depth: [
                 self.queue.depth(Priority::High),

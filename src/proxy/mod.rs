@@ -149,6 +149,7 @@ impl ProxyHttp for SidecarProxy {
         let route = table.route_for(session.req_header().uri.path()).clone();
         let settings = &table.settings;
         ctx.client = classify::client_id(session);
+        self.app.activity.arrived(&ctx.client, ctx.started);
         ctx.priority = settings
             .access
             .cap_priority(&ctx.client, classify::priority(session));
@@ -187,8 +188,11 @@ impl ProxyHttp for SidecarProxy {
         let mut ticket = gate.admit(ctx.client.clone(), ctx.priority, ctx.deadline);
         match wait_for_token(session, &mut ticket, ctx.body.is_complete()).await {
             Some(Verdict::Granted(grant)) => {
-                ctx.admitted_at = Some(now());
+                let at = now();
+                ctx.admitted_at = Some(at);
                 ctx.stage = Stage::Admitted { grant };
+                let wait = at.saturating_duration_since(ctx.started);
+                self.app.activity.granted(&ctx.client, wait, at);
                 Ok(false)
             }
             Some(Verdict::Rejected { .. }) if settings.fallback_passthrough => {

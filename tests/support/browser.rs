@@ -154,10 +154,25 @@ impl Browser {
 
     /// A PNG screenshot of the page.
     pub async fn screenshot(&mut self) -> Vec<u8> {
+        self.capture(json!({"format": "png"})).await
+    }
+
+    /// A PNG screenshot of the whole page, below the window's height too.
+    pub async fn full_page_screenshot(&mut self) -> Vec<u8> {
+        let metrics = self.call("Page.getLayoutMetrics", json!({})).await;
+        let size = &metrics["cssContentSize"];
+        let clip = json!({
+            "x": 0, "y": 0, "scale": 1,
+            "width": size["width"].as_f64().unwrap(),
+            "height": size["height"].as_f64().unwrap(),
+        });
+        self.capture(json!({"format": "png", "captureBeyondViewport": true, "clip": clip}))
+            .await
+    }
+
+    async fn capture(&mut self, params: Value) -> Vec<u8> {
         use base64::Engine;
-        let shot = self
-            .call("Page.captureScreenshot", json!({"format": "png"}))
-            .await;
+        let shot = self.call("Page.captureScreenshot", params).await;
         base64::engine::general_purpose::STANDARD
             .decode(shot["data"].as_str().unwrap())
             .unwrap()
