@@ -5,7 +5,7 @@
 //! cargo bench --bench scenarios -- adaptive    # 2: configured 50% too high, quota halved mid-run
 //! cargo bench --bench scenarios -- baseline    # 3: no sidecar, clients retry 429s with backoff
 //! cargo bench --bench scenarios -- fairness    # 4: one greedy client (50 parallel) beside 9 polite
-//! cargo bench --bench scenarios -- overhead    # 5: wrk: direct vs sidecar vs nginx; streamed TTFB
+//! cargo bench --bench scenarios -- overhead    # 5: wrk: sidecar vs nginx at 1 and 2 workers; streamed TTFB
 //! cargo bench --bench scenarios -- scale       # 6: 10,000 waiting requests: memory and CPU
 //! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
 //! cargo bench --bench scenarios -- shared_minute  # 7b: the same at NVIDIA's 40 per minute (3 min)
@@ -27,7 +27,9 @@ mod loadgen;
 #[path = "support/adaptive_matrix.rs"]
 mod adaptive_matrix;
 
-use std::process::{Command, Stdio};
+#[path = "support/overhead.rs"]
+mod overhead;
+
 use std::time::{Duration, Instant};
 
 use loadgen::{ClientSpec, LoadSpec, Report};
@@ -294,88 +296,6 @@ async fn fairness() {
     }
 }
 
-/// Runs wrk once; returns (requests/s, p50 ms, p99 ms).
-fn wrk(url: &str) -> (f64, f64, f64) {
-    let out = Command::new("wrk")
-        .args(["-t2", "-c64", "-d8s", "--latency", url])
-        .output()
-        .expect("wrk runs (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let ms = |line: &str| -> f64 {
-        let value = line.split_whitespace().nth(1).unwrap_or("0");
-        let (number, unit) = value.split_at(
-            value
-                .find(|c: char| c.is_alphabetic())
-                .unwrap_or(value.len()),
-        );
-        let n: f64 = number.parse().unwrap_or(0.0);
-        match unit {
-            "us" => n / 1000.0,
-            "s" => n * 1000.0,
-            _ => n,
-        }
-    };
-    let rps = text
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0);
-    let p50 = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("50%"))
-        .map_or(0.0, ms);
-    let p99 = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("99%"))
-        .map_or(0.0, ms);
-    (rps, p50, p99)
-}
-
-/// nginx as a reverse proxy to `upstream` on `port`, with upstream keep-alive; stopped on drop.
-struct Nginx {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nginx(port: u16, upstream: &str) -> Nginx {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display();
-    let conf = format!(
-        "worker_processes 2;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 4096; }}\n\
-         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         upstream mock {{ server {upstream}; keepalive 64; }}\n\
-         server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }} }}\n}}\n"
-    );
-    let path = dir.path().join("nginx.conf");
-    std::fs::write(&path, conf).unwrap();
-    let child = Command::new("nginx")
-        .args([
-            "-p",
-            &d.to_string(),
-            "-c",
-            path.to_str().unwrap(),
-            "-g",
-            "daemon off;",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx starts (apt-get install nginx)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Nginx { child, _dir: dir }
-}
-
 /// Time to the first body byte of a streamed chat completion, median over `n` requests.
 async fn ttfb(url: &str, n: usize) -> f64 {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -395,45 +315,12 @@ async fn ttfb(url: &str, n: usize) -> f64 {
 }
 
 async fn overhead() {
+    overhead::overhead(repeats()).await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(
         &mock.url(),
-        "rate_rpm: 6000000\nbucket_capacity: 100000\nqueue_max_size: 100000\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}\n",
+        "rate_rpm: 6000000\nbucket_capacity: 100000\nqueue_max_size: 100000\n",
     );
-    let nginx_port = support::free_port();
-    let _nginx = nginx(nginx_port, &mock.addr.to_string());
-    let targets = [
-        ("direct", format!("{}/v1/models", mock.url())),
-        ("sidecar (passthrough route)", sidecar.url("/v1/models")),
-        (
-            "nginx reverse proxy",
-            format!("http://127.0.0.1:{nginx_port}/v1/models"),
-        ),
-    ];
-    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); targets.len()];
-    for _ in 0..repeats() {
-        for (i, (_, url)) in targets.iter().enumerate() {
-            let (rps, p50, p99) = wrk(url);
-            results[i].0.push(rps);
-            results[i].1.push(p50);
-            results[i].2.push(p99);
-        }
-    }
-    println!(
-        "| path | requests/s | vs direct | latency p50 (ms) | latency p99 (ms) | runs (req/s) |"
-    );
-    println!("|---|---|---|---|---|---|");
-    let direct = median(results[0].0.clone());
-    for ((name, _), (rps, p50, p99)) in targets.iter().zip(results) {
-        let m = median(rps.clone());
-        println!(
-            "| {name} | {m:.0} | {:.2} | {:.2} | {:.2} | {:?} |",
-            m / direct,
-            median(p50),
-            median(p99),
-            rps.iter().map(|x| x.round()).collect::<Vec<_>>()
-        );
-    }
     let direct_ttfb = ttfb(&format!("{}/v1/chat/completions", mock.url()), 200).await;
     let sidecar_ttfb = ttfb(&sidecar.url("/v1/chat/completions"), 200).await;
     println!(

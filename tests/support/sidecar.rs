@@ -44,6 +44,21 @@ impl Sidecar {
         env: &[(&str, &str)],
         grace_period: u64,
     ) -> Sidecar {
+        Self::launch(upstream_url, extra, env, grace_period, 2)
+    }
+
+    /// Like `start`, with `threads` proxy threads (`server.threads`) instead of 2.
+    pub fn start_with_threads(upstream_url: &str, extra: &str, threads: usize) -> Sidecar {
+        Self::launch(upstream_url, extra, &[], 1, threads)
+    }
+
+    fn launch(
+        upstream_url: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        grace_period: u64,
+        threads: usize,
+    ) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let extra = extra.replace("{dir}", &dir.path().display().to_string());
         let port = free_port();
@@ -54,7 +69,7 @@ impl Sidecar {
             "log_level: info\n"
         };
         let config = format!(
-            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\n{log_level}{extra}\nserver:\n  threads: 2\n  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
+            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\n{log_level}{extra}\nserver:\n  threads: {threads}\n  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
             pid = dir.path().join("sidecar.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
         );
