@@ -86,6 +86,8 @@ pub struct RequestCtx {
     pub admitted_at: Option<Instant>,
     /// Times the request was sent again after an upstream 429.
     pub replays: u32,
+    /// Connections to the upstream that failed for this request (each to another address).
+    pub connect_failures: u32,
     /// When the current attempt was handed to the upstream connection.
     pub upstream_sent_at: Option<Instant>,
     /// The status of the upstream's last answer.
@@ -110,6 +112,7 @@ impl RequestCtx {
             stage: Stage::Arrived,
             admitted_at: None,
             replays: 0,
+            connect_failures: 0,
             upstream_sent_at: None,
             upstream_status: None,
             answer_observed: false,

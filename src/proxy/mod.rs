@@ -403,6 +403,29 @@ impl ProxyHttp for SidecarProxy {
         Ok(None)
     }
 
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Nothing reached the upstream: try the name's next address, once each.
+        let Some(route) = ctx.route.as_ref() else {
+            return e;
+        };
+        let Some(addr) = peer._address.as_inet().copied() else {
+            return e;
+        };
+        ctx.connect_failures += 1;
+        let upstream = &route.upstream;
+        if upstream.unreachable(addr) && (ctx.connect_failures as usize) < upstream.address_count()
+        {
+            e.set_retry(true);
+        }
+        e
+    }
+
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
