@@ -7,6 +7,7 @@
 //! cargo bench --bench scenarios -- fairness    # 4: one greedy client (50 parallel) beside 9 polite
 //! cargo bench --bench scenarios -- overhead    # 5: wrk: sidecar vs nginx at 1 and 2 workers; streamed TTFB
 //! cargo bench --bench scenarios -- scale       # 6: 10,000 waiting requests: memory and CPU
+//! cargo bench --bench scenarios -- soak        # 10 M requests: resident memory every million
 //! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
 //! cargo bench --bench scenarios -- shared_minute  # 7b: the same at NVIDIA's 40 per minute (3 min)
 //! cargo bench --bench scenarios -- adaptive_matrix  # 8: windows x quota kinds x 429 styles x framing
@@ -29,6 +30,9 @@ mod adaptive_matrix;
 
 #[path = "support/overhead.rs"]
 mod overhead;
+
+#[path = "support/soak.rs"]
+mod soak;
 
 use std::time::{Duration, Instant};
 
@@ -319,7 +323,7 @@ async fn overhead() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(
         &mock.url(),
-        "rate_rpm: 6000000\nbucket_capacity: 100000\nqueue_max_size: 100000\n",
+        "rate_rpm: 10000000\nbucket_capacity: 100000\nqueue_max_size: 100000\n",
     );
     let direct_ttfb = ttfb(&format!("{}/v1/chat/completions", mock.url()), 200).await;
     let sidecar_ttfb = ttfb(&sidecar.url("/v1/chat/completions"), 200).await;
@@ -363,27 +367,38 @@ async fn cpu_percent(pid: u32, span: Duration) -> f64 {
 }
 
 async fn scale() {
+    for body_bytes in [1024, 200 * 1024] {
+        scale_with(body_bytes).await;
+    }
+}
+
+/// 10,000 requests with bodies of about `body_bytes` waiting for tokens: memory and CPU.
+async fn scale_with(body_bytes: usize) {
     const WAITERS: usize = 10_000;
+    println!("\nbodies of {} KiB:", body_bytes / 1024);
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let sidecar = Sidecar::start(
         &mock.url(),
-        "rate_rpm: 0.5\nqueue_max_size: 20000\nrequest_timeout: 600\nlog_level: warn\n",
+        // A budget for every body: 10,000 of 200 KiB are 2 GiB, which the sidecar holds.
+        "rate_rpm: 0.5\nqueue_max_size: 20000\nrequest_timeout: 600\nlog_level: warn\nadaptive:\n  replay_body_budget: 4GiB\n",
     );
     let pid = sidecar.pid();
     let idle_rss = rss_kib(pid);
     let idle_cpu = cpu_percent(pid, Duration::from_secs(5)).await;
-    let body = r#"{"model":"mock","messages":[{"role":"user","content":"hi"}]}"#;
+    let body = String::from_utf8(support::long_prompt(body_bytes - 60)).unwrap();
     let request = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        sidecar.port,
         body.len()
     );
     let mut held = Vec::with_capacity(WAITERS);
     for chunk in 0..WAITERS / 500 {
         let batch: Vec<_> = (0..500)
             .map(|i| {
-                let request = request.clone().replace(
-                    "Host: x",
-                    &format!("Host: x\r\nX-Client-Id: c{}", chunk * 500 + i),
+                let request = request.replacen(
+                    "\r\nContent-Type",
+                    &format!("\r\nX-Client-Id: c{}\r\nContent-Type", chunk * 500 + i),
+                    1,
                 );
                 let port = sidecar.port;
                 tokio::spawn(async move {
@@ -420,9 +435,11 @@ async fn scale() {
     println!("| 0 | {idle_rss:.0} | {idle_cpu:.2} |");
     println!("| {queued} | {busy_rss:.0} | {busy_cpu:.2} |");
     println!(
-        "\nper waiting request: {:.1} KiB ({} connections held open by the load generator)",
+        "\nper waiting request: {:.1} KiB ({} connections held open by the load generator); request bodies held for replay {:.0} KiB in all, {:.0} bodies beyond the replay budget streamed instead",
         (busy_rss - idle_rss) / queued.max(1) as f64,
-        held.len()
+        held.len(),
+        sidecar.metric("nvidia_sidecar_held_body_bytes").await / 1024.0,
+        sidecar.metric("nvidia_sidecar_replay_unavailable_total").await,
     );
     let dropped_at = Instant::now();
     drop(held);
@@ -682,6 +699,10 @@ fn main() {
         }
         if all || which == "scale" {
             scale().await;
+        }
+        // Not part of "all": it runs for about ten minutes.
+        if which == "soak" {
+            soak::soak().await;
         }
         if all || which == "shared" {
             shared().await;

@@ -52,7 +52,7 @@ impl LifecycleService {
                     "the proxy does not accept connections on {proxy} after {} s; stopping",
                     LISTEN_WITHIN.as_secs()
                 );
-                std::process::exit(1);
+                crate::logging::exit(1);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -70,7 +70,7 @@ pub async fn supervise(name: &str, body: impl std::future::Future<Output = ()>) 
         log::error!(
             "the {name} task stopped after a panic ({reason}); exiting so that the service manager restarts the sidecar"
         );
-        std::process::exit(70);
+        crate::logging::exit(70);
     }
 }
 
@@ -137,7 +137,7 @@ impl LifecycleService {
                 if idle_checks >= 2 {
                     self.save_state();
                     log::info!("nothing queued or in flight: stopping now");
-                    std::process::exit(0);
+                    crate::logging::exit(0);
                 }
             } else {
                 idle_checks = 0;

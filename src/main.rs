@@ -7,6 +7,11 @@ use clap::Parser;
 use nvidia_sidecar::cli::Cli;
 use nvidia_sidecar::{config, server, state, App};
 
+/// mimalloc instead of the C library's allocator: fewer cycles per request, and memory that
+/// does not creep under sustained load (BENCHMARKS.md, scenario 5 and the soak).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let source = cli.conf.as_deref().unwrap_or("(embedded default)");
@@ -31,7 +36,9 @@ fn main() -> ExitCode {
         println!("{source}: configuration OK");
         return ExitCode::SUCCESS;
     }
-    nvidia_sidecar::init_logging(&settings.log_level);
+    // A daemon forks after this, and a forked process keeps no threads: it writes each line
+    // itself.
+    nvidia_sidecar::init_logging(&settings.log_level, !cli.daemon);
     log::info!(
         "nvidia-sidecar {} starting: proxy {}:{} -> {}, {} rpm, config {source}",
         env!("CARGO_PKG_VERSION"),
@@ -58,6 +65,7 @@ fn main() -> ExitCode {
         // running without a proxy; find out now and stop with a clear line.
         if let Err(e) = server::check_listen_addresses(&settings) {
             log::error!("{e}");
+            log::logger().flush();
             eprintln!("{source}: {e}");
             return ExitCode::from(1);
         }
@@ -98,5 +106,7 @@ fn main() -> ExitCode {
     if let Some(dir) = app.settings().state_dir.clone() {
         state::restore_limiters(&dir, &app);
     }
-    server::build(app, mode).run_forever()
+    server::build(app, mode).run(pingora::server::RunArgs::default());
+    log::logger().flush();
+    ExitCode::SUCCESS
 }

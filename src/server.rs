@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 
 use crate::app::App;
 use crate::proxy::{ProxyApp, SidecarProxy};
@@ -33,6 +35,9 @@ pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
         // Our replay bound (at most 10, see validation) must be the one that counts, with room
         // for Pingora's own retries of stale pooled connections.
         max_retries: 16,
+        // One runtime per thread, as nginx has one event loop per worker: measured, the same
+        // throughput with a third lower p99 at two threads (BENCHMARKS.md, scenario 5).
+        work_stealing: false,
         ..ServerConf::default()
     }
 }
@@ -52,13 +57,19 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     let proxy = pingora::proxy::http_proxy(&server.configuration, SidecarProxy::new(app.clone()));
     let mut proxy = pingora::services::listening::Service::new(
         "nvidia-sidecar proxy".to_string(),
-        ProxyApp::new(proxy),
+        ProxyApp::new(proxy, settings.server.max_connections),
     );
-    proxy.add_tcp(&format!(
-        "{}:{}",
-        format_host(settings.listen_host),
-        settings.listen_port
-    ));
+    // No read buffer in front of the socket: Pingora's HTTP parser reads into buffers of its
+    // own, sized to the header and to Content-Length, and a 64 KiB one per connection would be
+    // most of what a waiting request costs (BENCHMARKS.md, scenario 6).
+    proxy.add_listener(
+        ListenerConfig::tcp(format!(
+            "{}:{}",
+            format_host(settings.listen_host),
+            settings.listen_port
+        ))
+        .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+    );
     server.add_service(proxy);
 
     let (admin, sampler) = crate::admin::admin_plane(app.clone());

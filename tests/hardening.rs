@@ -371,7 +371,7 @@ fn a_config_nested_a_hundred_thousand_levels_deep_is_refused_with_a_reason() {
 
 #[test]
 fn rates_outside_a_sane_range_are_errors() {
-    for rate in ["1e308", "1e-300", "0.001", "2000000"] {
+    for rate in ["1e308", "1e-300", "0.001", "20000000"] {
         let (code, text) = check_config(&format!("rate_rpm: {rate}\n"));
         assert_eq!(code, Some(1), "{rate}: {text}");
         assert!(text.contains("rate_rpm: must be between"), "{rate}: {text}");
@@ -573,6 +573,65 @@ async fn a_slow_request_header_on_the_proxy_is_cut_off_at_the_deadline() {
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     assert!(text.contains("[DONE]"), "the stream was cut: {text}");
+}
+
+/// Connections beyond `server.max_connections` are closed at once; the ones within it, and
+/// the ones that come after others left, are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_beyond_the_cap_are_closed_and_room_comes_back() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start_with_server(&mock.url(), "rate_rpm: 600", "max_connections: 3");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            TcpStream::connect(("127.0.0.1", sidecar.port))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(("127.0.0.1", sidecar.port))
+        .await
+        .unwrap();
+    let _ = extra
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await;
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a fourth connection was served: {read:?}"
+    );
+    assert!(sidecar
+        .log_text()
+        .contains("3 connections open (server.max_connections)"));
+    // One of the three is served, and once two leave, new ones are served again.
+    let status = raw_request_on(
+        &mut open[0],
+        "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 200);
+    open.truncate(1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = support::client()
+        .get(sidecar.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+}
+
+/// Sends `request` on `stream` and reads the status of the answer.
+async fn raw_request_on(stream: &mut TcpStream, request: &str) -> u16 {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The file that once killed the lifecycle task on SIGHUP: the reload is refused with the

@@ -167,6 +167,9 @@ pub struct AccessSection {
 pub struct ServerSection {
     /// Worker threads of the proxy service.
     pub threads: Option<usize>,
+    /// Proxy connections open at once at most (each waiting request holds one); beyond that a
+    /// new connection is closed at once. Default 16384; keep the file limit above it.
+    pub max_connections: Option<usize>,
     /// Seconds in-flight and queued requests get to finish after SIGTERM.
     pub grace_period: Option<Seconds>,
     /// Seconds the runtimes get to stop after the grace period.

@@ -231,6 +231,7 @@ impl AccessSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerSettings {
     pub threads: usize,
+    pub max_connections: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
     pub pid_file: String,
@@ -601,8 +602,9 @@ fn validate_sentinels(c: &mut Checker, section: &SharedQuotaSection) -> Vec<Stri
 
 /// The slowest rate a bucket may be set to: one request in 100 minutes.
 const MIN_RPM: f64 = 0.01;
-/// The fastest: far above any quota-limited API, and finite arithmetic everywhere below it.
-const MAX_RPM: f64 = 1_000_000.0;
+/// The fastest: far above any quota-limited API and above what one sidecar can forward (so a
+/// token route can be measured without queueing), and finite arithmetic everywhere below it.
+const MAX_RPM: f64 = 10_000_000.0;
 
 /// Default values, shared by validation and the documentation.
 pub mod defaults {
@@ -629,6 +631,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT: f64 = 60.0;
     pub const DNS_TTL: f64 = 60.0;
     pub const THREADS: usize = 2;
+    pub const MAX_CONNECTIONS: usize = 16_384;
     pub const GRACE_PERIOD: f64 = 30.0;
     pub const GRACEFUL_SHUTDOWN_TIMEOUT: f64 = 5.0;
     pub const PID_FILE: &str = "/tmp/nvidia-sidecar.pid";
@@ -940,8 +943,16 @@ pub fn validate(
             format!("must be between 1 and 256, got {threads}"),
         );
     }
+    let max_connections = s.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
+    if !(1..=1_000_000).contains(&max_connections) {
+        c.fail(
+            "server.max_connections",
+            format!("must be between 1 and 1000000, got {max_connections}"),
+        );
+    }
     let server = ServerSettings {
         threads,
+        max_connections,
         grace_period: c.duration(
             "server.grace_period",
             s.grace_period,

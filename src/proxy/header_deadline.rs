@@ -12,7 +12,7 @@
 //! client sends nothing is never cut. Reads of a request body are never limited.
 //!
 //! `ProxyApp` puts every accepted connection in a `HeaderDeadline`, and refuses connections
-//! beyond `PROXY_CONNECTIONS_MAX`, before handing it to Pingora's HTTP proxy.
+//! beyond `server.max_connections`, before handing it to Pingora's HTTP proxy.
 
 use std::fmt;
 use std::future::Future;
@@ -36,9 +36,6 @@ use tokio::time::Sleep;
 /// Time a client has to send a whole request header, and that a kept-alive connection may
 /// stay idle before its next request.
 pub const HEADER_DEADLINE: Duration = Duration::from_secs(15);
-
-/// Proxy connections open at once at most; beyond that a new connection is closed at once.
-pub const PROXY_CONNECTIONS_MAX: usize = 4096;
 
 /// An accepted connection whose request headers must arrive within a deadline.
 pub struct HeaderDeadline {
@@ -229,13 +226,16 @@ impl fmt::Debug for HeaderDeadline {
 pub struct ProxyApp<A> {
     inner: Arc<A>,
     connections: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
 }
 
 impl<A> ProxyApp<A> {
-    pub fn new(inner: A) -> ProxyApp<A> {
+    /// `inner` behind a cap of `max_connections` (`server.max_connections`).
+    pub fn new(inner: A, max_connections: usize) -> ProxyApp<A> {
         ProxyApp {
             inner: Arc::new(inner),
-            connections: Arc::new(tokio::sync::Semaphore::new(PROXY_CONNECTIONS_MAX)),
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            max_connections,
         }
     }
 }
@@ -248,7 +248,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyApp<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
-            log::warn!("proxy: {PROXY_CONNECTIONS_MAX} connections open, refusing another");
+            log::warn!(
+                "proxy: {} connections open (server.max_connections), refusing another",
+                self.max_connections
+            );
             return None;
         };
         let stream: Stream = Box::new(HeaderDeadline::new(stream, HEADER_DEADLINE));

@@ -44,12 +44,18 @@ impl Sidecar {
         env: &[(&str, &str)],
         grace_period: u64,
     ) -> Sidecar {
-        Self::launch(upstream_url, extra, env, grace_period, 2)
+        Self::launch(upstream_url, extra, env, grace_period, "threads: 2")
     }
 
     /// Like `start`, with `threads` proxy threads (`server.threads`) instead of 2.
     pub fn start_with_threads(upstream_url: &str, extra: &str, threads: usize) -> Sidecar {
-        Self::launch(upstream_url, extra, &[], 1, threads)
+        Self::launch(upstream_url, extra, &[], 1, &format!("threads: {threads}"))
+    }
+
+    /// Like `start`, with `server` (YAML lines of the `server:` section, e.g.
+    /// `max_connections: 3`) in place of `threads: 2`.
+    pub fn start_with_server(upstream_url: &str, extra: &str, server: &str) -> Sidecar {
+        Self::launch(upstream_url, extra, &[], 1, server)
     }
 
     fn launch(
@@ -57,8 +63,9 @@ impl Sidecar {
         extra: &str,
         env: &[(&str, &str)],
         grace_period: u64,
-        threads: usize,
+        server: &str,
     ) -> Sidecar {
+        let server: String = server.lines().map(|l| format!("  {l}\n")).collect();
         let dir = tempfile::tempdir().unwrap();
         let extra = extra.replace("{dir}", &dir.path().display().to_string());
         let port = free_port();
@@ -69,7 +76,7 @@ impl Sidecar {
             "log_level: info\n"
         };
         let config = format!(
-            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\n{log_level}{extra}\nserver:\n  threads: {threads}\n  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
+            "listen_port: {port}\nmetrics_port: {metrics_port}\nupstream_url: {upstream_url}\n{log_level}{extra}\nserver:\n{server}  grace_period: {grace_period}\n  graceful_shutdown_timeout: 1\n  pid_file: {pid}\n  upgrade_sock: {sock}\n",
             pid = dir.path().join("sidecar.pid").display(),
             sock = dir.path().join("upgrade.sock").display(),
         );
@@ -104,7 +111,10 @@ impl Sidecar {
             .append(true)
             .open(log)
             .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_nvidia-sidecar"));
+        // SIDECAR_BIN runs another build (benchmarks compare before and after with it).
+        let binary = std::env::var("SIDECAR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_nvidia-sidecar").to_string());
+        let mut command = Command::new(binary);
         command
             .arg("-c")
             .arg(conf)
@@ -254,7 +264,10 @@ impl Sidecar {
         None
     }
 
+    /// Everything the sidecar logged so far. Its writer thread writes a line at most 10 ms
+    /// after it was logged; the wait covers that.
     pub fn log_text(&self) -> String {
+        std::thread::sleep(Duration::from_millis(50));
         let mut text = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.log) {
             let _ = f.read_to_string(&mut text);
