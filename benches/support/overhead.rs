@@ -174,6 +174,17 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0 // USER_HZ
 }
 
+/// A wrk script (in `dir`) that POSTs a small chat completion request.
+pub fn post_script(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("post.lua");
+    std::fs::write(
+        &path,
+        "wrk.method = \"POST\"\nwrk.body = '{\"model\":\"mock\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
+    )
+    .unwrap();
+    path
+}
+
 fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
@@ -226,12 +237,7 @@ pub async fn overhead(repeats: usize) {
         });
     }
     let dir = tempfile::tempdir().unwrap();
-    let post = dir.path().join("post.lua");
-    std::fs::write(
-        &post,
-        "wrk.method = \"POST\"\nwrk.body = '{\"model\":\"mock\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
-    )
-    .unwrap();
+    let post = post_script(dir.path());
     let routes: [(&str, &str, Option<&std::path::Path>); 2] = [
         ("passthrough GET /v1/models", "/v1/models", None),
         (

@@ -7,21 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::overhead::Nginx;
+use crate::rss_kib;
 use crate::support::Sidecar;
-
-fn rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
 
 pub async fn soak() {
     let total: f64 = std::env::var("SOAK_REQUESTS")
@@ -34,12 +21,7 @@ pub async fn soak() {
         "rate_rpm: 10000000\nbucket_capacity: 100000\nlog_level: warn\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}\n",
     );
     let dir = tempfile::tempdir().unwrap();
-    let post = dir.path().join("post.lua");
-    std::fs::write(
-        &post,
-        "wrk.method = \"POST\"\nwrk.body = '{\"model\":\"mock\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n",
-    )
-    .unwrap();
+    let post = crate::overhead::post_script(dir.path());
     let wrk = |path: &str, script: Option<&std::path::Path>| {
         let mut command = Command::new("wrk");
         command.args(["-t1", "-c32", "-d3600s"]);
