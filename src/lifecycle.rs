@@ -150,9 +150,14 @@ impl LifecycleService {
 
 /// Sends a state line to systemd when it started us with `Type=notify`.
 fn sd_notify(message: &str) {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
+    if let Some(target) = std::env::var_os("NOTIFY_SOCKET") {
+        notify_socket(&target.to_string_lossy(), message);
+    }
+}
+
+/// Sends `message` to the notification socket `target` (a path, or `@name` for an abstract
+/// socket).
+fn notify_socket(target: &str, message: &str) {
     let socket = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,
         Err(e) => {
@@ -160,13 +165,12 @@ fn sd_notify(message: &str) {
             return;
         }
     };
-    let target = target.to_string_lossy().to_string();
     let sent = if let Some(name) = target.strip_prefix('@') {
         use std::os::linux::net::SocketAddrExt;
         std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
             .and_then(|addr| socket.send_to_addr(message.as_bytes(), &addr))
     } else {
-        socket.send_to(message.as_bytes(), &target)
+        socket.send_to(message.as_bytes(), target)
     };
     if let Err(e) = sent {
         log::warn!("cannot notify systemd at {target}: {e}");
@@ -192,10 +196,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        // The variable is read by this test only; no other test in this binary sets it.
-        std::env::set_var("NOTIFY_SOCKET", &path);
-        sd_notify("READY=1");
-        std::env::remove_var("NOTIFY_SOCKET");
+        notify_socket(&path.to_string_lossy(), "READY=1");
         let mut buf = [0u8; 64];
         let n = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
