@@ -42,7 +42,7 @@ pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
     }
 }
 
-/// The whole server, ready for `run_forever`: the proxy and the admin plane as listening
+/// The whole server, ready for `run`: the proxy and the admin plane as listening
 /// services (Pingora binds both and hands both over on a graceful upgrade), the status sampler
 /// and the lifecycle as background services.
 pub fn build(app: Arc<App>, mode: RunMode) -> Server {

@@ -71,14 +71,9 @@ impl Upstream {
             }
         }
         let lookup = tokio::net::lookup_host((self.url.host.as_str(), self.url.port)).await;
-        let fresh = match lookup {
-            Ok(addrs) => Ok(addrs.collect::<Vec<_>>()).and_then(|addrs| {
-                if addrs.is_empty() {
-                    Err("no addresses".to_string())
-                } else {
-                    Ok(addrs)
-                }
-            }),
+        let fresh = match lookup.map(Iterator::collect::<Vec<_>>) {
+            Ok(addrs) if addrs.is_empty() => Err("no addresses".to_string()),
+            Ok(addrs) => Ok(addrs),
             Err(e) => Err(e.to_string()),
         };
         match (fresh, cached) {

@@ -35,10 +35,14 @@ fn run(program: &str, args: &[&str]) -> Output {
 }
 
 fn must(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
+    succeeded(&format!("{program} {args:?}"), run(program, args))
+}
+
+/// The standard output of a command that must have succeeded (`what` names it).
+fn succeeded(what: &str, out: Output) -> String {
     assert!(
         out.status.success(),
-        "{program} {args:?} failed: {}\n{}{}",
+        "{what} failed: {}\n{}{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -46,31 +50,17 @@ fn must(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The cached minimal Debian with systemd, procps and curl; made on first use.
+/// The cached minimal Debian with systemd, procps and curl; made on first use by
+/// `.ci/debian-rootfs`, which `.ci/from-zero` shares.
 fn cached_rootfs() -> PathBuf {
-    let dir = target_dir().join("systemd-boot");
-    let rootfs = dir.join("rootfs");
-    if rootfs.join("usr/lib/systemd/systemd").exists() {
-        return rootfs;
-    }
-    let partial = dir.join("rootfs.partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&dir).unwrap();
-    eprintln!(
-        "debootstrapping a minimal Debian into {} (once)",
-        rootfs.display()
-    );
+    let rootfs = target_dir().join("systemd-boot/rootfs");
     must(
-        "debootstrap",
+        "bash",
         &[
-            "--variant=minbase",
-            "--include=systemd,systemd-sysv,procps,curl,dbus",
-            "bookworm",
-            partial.to_str().unwrap(),
-            "http://deb.debian.org/debian",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/debian-rootfs"),
+            rootfs.to_str().unwrap(),
         ],
     );
-    std::fs::rename(&partial, &rootfs).unwrap();
     rootfs
 }
 
@@ -174,15 +164,7 @@ impl Machine {
     }
 
     fn exec_ok(&self, args: &[&str]) -> String {
-        let out = self.exec(args);
-        assert!(
-            out.status.success(),
-            "{args:?} in the container failed: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded(&format!("{args:?} in the container"), self.exec(args))
     }
 
     fn unit_state(&self) -> String {

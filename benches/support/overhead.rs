@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::{free_port, Sidecar};
+use crate::{cpu_ticks, median};
 
 /// One wrk run's figures.
 #[derive(Clone, Copy, Default)]
@@ -156,24 +157,6 @@ impl Nginx {
     }
 }
 
-/// User and system CPU seconds of `pid` so far.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0 // USER_HZ
-}
-
 /// A wrk script (in `dir`) that POSTs a small chat completion request.
 pub fn post_script(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("post.lua");
@@ -183,11 +166,6 @@ pub fn post_script(dir: &std::path::Path) -> std::path::PathBuf {
     )
     .unwrap();
     path
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// A proxy under test: its name, worker count, base URL and process ids.
@@ -263,7 +241,8 @@ pub async fn overhead(repeats: usize) {
     for _ in 0..repeats {
         for (p, proxy) in proxies.iter().enumerate() {
             for (r, (_, path, script)) in routes.iter().enumerate() {
-                let cpu = |pids: &[u32]| pids.iter().map(|pid| cpu_seconds(*pid)).sum::<f64>();
+                let cpu =
+                    |pids: &[u32]| pids.iter().map(|pid| cpu_ticks(*pid) / 100.0).sum::<f64>();
                 let before = cpu(&proxy.pids);
                 let run = wrk(&format!("{}{path}", proxy.url), &load, *script);
                 let used = cpu(&proxy.pids) - before;
