@@ -13,6 +13,9 @@ fn settings(capacity: u32, queue_max: usize) -> LimiterSettings {
         base_rpm: 40.0,
         capacity,
         queue_max,
+        keys: Vec::new(),
+        models: Vec::new(),
+        client_caps: Vec::new(),
         retreat: RetreatSettings {
             safety_margin: 0.0,
             ..RetreatSettings::default()

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use crate::limiter::{
-    Admission, Grant, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority, Rejection,
-    Resolution, SharedControl, Supply, UpstreamSignal, WaiterId,
+    Admission, Ask, Grant, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority,
+    Rejection, Resolution, SharedControl, Supply, UpstreamSignal, WaiterId,
 };
 
 /// The final answer for a waiting request.
@@ -201,7 +201,12 @@ impl AdmissionGate {
         priority: Priority,
         deadline: Instant,
     ) -> Ticket {
-        self.ask(|limiter, now| limiter.request(client, priority, deadline, now))
+        self.admit_with(Ask::new(client, priority, deadline))
+    }
+
+    /// Asks for a key's token and the request's own limits (model, client) for a new request.
+    pub fn admit_with(self: &Arc<Self>, ask: Ask) -> Ticket {
+        self.ask(|limiter, now| limiter.request_with(ask, now))
     }
 
     /// Asks again for a request the upstream answered with a 429: ahead of its class.
@@ -211,7 +216,39 @@ impl AdmissionGate {
         priority: Priority,
         deadline: Instant,
     ) -> Ticket {
-        self.ask(|limiter, now| limiter.request_again(client, priority, deadline, now))
+        self.admit_again_with(Ask::new(client, priority, deadline))
+    }
+
+    /// `admit_again`, with the request's own limits.
+    pub fn admit_again_with(self: &Arc<Self>, ask: Ask) -> Ticket {
+        self.ask(|limiter, now| limiter.request_again_with(ask, now))
+    }
+
+    /// The request granted as `grant` is over: its model slot goes to the next waiter.
+    pub fn release(&self, grant: Grant) {
+        if grant.model.is_some() {
+            self.lock().limiter.release(grant);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Feeds the upstream's answer about a request of `model` to that model's limit.
+    pub fn observe_model(&self, model: usize, capacity: bool) {
+        self.lock().limiter.observe_model(model, capacity, now());
+        self.wake.notify_one();
+    }
+
+    /// Takes a key the upstream refused (401/403) out of the pool; false when it was out
+    /// already, or is the last key.
+    pub fn revoke(&self, lane: usize) -> bool {
+        let revoked = self.lock().limiter.revoke(lane);
+        self.wake.notify_one();
+        revoked
+    }
+
+    /// How many keys the pool has.
+    pub fn key_count(&self) -> usize {
+        self.lock().limiter.key_count()
     }
 
     fn ask(self: &Arc<Self>, request: impl FnOnce(&mut Limiter, Instant) -> Admission) -> Ticket {
@@ -258,7 +295,8 @@ impl AdmissionGate {
         }
     }
 
-    /// The stamp a grant made now would carry, for answers to requests sent without a token.
+    /// The stamp a grant made now would carry, for answers to requests sent without a token
+    /// (they go out on the first key).
     pub fn current_grant(&self) -> Grant {
         self.lock().limiter.controller().unprobed_grant()
     }
@@ -277,6 +315,7 @@ impl AdmissionGate {
         state
             .limiter
             .set_retreat_settings(settings.retreat.clone(), t);
+        state.limiter.set_limits(settings, t);
         drop(state);
         self.wake.notify_one();
     }
@@ -286,10 +325,9 @@ impl AdmissionGate {
         let t = now();
         let mut state = self.lock();
         let resolutions = state.limiter.poll(t);
-        let grant = state.limiter.last_grant();
         for resolution in resolutions {
             let (id, verdict) = match resolution {
-                Resolution::Granted(id) => (id, Verdict::Granted(grant)),
+                Resolution::Granted(id, grant) => (id, Verdict::Granted(grant)),
                 Resolution::Expired { id, retry_after } => (
                     id,
                     Verdict::Rejected {
@@ -319,10 +357,14 @@ impl AdmissionGate {
         self.wake.notify_one();
     }
 
-    /// Whether an upstream 429 on this bucket is worth sending again now: not while the
-    /// upstream says the account is out of credit.
-    pub fn replays_429s(&self) -> bool {
-        !self.lock().limiter.controller().billing_refused(now())
+    /// Whether an upstream 429 on the key of `grant` is worth sending again now: not while
+    /// the upstream says the account is out of credit.
+    pub fn replays_429s(&self, grant: Grant) -> bool {
+        !self
+            .lock()
+            .limiter
+            .controller_of(grant.lane)
+            .billing_refused(now())
     }
 
     /// How long a new request of `priority` would wait now.
@@ -405,6 +447,9 @@ mod tests {
             base_rpm: rpm,
             capacity: 1,
             queue_max: 10,
+            keys: Vec::new(),
+            models: Vec::new(),
+            client_caps: Vec::new(),
             retreat: RetreatSettings {
                 safety_margin: 0.0,
                 ..RetreatSettings::default()

@@ -762,6 +762,9 @@ pub fn validate(
             base_rpm: rpm,
             capacity,
             queue_max,
+            keys: Vec::new(),
+            models: Vec::new(),
+            client_caps: Vec::new(),
             retreat: retreat.clone(),
         }
     };

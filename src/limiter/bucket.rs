@@ -56,6 +56,11 @@ impl TokenBucket {
         }
     }
 
+    /// Whether a whole token is there.
+    pub fn has_token(&self) -> bool {
+        self.tokens + EPSILON >= 1.0
+    }
+
     /// Takes one token if a whole one is there.
     pub fn try_take(&mut self) -> bool {
         if self.tokens + EPSILON >= 1.0 {

@@ -1,7 +1,10 @@
 //! The admission queue: who waits for a token, and who is next.
 //!
-//! Order is strict by priority class; within a class clients take turns (round-robin), and each
-//! client's own requests are served first come, first served. Removal is lazy: a cancelled or
+//! Order is strict by priority class; within a class clients take turns in proportion to their
+//! weights (stride scheduling: equal weights make it round-robin), and each client's own
+//! requests are served first come, first served. Requests coming back for a replay go ahead
+//! of their class. A waiter whose other limits (its model's, its client's) hold it back keeps
+//! its place while the ones behind it go. Removal is lazy: a cancelled or
 //! expired waiter leaves a stale id in its client's line that is skipped when reached, so every
 //! operation stays O(log n) even with thousands of waiters. Stale entries never outlive the
 //! waiters by much: a class whose waiters are all gone is emptied, and one whose stale entries
@@ -65,14 +68,37 @@ pub struct Waiter {
     /// When the waiter gives up (429 `queue_timeout`).
     pub deadline: Instant,
     pub enqueued: Instant,
+    /// The client's share while it waits beside others of its class (1 unless configured).
+    pub weight: u32,
+    /// The model limit the request also needs (an index into the limiter's models).
+    pub model: Option<usize>,
 }
 
-/// One priority class: clients in turn order, each with its own line.
+/// The pass a client's waiter advances by when served, for weight 1; a client of weight `w`
+/// advances by `STRIDE / w`, so that while both wait it is served `w` times as often.
+const STRIDE: u64 = 1 << 20;
+
+/// One priority class: replays first, then clients in order of their pass (stride scheduling,
+/// a form of weighted fair queueing), each client with its own first-come line.
 #[derive(Debug, Default)]
 struct ClassQueue {
-    turns: VecDeque<Arc<str>>,
-    lines: HashMap<Arc<str>, VecDeque<WaiterId>>,
+    /// Waiters coming back for a replay: ahead of everyone in the class.
+    front: VecDeque<WaiterId>,
+    /// Clients with a line, by (pass, arrival order at that pass).
+    order: BTreeSet<(u64, u64, Arc<str>)>,
+    lines: HashMap<Arc<str>, ClientLine>,
+    /// The pass of the client served last: where a client that starts waiting joins.
+    pass: u64,
+    sequence: u64,
     live: usize,
+}
+
+#[derive(Debug)]
+struct ClientLine {
+    ids: VecDeque<WaiterId>,
+    /// This client's key in `order`.
+    pass: u64,
+    sequence: u64,
 }
 
 impl ClassQueue {
@@ -81,71 +107,117 @@ impl ClassQueue {
     fn compact(&mut self, is_live: impl Fn(WaiterId) -> bool) {
         if self.live == 0 {
             // Fresh containers: `clear` would keep the allocations of the busiest moment.
+            let pass = self.pass;
             *self = ClassQueue::default();
+            self.pass = pass;
             return;
         }
-        self.lines.retain(|_, line| {
-            line.retain(|id| is_live(*id));
-            !line.is_empty()
+        self.front.retain(|id| is_live(*id));
+        let order = &mut self.order;
+        self.lines.retain(|client, line| {
+            line.ids.retain(|id| is_live(*id));
+            if line.ids.is_empty() {
+                order.remove(&(line.pass, line.sequence, client.clone()));
+            }
+            !line.ids.is_empty()
         });
-        let lines = &self.lines;
-        self.turns.retain(|client| lines.contains_key(client));
         self.lines.shrink_to_fit();
-        self.turns.shrink_to_fit();
+        self.front.shrink_to_fit();
+    }
+
+    /// Entries kept, live or stale.
+    fn entries(&self) -> usize {
+        self.front.len() + self.lines.values().map(|l| l.ids.len()).sum::<usize>()
     }
 
     /// Whether stale entries are worth clearing out.
     fn mostly_stale(&self) -> bool {
-        self.live == 0 && !self.turns.is_empty() || self.turns.len() > 2 * self.live + 64
+        self.live == 0 && (!self.lines.is_empty() || !self.front.is_empty())
+            || self.lines.len() > 2 * self.live + 64
     }
 
     fn push(&mut self, client: &Arc<str>, id: WaiterId, at_front: bool) {
-        match self.lines.get_mut(client) {
-            Some(line) if at_front => {
-                line.push_front(id);
-                if let Some(pos) = self.turns.iter().position(|c| c == client) {
-                    self.turns.remove(pos);
-                }
-                self.turns.push_front(client.clone());
-            }
-            Some(line) => line.push_back(id),
-            None => {
-                self.lines.insert(client.clone(), VecDeque::from([id]));
-                if at_front {
-                    self.turns.push_front(client.clone());
-                } else {
-                    self.turns.push_back(client.clone());
-                }
-            }
-        }
         self.live += 1;
+        if at_front {
+            self.front.push_front(id);
+            return;
+        }
+        if let Some(line) = self.lines.get_mut(client) {
+            line.ids.push_back(id);
+            return;
+        }
+        let line = ClientLine {
+            ids: VecDeque::from([id]),
+            pass: self.pass,
+            sequence: self.next_sequence(),
+        };
+        self.order
+            .insert((line.pass, line.sequence, client.clone()));
+        self.lines.insert(client.clone(), line);
     }
 
-    /// The next live waiter in turn order; `is_live` filters out stale ids.
-    fn pop(&mut self, is_live: impl Fn(WaiterId) -> bool) -> Option<WaiterId> {
-        while let Some(client) = self.turns.pop_front() {
+    fn next_sequence(&mut self) -> u64 {
+        self.sequence += 1;
+        self.sequence
+    }
+
+    /// The next live waiter that `ready` accepts: replays first, then the client with the
+    /// lowest pass whose line holds one (the first such in its line). A waiter `ready` turns
+    /// down keeps its place. `is_live` filters out stale ids.
+    fn pop(
+        &mut self,
+        is_live: impl Fn(WaiterId) -> bool,
+        ready: impl Fn(WaiterId) -> bool,
+        weight: impl Fn(WaiterId) -> u32,
+    ) -> Option<WaiterId> {
+        self.front.retain(|id| is_live(*id));
+        if let Some(index) = self.front.iter().position(|id| ready(*id)) {
+            self.live -= 1;
+            return self.front.remove(index);
+        }
+        let mut emptied = Vec::new();
+        let mut found = None;
+        for (pass, sequence, client) in &self.order {
             let line = self
                 .lines
-                .get_mut(&client)
-                .expect("every client in turn order has a line");
-            let mut found = None;
-            while let Some(id) = line.pop_front() {
-                if is_live(id) {
-                    found = Some(id);
-                    break;
-                }
+                .get_mut(client)
+                .expect("every client in the order has a line");
+            while line.ids.front().is_some_and(|id| !is_live(*id)) {
+                line.ids.pop_front();
             }
-            if line.is_empty() {
-                self.lines.remove(&client);
-            } else {
-                self.turns.push_back(client);
+            let index = line.ids.iter().position(|id| is_live(*id) && ready(*id));
+            if let Some(index) = index {
+                let id = line.ids.remove(index).expect("index is in the line");
+                found = Some((id, *pass, *sequence, client.clone()));
+                break;
             }
-            if found.is_some() {
-                self.live -= 1;
-                return found;
+            if line.ids.is_empty() {
+                emptied.push((*pass, *sequence, client.clone()));
             }
         }
-        None
+        for key in emptied {
+            self.lines.remove(&key.2);
+            self.order.remove(&key);
+        }
+        let (id, pass, sequence, client) = found?;
+        self.live -= 1;
+        self.order.remove(&(pass, sequence, client.clone()));
+        self.pass = pass;
+        let next = pass + STRIDE / u64::from(weight(id).max(1));
+        let line_left = self
+            .lines
+            .get(&client)
+            .is_some_and(|line| !line.ids.is_empty());
+        if line_left {
+            let sequence = self.next_sequence();
+            let line = self.lines.get_mut(&client).expect("checked above");
+            line.pass = next;
+            line.sequence = sequence;
+            self.order.insert((next, sequence, client));
+        } else {
+            self.lines.remove(&client);
+        }
+        Some(id)
     }
 }
 
@@ -179,11 +251,25 @@ impl AdmissionQueue {
         self.waiters.insert(id, waiter);
     }
 
-    /// Takes the next waiter to serve: highest class first, clients in turn.
+    /// Takes the next waiter to serve: highest class first, clients by their weighted turns.
     pub fn pop_next(&mut self) -> Option<(WaiterId, Waiter)> {
+        self.pop_next_ready(|_| true)
+    }
+
+    /// Takes the next waiter to serve among those `ready` accepts (those whose other limits,
+    /// a model's or a client's, let them go now); the others keep their places.
+    pub fn pop_next_ready(
+        &mut self,
+        ready: impl Fn(&Waiter) -> bool,
+    ) -> Option<(WaiterId, Waiter)> {
         for priority in Priority::ALL {
             let waiters = &self.waiters;
-            if let Some(id) = self.classes[priority as usize].pop(|id| waiters.contains_key(&id)) {
+            let popped = self.classes[priority as usize].pop(
+                |id| waiters.contains_key(&id),
+                |id| waiters.get(&id).is_some_and(&ready),
+                |id| waiters.get(&id).map_or(1, |w| w.weight),
+            );
+            if let Some(id) = popped {
                 let waiter = self
                     .waiters
                     .remove(&id)
@@ -193,6 +279,11 @@ impl AdmissionQueue {
             }
         }
         None
+    }
+
+    /// The waiters, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Waiter> {
+        self.waiters.values()
     }
 
     /// Removes a waiter (cancelled or expired); `None` if it no longer waits.
@@ -211,9 +302,9 @@ impl AdmissionQueue {
         Some(waiter)
     }
 
-    /// Entries kept for clients in turn order, live or stale (for tests of memory use).
+    /// Entries kept in the clients' lines, live or stale (for tests of memory use).
     pub fn turn_entries(&self) -> usize {
-        self.classes.iter().map(|c| c.turns.len()).sum()
+        self.classes.iter().map(ClassQueue::entries).sum()
     }
 
     /// Removes and returns every waiter whose deadline is at or before `now`.
@@ -273,6 +364,8 @@ mod tests {
             priority,
             deadline: t0 + Duration::from_secs(timeout_s),
             enqueued: t0,
+            weight: 1,
+            model: None,
         }
     }
 

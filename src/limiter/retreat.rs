@@ -49,6 +49,10 @@ pub struct Grant {
     pub epoch: u64,
     /// The grant was a probe sent while the controller was probing.
     pub probe: bool,
+    /// The key (lane of the limiter) the token was taken from.
+    pub lane: usize,
+    /// The model limit whose slot the grant holds (an index into the limiter's models).
+    pub model: Option<usize>,
 }
 
 /// What the controller lets the bucket do right now.
@@ -387,6 +391,8 @@ impl RetreatController {
         Grant {
             epoch: self.epoch,
             probe: self.probing.is_some(),
+            lane: 0,
+            model: None,
         }
     }
 

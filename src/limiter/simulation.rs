@@ -162,6 +162,9 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
             base_rpm: scenario.rate_rpm,
             capacity: 1,
             queue_max: 10_000,
+            keys: Vec::new(),
+            models: Vec::new(),
+            client_caps: Vec::new(),
             retreat,
         },
         t0,
@@ -259,7 +262,7 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
             .max(now + Duration::from_micros(1));
         now = next;
         for resolution in limiter.poll(now) {
-            if let Resolution::Granted(id) = resolution {
+            if let Resolution::Granted(id, _) = resolution {
                 let replays = waiting.remove(&id).expect("granted a waiter");
                 sending.push((replays, limiter.last_grant()));
             }

@@ -9,6 +9,9 @@ fn settings(rpm: f64, capacity: u32, queue_max: usize) -> LimiterSettings {
         base_rpm: rpm,
         capacity,
         queue_max,
+        keys: Vec::new(),
+        models: Vec::new(),
+        client_caps: Vec::new(),
         retreat: RetreatSettings {
             safety_margin: 0.0,
             window: Duration::from_secs(10),
@@ -38,7 +41,7 @@ fn granted(resolutions: &[Resolution]) -> Vec<WaiterId> {
     resolutions
         .iter()
         .filter_map(|r| match r {
-            Resolution::Granted(id) => Some(*id),
+            Resolution::Granted(id, _) => Some(*id),
             _ => None,
         })
         .collect()
@@ -474,7 +477,7 @@ proptest! {
 
         let settle = |resolutions: Vec<Resolution>, waiting: &mut Vec<WaiterId>, answered: &mut HashSet<WaiterId>| {
             for r in resolutions {
-                let id = match r { Resolution::Granted(id) => id, Resolution::Expired { id, .. } => id };
+                let id = match r { Resolution::Granted(id, _) => id, Resolution::Expired { id, .. } => id };
                 prop_assert!(answered.insert(id), "waiter {} answered twice", id);
                 let pos = waiting.iter().position(|w| *w == id);
                 prop_assert!(pos.is_some(), "waiter {} answered but was not waiting", id);
@@ -534,7 +537,7 @@ proptest! {
             }
             let probing = limiter.controller().is_probing();
             let resolutions = limiter.poll(now);
-            let grants = resolutions.iter().filter(|r| matches!(r, Resolution::Granted(_))).count();
+            let grants = resolutions.iter().filter(|r| matches!(r, Resolution::Granted(..))).count();
             prop_assert!(!probing || grants <= 1, "{} grants at once while probing", grants);
             if grants > 0 && limiter.last_grant().probe {
                 prop_assert!(limiter.controller().admit(now) != Admit::Probe, "a second probe is due while one is out");

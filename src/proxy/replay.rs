@@ -93,11 +93,13 @@ pub fn may_replay(
         } => *wait,
         _ => Duration::ZERO,
     };
-    matches!(ctx.stage, Stage::Admitted { .. })
-        && ctx.body.is_complete()
+    let Stage::Admitted { grant } = ctx.stage else {
+        return false;
+    };
+    ctx.body.is_complete()
         && ctx.replays < settings.max_replays
         && session.response_written().is_none()
-        && gate.replays_429s()
+        && gate.replays_429s(grant)
         && gate.estimated_wait(ctx.priority) + asked.max(backoff)
             < ctx.deadline.saturating_duration_since(now())
 }

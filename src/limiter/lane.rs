@@ -1,0 +1,160 @@
+//! One upstream key's share of the limiter: its bucket (or the slots leased for it from a
+//! shared bucket) and the adaptive controller that sets its rate. The upstream counts each
+//! key on its own, so each key retreats and recovers on its own.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Admit, Grant, RetreatController, RetreatSettings, Slots, Supply, TokenBucket};
+
+#[derive(Debug)]
+pub struct Lane {
+    pub name: Arc<str>,
+    /// The key's own rate; `None` follows the route's `rate_rpm`.
+    pub own_rpm: Option<f64>,
+    pub bucket: TokenBucket,
+    pub slots: Slots,
+    pub supply: Supply,
+    pub controller: RetreatController,
+    /// False once the upstream refused the key itself (401/403): it gets no more requests.
+    pub active: bool,
+    /// How the last token of this lane was granted.
+    pub last_grant: Grant,
+}
+
+impl Lane {
+    pub fn new(
+        name: Arc<str>,
+        own_rpm: Option<f64>,
+        base_rpm: f64,
+        capacity: u32,
+        retreat: RetreatSettings,
+        now: Instant,
+    ) -> Lane {
+        Lane {
+            name,
+            own_rpm,
+            bucket: TokenBucket::new(capacity, now),
+            slots: Slots::default(),
+            supply: Supply::Refill { share: 1.0 },
+            controller: RetreatController::new(own_rpm.unwrap_or(base_rpm), retreat, now),
+            active: true,
+            last_grant: Grant::default(),
+        }
+    }
+
+    /// Brings the bucket and the controller up to `now`; `idle` when nobody waits, so that
+    /// the bucket does not save beyond its capacity.
+    pub fn advance(&mut self, now: Instant, idle: bool) {
+        let rate = self.refill_rate(now);
+        if rate == 0.0 {
+            self.bucket.hold(now);
+        } else {
+            self.bucket.refill(now, rate, idle);
+        }
+        self.slots.prune(now);
+        self.controller.tick(now);
+    }
+
+    /// Tokens per second the local bucket earns now.
+    pub fn refill_rate(&self, now: Instant) -> f64 {
+        match self.supply {
+            Supply::Refill { share } => self.controller.admission_rate_per_sec(now) * share,
+            Supply::Leased => 0.0,
+        }
+    }
+
+    /// Whether `take` would succeed now, and whether it would be a regular token (not a probe).
+    pub fn ready(&self, now: Instant) -> Option<bool> {
+        if !self.active {
+            return None;
+        }
+        match self.controller.admit(now) {
+            Admit::Open => (self.slots.open(now) > 0 || self.bucket.has_token()).then_some(true),
+            Admit::Probe => match self.supply {
+                Supply::Leased => (self.slots.open(now) > 0).then_some(false),
+                Supply::Refill { .. } => Some(false),
+            },
+            Admit::Closed => None,
+        }
+    }
+
+    /// Takes a token: an open leased slot first, else one from the local bucket. While the
+    /// controller probes, only a probe may go: without a token of the local bucket, but with a
+    /// leased slot when the quota is shared.
+    pub fn take(&mut self, lane: usize, now: Instant) -> bool {
+        let taken = match self.controller.admit(now) {
+            Admit::Open => self.slots.try_take(now) || self.bucket.try_take(),
+            Admit::Probe => match self.supply {
+                Supply::Leased => self.slots.try_take(now),
+                Supply::Refill { .. } => true,
+            },
+            Admit::Closed => false,
+        };
+        if taken {
+            self.last_grant = Grant {
+                lane,
+                ..self.controller.grant()
+            };
+            if self.last_grant.probe {
+                self.controller.probe_sent(now);
+            }
+        }
+        taken
+    }
+
+    /// Returns a token that was granted as `grant` but never used.
+    pub fn refund(&mut self, grant: Grant) {
+        if grant.probe {
+            if grant.epoch == self.controller.grant().epoch && self.controller.is_probing() {
+                self.controller.probe_returned();
+            }
+            return;
+        }
+        // A leased slot is not handed back: by now it may be late enough to crowd the next
+        // one. It lapses, and the shared quota is under-used by one request.
+        if let Supply::Refill { .. } = self.supply {
+            self.bucket.refund();
+        }
+    }
+
+    /// When this lane can next grant (`None`: not before something else changes).
+    pub fn next_token_at(&self, now: Instant) -> Option<Instant> {
+        if !self.active {
+            return None;
+        }
+        match self.controller.pause_until().filter(|p| *p > now) {
+            Some(resume) => Some(resume),
+            None if self.controller.is_probing() => self.controller.next_probe_event(),
+            None => {
+                let refill = self.bucket.next_token_at(self.refill_rate(now), now);
+                let slot = self.slots.next_open(now);
+                match (refill, slot) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+
+    /// Requests per second this lane lets through now, for wait estimates.
+    pub fn estimated_rate(&self) -> f64 {
+        if !self.active {
+            return 0.0;
+        }
+        let share = match self.supply {
+            Supply::Refill { share } => share,
+            Supply::Leased => 1.0,
+        };
+        self.controller.effective_rpm() * (1.0 - self.controller.settings().safety_margin) * share
+            / 60.0
+    }
+
+    /// Time left of an upstream-imposed pause.
+    pub fn paused_for(&self, now: Instant) -> Option<Duration> {
+        self.controller
+            .pause_until()
+            .map(|p| p.saturating_duration_since(now))
+            .filter(|d| !d.is_zero())
+    }
+}

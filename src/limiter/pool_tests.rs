@@ -1,0 +1,443 @@
+//! Tests of the limiter with several resources: a key pool, model limits, client weights and
+//! caps. Explicit instants, no clock.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::{HashMap, HashSet};
+
+fn retreat() -> RetreatSettings {
+    RetreatSettings {
+        safety_margin: 0.0,
+        window: Duration::from_secs(10),
+        quiet_period: Duration::from_secs(5),
+        recover_interval: Duration::from_secs(1),
+        ..RetreatSettings::default()
+    }
+}
+
+fn key(name: &str, rpm: Option<f64>) -> KeyRate {
+    KeyRate {
+        name: Arc::from(name),
+        rpm,
+    }
+}
+
+fn model(pattern: &str, rate_rpm: Option<f64>, max_concurrency: Option<u32>) -> ModelSettings {
+    ModelSettings {
+        pattern: pattern.to_string(),
+        rate_rpm,
+        max_concurrency,
+    }
+}
+
+fn limiter(rpm: f64, keys: Vec<KeyRate>, models: Vec<ModelSettings>) -> (Limiter, Instant) {
+    let t0 = Instant::now();
+    let settings = LimiterSettings {
+        keys,
+        models,
+        ..LimiterSettings::single(rpm, 1, 1000, retreat())
+    };
+    (Limiter::new(settings, t0), t0)
+}
+
+fn ask(client: &str, deadline: Instant) -> Ask {
+    Ask::new(Arc::from(client), Priority::Normal, deadline)
+}
+
+fn ask_model(client: &str, model: usize, deadline: Instant) -> Ask {
+    Ask {
+        model: Some(model),
+        ..ask(client, deadline)
+    }
+}
+
+fn grants(resolutions: &[Resolution]) -> Vec<(WaiterId, Grant)> {
+    resolutions
+        .iter()
+        .filter_map(|r| match r {
+            Resolution::Granted(id, grant) => Some((*id, *grant)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Grants over `seconds` of backlog, polled every 100 ms.
+fn grants_over(limiter: &mut Limiter, t0: Instant, seconds: u64) -> Vec<Grant> {
+    let mut all = Vec::new();
+    for step in 1..=seconds * 10 {
+        let now = t0 + Duration::from_millis(step * 100);
+        all.extend(grants(&limiter.poll(now)).into_iter().map(|(_, g)| g));
+    }
+    all
+}
+
+#[test]
+fn two_keys_grant_twice_the_rate_of_one_and_each_key_at_its_own_rate() {
+    let (mut l, t0) = limiter(60.0, vec![key("a", None), key("b", Some(120.0))], vec![]);
+    let far = t0 + Duration::from_secs(600);
+    for i in 0..100 {
+        let _ = l.request_with(ask(&format!("c{i}"), far), t0);
+    }
+    let granted = grants_over(&mut l, t0, 10);
+    let on = |lane| granted.iter().filter(|g| g.lane == lane).count();
+    // 60 rpm and 120 rpm for 10 s: 10 and 20 grants (the first token of each was taken at t0).
+    assert_eq!((on(0), on(1)), (10, 20), "grants per key");
+}
+
+#[test]
+fn a_429_on_one_key_cuts_that_key_only() {
+    let (mut l, t0) = limiter(60.0, vec![key("a", None), key("b", None)], vec![]);
+    let far = t0 + Duration::from_secs(600);
+    assert_eq!(l.request_with(ask("x", far), t0), Admission::Granted);
+    let first = l.last_grant();
+    l.observe_answer(
+        &UpstreamSignal::RateLimited { retry_after: None },
+        first,
+        t0,
+    );
+    let s = l.snapshot(t0);
+    let cut = &s.keys[first.lane];
+    let other = &s.keys[1 - first.lane];
+    assert!(
+        cut.effective_rpm < 60.0,
+        "the refused key retreats: {cut:?}"
+    );
+    assert_eq!(other.effective_rpm, 60.0, "the other key keeps its rate");
+    // The other key still grants at once.
+    assert_eq!(l.request_with(ask("y", far), t0), Admission::Granted);
+    assert_eq!(l.last_grant().lane, 1 - first.lane);
+}
+
+#[test]
+fn a_revoked_key_gets_no_more_requests_and_the_last_key_is_never_revoked() {
+    let (mut l, t0) = limiter(60.0, vec![key("a", None), key("b", None)], vec![]);
+    assert!(l.revoke(0));
+    assert!(!l.revoke(0), "already out");
+    assert!(!l.revoke(1), "the last key stays");
+    let far = t0 + Duration::from_secs(600);
+    for i in 0..20 {
+        let _ = l.request_with(ask(&format!("c{i}"), far), t0);
+    }
+    let granted = grants_over(&mut l, t0, 10);
+    assert!(!granted.is_empty());
+    assert!(granted.iter().all(|g| g.lane == 1), "{granted:?}");
+    let s = l.snapshot(t0 + Duration::from_secs(10));
+    assert!(!s.keys[0].active && s.keys[1].active);
+    assert_eq!(s.effective_rpm, 60.0, "the rate of the active keys only");
+}
+
+#[test]
+fn a_full_model_is_passed_over_and_served_first_once_a_slot_frees() {
+    let (mut l, t0) = limiter(
+        600.0,
+        vec![],
+        vec![model("a", None, Some(1)), model("b", None, None)],
+    );
+    let far = t0 + Duration::from_secs(600);
+    assert_eq!(
+        l.request_with(ask_model("x", 0, far), t0),
+        Admission::Granted
+    );
+    let held = l.last_grant();
+    assert_eq!(held.model, Some(0));
+    let Admission::Queued(waits_for_a) = l.request_with(ask_model("x", 0, far), t0) else {
+        panic!("the model's one slot is taken, and no token is free");
+    };
+    let Admission::Queued(for_b) = l.request_with(ask_model("y", 1, far), t0) else {
+        panic!("no token is free");
+    };
+    let t1 = t0 + Duration::from_millis(100);
+    let g = grants(&l.poll(t1));
+    assert_eq!(g.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![for_b]);
+    assert!(l.is_waiting(waits_for_a));
+    // Tokens are there but only model a's waiter is left: no busy wake-up.
+    let t2 = t0 + Duration::from_millis(300);
+    assert!(grants(&l.poll(t2)).is_empty());
+    assert_eq!(
+        l.next_wakeup(t2),
+        Some(far),
+        "waits for the slot, not for a token"
+    );
+    l.release(held);
+    let g = grants(&l.poll(t2));
+    assert_eq!(
+        g.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        vec![waits_for_a]
+    );
+    assert_eq!(l.snapshot(t2).models[0].in_flight, 1);
+}
+
+#[test]
+fn a_refunded_grant_gives_back_its_model_slot() {
+    let (mut l, t0) = limiter(600.0, vec![], vec![model("a", None, Some(1))]);
+    let far = t0 + Duration::from_secs(600);
+    assert_eq!(
+        l.request_with(ask_model("x", 0, far), t0),
+        Admission::Granted
+    );
+    let grant = l.last_grant();
+    l.refund(grant, t0);
+    assert_eq!(l.snapshot(t0).models[0].in_flight, 0);
+    assert_eq!(
+        l.request_with(ask_model("x", 0, far), t0),
+        Admission::Granted,
+        "slot and token are back"
+    );
+}
+
+#[test]
+fn a_model_rate_paces_its_requests_while_other_models_use_the_key() {
+    let (mut l, t0) = limiter(600.0, vec![], vec![model("slow", Some(60.0), None)]);
+    let far = t0 + Duration::from_secs(600);
+    for i in 0..60 {
+        let _ = l.request_with(ask_model(&format!("s{i}"), 0, far), t0);
+        let _ = l.request_with(ask(&format!("o{i}"), far), t0);
+    }
+    let granted = grants_over(&mut l, t0, 5);
+    let slow = granted.iter().filter(|g| g.model == Some(0)).count();
+    let other = granted.len() - slow;
+    assert!((4..=6).contains(&slow), "60 rpm for 5 s: {slow}");
+    assert!(other >= 40, "the key's rate goes to the others: {other}");
+}
+
+#[test]
+fn capacity_answers_lower_the_model_limit_and_leave_the_key_rate_alone() {
+    let (mut l, t0) = limiter(60.0, vec![], vec![model("a", None, Some(4))]);
+    l.observe_model(0, true, t0);
+    let s = l.snapshot(t0);
+    assert_eq!(s.models[0].concurrency_limit, Some(2));
+    assert_eq!(s.effective_rpm, 60.0);
+    for _ in 0..10 {
+        l.observe_model(0, false, t0);
+    }
+    assert_eq!(l.snapshot(t0).models[0].concurrency_limit, Some(4));
+}
+
+#[test]
+fn weights_share_the_grants_in_their_ratio() {
+    let (mut l, t0) = limiter(600.0, vec![], vec![]);
+    let far = t0 + Duration::from_secs(600);
+    let _ = l.request_with(ask("first", far), t0);
+    let mut who = HashMap::new();
+    for _ in 0..60 {
+        for (client, weight) in [("heavy", 2), ("light", 1)] {
+            if let Admission::Queued(id) = l.request_with(
+                Ask {
+                    weight,
+                    ..ask(client, far)
+                },
+                t0,
+            ) {
+                who.insert(id, client);
+            }
+        }
+    }
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    let mut now = t0;
+    while count.values().sum::<usize>() < 60 {
+        now += Duration::from_millis(100);
+        for (id, _) in grants(&l.poll(now)) {
+            *count.entry(who[&id]).or_default() += 1;
+        }
+    }
+    assert_eq!((count["heavy"], count["light"]), (40, 20), "{count:?}");
+}
+
+#[test]
+fn a_client_cap_holds_one_client_below_the_shared_rate() {
+    let t0 = Instant::now();
+    let settings = LimiterSettings {
+        client_caps: vec![ClientCap {
+            id: Arc::from("capped"),
+            rate_rpm: 60.0,
+        }],
+        ..LimiterSettings::single(600.0, 1, 1000, retreat())
+    };
+    let mut l = Limiter::new(settings, t0);
+    let far = t0 + Duration::from_secs(600);
+    let mut who = HashMap::new();
+    for i in 0..100 {
+        for client in ["capped", "free"] {
+            if let Admission::Queued(id) = l.request_with(ask(client, far), t0) {
+                who.insert(id, client);
+            }
+        }
+        let _ = i;
+    }
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for step in 1..=50 {
+        let now = t0 + Duration::from_millis(step * 100);
+        for (id, _) in grants(&l.poll(now)) {
+            *count.entry(who[&id]).or_default() += 1;
+        }
+    }
+    // 5 s: the cap allows ~5 (60 rpm), the key ~50 (600 rpm), the rest goes to `free`.
+    assert!(count["capped"] <= 6, "{count:?}");
+    assert!(count["free"] >= 40, "{count:?}");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Arrive {
+        client: u8,
+        model: u8,
+        timeout_ms: u16,
+    },
+    Cancel {
+        nth: u8,
+    },
+    Advance {
+        ms: u16,
+    },
+    Finish {
+        nth: u8,
+    },
+    Drop {
+        nth: u8,
+    },
+    Answer429 {
+        nth: u8,
+    },
+    Capacity {
+        model: u8,
+    },
+    Revoke {
+        lane: u8,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 0u8..3, 0u16..5000).prop_map(|(client, model, timeout_ms)| Op::Arrive { client, model, timeout_ms }),
+        1 => any::<u8>().prop_map(|nth| Op::Cancel { nth }),
+        4 => (0u16..2000).prop_map(|ms| Op::Advance { ms }),
+        3 => any::<u8>().prop_map(|nth| Op::Finish { nth }),
+        1 => any::<u8>().prop_map(|nth| Op::Drop { nth }),
+        1 => any::<u8>().prop_map(|nth| Op::Answer429 { nth }),
+        1 => (0u8..2).prop_map(|model| Op::Capacity { model }),
+        1 => (0u8..3).prop_map(|lane| Op::Revoke { lane }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// With three keys, two model limits and a capped client: no grant goes out without a
+    /// key's token and its model's slot, a model never has more in flight than its limit, a
+    /// revoked key grants nothing, every waiter is answered exactly once, and once every
+    /// request is over every slot is free again (no slot is lost).
+    #[test]
+    fn no_grant_without_every_resource_and_nothing_lost(ops in proptest::collection::vec(op(), 1..200)) {
+        let t0 = Instant::now();
+        let settings = LimiterSettings {
+            keys: vec![key("a", None), key("b", Some(30.0)), key("c", None)],
+            models: vec![model("one", None, Some(1)), model("rated", Some(30.0), Some(3))],
+            client_caps: vec![ClientCap { id: Arc::from("0"), rate_rpm: 20.0 }],
+            ..LimiterSettings::single(60.0, 2, 20, retreat())
+        };
+        let mut l = Limiter::new(settings, t0);
+        let mut now = t0;
+        let mut waiting: Vec<WaiterId> = Vec::new();
+        let mut answered: HashSet<WaiterId> = HashSet::new();
+        let mut out: Vec<Grant> = Vec::new();
+        let mut revoked: HashSet<usize> = HashSet::new();
+
+        let settle = |resolutions: Vec<Resolution>, waiting: &mut Vec<WaiterId>, answered: &mut HashSet<WaiterId>, out: &mut Vec<Grant>, revoked: &HashSet<usize>| {
+            for r in resolutions {
+                let id = match r {
+                    Resolution::Granted(id, grant) => {
+                        prop_assert!(!revoked.contains(&grant.lane), "granted on revoked key {}", grant.lane);
+                        out.push(grant);
+                        id
+                    }
+                    Resolution::Expired { id, .. } => id,
+                };
+                prop_assert!(answered.insert(id), "waiter {} answered twice", id);
+                let pos = waiting.iter().position(|w| *w == id);
+                prop_assert!(pos.is_some(), "waiter {} answered but was not waiting", id);
+                waiting.remove(pos.unwrap());
+            }
+            Ok(())
+        };
+
+        for op in ops {
+            match op {
+                Op::Arrive { client, model, timeout_ms } => {
+                    let a = Ask {
+                        model: (model < 2).then_some(usize::from(model)),
+                        weight: u32::from(client) + 1,
+                        ..Ask::new(Arc::from(client.to_string()), Priority::Normal, now + Duration::from_millis(u64::from(timeout_ms)))
+                    };
+                    match l.request_with(a, now) {
+                        Admission::Queued(id) => waiting.push(id),
+                        Admission::Granted => {
+                            let grant = l.last_grant();
+                            prop_assert!(!revoked.contains(&grant.lane));
+                            out.push(grant);
+                        }
+                        Admission::Rejected { .. } => {}
+                    }
+                }
+                Op::Cancel { nth } => {
+                    if !waiting.is_empty() {
+                        let id = waiting[nth as usize % waiting.len()];
+                        prop_assert!(l.cancel(id, now));
+                        waiting.retain(|w| *w != id);
+                        answered.insert(id);
+                    }
+                }
+                Op::Advance { ms } => {
+                    now += Duration::from_millis(u64::from(ms));
+                    settle(l.poll(now), &mut waiting, &mut answered, &mut out, &revoked)?;
+                }
+                Op::Finish { nth } => {
+                    if !out.is_empty() {
+                        let grant = out.remove(nth as usize % out.len());
+                        l.observe_answer(&UpstreamSignal::Accepted { pause: None }, grant, now);
+                        if let Some(m) = grant.model { l.observe_model(m, false, now); }
+                        l.release(grant);
+                    }
+                }
+                Op::Drop { nth } => {
+                    if !out.is_empty() {
+                        let grant = out.remove(nth as usize % out.len());
+                        l.refund(grant, now);
+                    }
+                }
+                Op::Answer429 { nth } => {
+                    if !out.is_empty() {
+                        let grant = out.remove(nth as usize % out.len());
+                        l.observe_answer(&UpstreamSignal::RateLimited { retry_after: None }, grant, now);
+                        l.release(grant);
+                    }
+                }
+                Op::Capacity { model } => l.observe_model(usize::from(model), true, now),
+                Op::Revoke { lane } => {
+                    if l.revoke(usize::from(lane)) {
+                        revoked.insert(usize::from(lane));
+                    }
+                }
+            }
+            settle(l.poll(now), &mut waiting, &mut answered, &mut out, &revoked)?;
+            let s = l.snapshot(now);
+            for (i, m) in s.models.iter().enumerate() {
+                let holding = out.iter().filter(|g| g.model == Some(i)).count();
+                prop_assert_eq!(m.in_flight as usize, holding, "model {} slots in use", i);
+                prop_assert!(m.in_flight <= m.max_concurrency.unwrap_or(u32::MAX));
+            }
+            for k in &s.keys {
+                prop_assert!(k.tokens >= 0.0 && k.tokens <= 2.0 + 1e-9, "tokens {}", k.tokens);
+            }
+            prop_assert!(s.keys.iter().any(|k| k.active), "a key is always left");
+            prop_assert_eq!(l.queue_len(), waiting.len(), "lost or phantom waiters");
+        }
+        // Every request ends; far in the future everyone still waiting has been answered.
+        for grant in out.drain(..) {
+            l.release(grant);
+        }
+        now += Duration::from_secs(3600);
+        settle(l.poll(now), &mut waiting, &mut answered, &mut out, &revoked)?;
+        prop_assert!(waiting.is_empty(), "never answered: {:?}", waiting);
+        prop_assert!(l.snapshot(now).models.iter().all(|m| m.in_flight == 0), "a slot was lost");
+    }
+}
