@@ -246,6 +246,11 @@ impl AdmissionGate {
         revoked
     }
 
+    /// Whether the key of lane `lane` is still in the pool.
+    pub fn is_key_active(&self, lane: usize) -> bool {
+        self.lock().limiter.key_active(lane)
+    }
+
     /// How many keys the pool has.
     pub fn key_count(&self) -> usize {
         self.lock().limiter.key_count()

@@ -324,6 +324,16 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
     keep!("upstream.ca_file", upstream.ca_file);
     keep!("state_dir", state_dir);
     keep!("shared_quota", shared_quota);
+    // Keys are matched to the limiter's lanes by position: their names wait for a restart
+    // (their values, a rotated key, do not).
+    let names = |s: &Settings| -> Vec<std::sync::Arc<str>> {
+        s.upstream.keys.iter().map(|k| k.name.clone()).collect()
+    };
+    if names(running) != names(next) {
+        keys.push("upstream.keys".to_string());
+        next.upstream.keys = running.upstream.keys.clone();
+        next.upstream.authorization = running.upstream.authorization.clone();
+    }
     keys
 }
 

@@ -66,6 +66,14 @@ pub struct Metrics {
     pub upstream_refusals: IntCounterVec,
     /// Requests on a rate-limited route that could not be replayed after a 429, by why not.
     pub replay_unavailable: IntCounterVec,
+    /// Attempts sent upstream on each key of the pool.
+    pub key_requests: IntCounterVec,
+    /// 1 while a key is in the pool, 0 once the upstream refused it.
+    pub key_active: IntGaugeVec,
+    pub key_effective_rpm: GaugeVec,
+    /// Requests of each configured model in flight, and the concurrency allowed now.
+    pub model_inflight: IntGaugeVec,
+    pub model_concurrency_limit: GaugeVec,
     /// Request bodies held in memory for replay right now, bytes.
     pub held_body_bytes: IntGauge,
     pub queue_depth: IntGaugeVec,
@@ -161,6 +169,56 @@ impl Metrics {
                         "Requests forwarded without a kept body, so not replayable, by reason: body_too_large, budget_full, chunked_body.",
                     ),
                     &["route", "reason"],
+                ),
+            ),
+            key_requests: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "key_requests_total",
+                        "Attempts sent upstream with a token, by route and upstream key name.",
+                    ),
+                    &["route", "key"],
+                ),
+            ),
+            key_active: register(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "key_active",
+                        "1 while the upstream key is in the pool, 0 once the upstream refused it (401/403).",
+                    ),
+                    &["route", "key"],
+                ),
+            ),
+            key_effective_rpm: register(
+                r,
+                GaugeVec::new(
+                    opts(
+                        "key_rate_effective_rpm",
+                        "Effective rate of each upstream key after retreat, requests per minute.",
+                    ),
+                    &["route", "key"],
+                ),
+            ),
+            model_inflight: register(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "model_inflight_requests",
+                        "Requests of each configured model (pattern) in flight upstream.",
+                    ),
+                    &["route", "model"],
+                ),
+            ),
+            model_concurrency_limit: register(
+                r,
+                GaugeVec::new(
+                    opts(
+                        "model_concurrency_limit",
+                        "Requests of each configured model allowed in flight now (after worker-capacity cuts); absent while unlimited.",
+                    ),
+                    &["route", "model"],
                 ),
             ),
             held_body_bytes: register(

@@ -66,11 +66,14 @@ fn reference() -> String {
         ("FileConfig", ""),
         ("AdaptiveSection", "adaptive"),
         ("UpstreamSection", "upstream"),
+        ("KeySection", "upstream.keys[]"),
         ("RouteSection", "routes[]"),
         ("AdminSection", "admin"),
         ("AccessSection", "access"),
         ("ServerSection", "server"),
         ("SharedQuotaSection", "shared_quota"),
+        ("ModelSection", "models.<id>"),
+        ("ClientSection", "clients[]"),
     ];
     let mut out = String::new();
     out.push_str("| key | default | meaning |\n|---|---|---|\n");
@@ -85,13 +88,14 @@ fn reference() -> String {
                 format!("{prefix}.{field}")
             };
             // `shared_quota` is unset in the shipped config; its defaults are in the docs.
-            let default = if prefix == "routes[]" || prefix == "shared_quota" {
-                "—".to_string()
-            } else if prefix.is_empty() {
-                default_of(&defaults, &[field])
-            } else {
-                default_of(&defaults, &[prefix, field])
-            };
+            let default =
+                if prefix.ends_with("[]") || prefix.contains('<') || prefix == "shared_quota" {
+                    "—".to_string()
+                } else if prefix.is_empty() {
+                    default_of(&defaults, &[field])
+                } else {
+                    default_of(&defaults, &[prefix, field])
+                };
             out.push_str(&format!("| `{key}` | {default} | {doc} |\n"));
         }
     }

@@ -33,6 +33,11 @@ pub struct Snapshot {
     /// Upstream 429s since the start.
     pub upstream_429_total: u64,
     pub routes: Vec<RouteView>,
+    /// The upstream keys of the default route: one entry (`default`) without a key pool.
+    /// The keys themselves never appear, only their names.
+    pub keys: Vec<KeyView>,
+    /// The model limits of the default route, in match order.
+    pub models: Vec<ModelView>,
     /// Present when the quota is shared with other sidecars through Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_quota: Option<SharedQuotaStatus>,
@@ -93,6 +98,61 @@ pub struct ErrorsView {
 }
 
 #[derive(Debug, Serialize)]
+pub struct KeyView {
+    pub name: String,
+    /// False once the upstream refused the key (401/403): it gets no more requests.
+    pub active: bool,
+    pub tokens: f64,
+    pub base_rpm: f64,
+    pub effective_rpm: f64,
+    pub state: &'static str,
+    pub probing: bool,
+    pub pause_remaining_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelView {
+    pub pattern: String,
+    pub in_flight: u32,
+    /// Requests allowed in flight now; `null` while unlimited.
+    pub concurrency_limit: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub rate_rpm: Option<f64>,
+    /// The upstream's "worker limit reached" answers seen for this model.
+    pub capacity_errors: u64,
+}
+
+fn key_views(s: &LimiterSnapshot) -> Vec<KeyView> {
+    s.keys
+        .iter()
+        .map(|k| KeyView {
+            name: k.name.to_string(),
+            active: k.active,
+            tokens: round3(k.tokens),
+            base_rpm: k.base_rpm,
+            effective_rpm: round3(k.effective_rpm),
+            state: k.state.as_str(),
+            probing: k.probing,
+            pause_remaining_seconds: round3(k.paused_for.map_or(0.0, |d| d.as_secs_f64())),
+        })
+        .collect()
+}
+
+fn model_views(s: &LimiterSnapshot) -> Vec<ModelView> {
+    s.models
+        .iter()
+        .map(|m| ModelView {
+            pattern: m.pattern.clone(),
+            in_flight: m.in_flight,
+            concurrency_limit: m.concurrency_limit,
+            max_concurrency: m.max_concurrency,
+            rate_rpm: m.rate_rpm,
+            capacity_errors: m.capacity_errors,
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
 pub struct RouteView {
     pub name: String,
     pub path_prefix: String,
@@ -102,6 +162,8 @@ pub struct RouteView {
     pub bucket: Option<BucketView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retreat: Option<RetreatView>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyView>,
 }
 
 fn bucket_view(s: &LimiterSnapshot) -> BucketView {
@@ -261,6 +323,30 @@ impl StatusBuilder {
                 for (d, q) in depth.iter_mut().zip(s.queue_depth) {
                     *d += q as i64;
                 }
+                for k in &s.keys {
+                    m.key_active
+                        .with_label_values(&[name, &k.name])
+                        .set(i64::from(k.active));
+                    m.key_effective_rpm
+                        .with_label_values(&[name, &k.name])
+                        .set(k.effective_rpm);
+                }
+                for model in &s.models {
+                    m.model_inflight
+                        .with_label_values(&[name, &model.pattern])
+                        .set(i64::from(model.in_flight));
+                    match model.concurrency_limit {
+                        Some(limit) => m
+                            .model_concurrency_limit
+                            .with_label_values(&[name, &model.pattern])
+                            .set(f64::from(limit)),
+                        None => {
+                            let _ = m
+                                .model_concurrency_limit
+                                .remove_label_values(&[name, &model.pattern]);
+                        }
+                    }
+                }
             }
             if main.is_none() {
                 main = snapshot.clone();
@@ -272,6 +358,7 @@ impl StatusBuilder {
                 passthrough: route.settings.is_passthrough(),
                 bucket: snapshot.as_ref().map(bucket_view),
                 retreat: snapshot.as_ref().map(retreat_view),
+                keys: snapshot.as_ref().map(key_views).unwrap_or_default(),
             });
         }
         for (priority, d) in Priority::ALL.iter().zip(depth) {
@@ -306,6 +393,8 @@ impl StatusBuilder {
             upstream_429_per_minute: per_minute_429,
             upstream_429_total: upstream_429,
             routes,
+            keys: key_views(&main),
+            models: model_views(&main),
             shared_quota: app.shared.as_ref().map(|q| q.status()),
             clients: app.activity.clients(crate::admission::now()),
             history_sample: self.history.latest().cloned(),

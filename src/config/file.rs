@@ -53,6 +53,59 @@ pub struct FileConfig {
     pub state_dir: Option<String>,
     /// One quota shared by several sidecars through Redis; unset, each sidecar has its own.
     pub shared_quota: Option<SharedQuotaSection>,
+    /// Limits per model id (the `model` of the JSON body), e.g.
+    /// `{"meta/llama-3.1-8b-instruct": {max_concurrency: 4}, "mistralai/*": {rate_rpm: 20}}`.
+    /// An exact id wins over a glob, a longer glob over a shorter one. Requests whose body is
+    /// not JSON or names no listed model have no model limit.
+    pub models: BTreeMap<String, ModelSection>,
+    /// Client keys: when set, every request must carry `Authorization: Bearer <client key>`
+    /// (401 without one), its client id comes from the key, and the key is never forwarded.
+    pub clients: Vec<ClientSection>,
+}
+
+/// One entry of `upstream.keys`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeySection {
+    /// Name of the key in metrics, `/status` and the log (the key itself never appears there).
+    pub name: String,
+    /// Environment variable holding the key.
+    pub key_env: Option<String>,
+    /// File holding the key; use either this or `key_env`.
+    pub key_file: Option<String>,
+    /// This key's own quota in requests per minute (default: the route's `rate_rpm`).
+    pub rate_rpm: Option<f64>,
+}
+
+/// One entry of `models:`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Requests per minute for this model, on top of the key's rate.
+    pub rate_rpm: Option<f64>,
+    /// Requests of this model in flight at once at most. The upstream's "worker limit reached"
+    /// answers lower it (halved), answers without them raise it back step by step.
+    pub max_concurrency: Option<u32>,
+}
+
+/// One entry of `clients:`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientSection {
+    /// The client's id in metrics, the log and the dashboard.
+    pub id: String,
+    /// Environment variable holding the client's key.
+    pub key_env: Option<String>,
+    /// File holding the client's key; use either this or `key_env`.
+    pub key_file: Option<String>,
+    /// Share of the grants while this client waits beside others of its priority class: a
+    /// weight-2 client gets twice as many as a weight-1 client. Default 1.
+    pub weight: Option<u32>,
+    /// Highest `X-Priority` this client may claim; a higher one is lowered to it. Default
+    /// `high`.
+    pub max_priority: Option<String>,
+    /// The most requests per minute this client may send, below the shared rate.
+    pub rate_rpm: Option<f64>,
 }
 
 /// `adaptive:` — how the bucket retreats on upstream 429s and recovers.
@@ -115,6 +168,12 @@ pub struct UpstreamSection {
     pub ca_file: Option<String>,
     /// Extra headers added to every upstream request.
     pub headers: BTreeMap<String, String>,
+    /// A pool of upstream keys, used in place of `api_key_env` / `api_key_file`, e.g.
+    /// `[{name: team-a, key_env: KEY_A}, {name: team-b, key_file: /run/keys/b, rate_rpm: 30}]`.
+    /// Each key has its own bucket and retreat, since the upstream counts per key; a request
+    /// goes out on the key that can serve it soonest; a key the upstream refuses (401/403) is
+    /// taken out of the pool until a restart. Key names are fixed until a restart.
+    pub keys: Vec<KeySection>,
 }
 
 /// One entry of `routes:`.
@@ -131,6 +190,11 @@ pub struct RouteSection {
     pub rate_rpm: Option<f64>,
     /// Burst size of this route's own bucket (default: the top-level `bucket_capacity`).
     pub bucket_capacity: Option<u32>,
+    /// A `"stream": true` request that waits longer than `keepalive_after` gets its `200` and
+    /// event-stream headers at once, then an SSE comment line every 15 s while it waits, so
+    /// that its client does not give up. An upstream failure then ends the stream with an
+    /// error event instead of an HTTP error status.
+    pub keepalive_while_queued: bool,
 }
 
 /// `admin:` — the admin plane.

@@ -2,17 +2,23 @@
 //! loading with every problem reported at once.
 
 mod bytes;
+mod checker;
+mod clients;
 mod file;
+mod keys;
 mod layers;
+mod models;
 mod seconds;
 mod validate;
 mod view;
 
 pub use bytes::ByteSize;
+pub use clients::{ClientSettings, Clients};
 pub use file::{
-    AccessSection, AdaptiveSection, AdminSection, FileConfig, RouteSection, ServerSection,
-    SharedQuotaSection, UpstreamSection,
+    AccessSection, AdaptiveSection, AdminSection, ClientSection, FileConfig, KeySection,
+    ModelSection, RouteSection, ServerSection, SharedQuotaSection, UpstreamSection,
 };
+pub use keys::UpstreamKey;
 pub use layers::{ConfigLayers, Overrides, LIVE_FIELDS};
 pub use seconds::Seconds;
 pub use validate::{
@@ -214,6 +220,9 @@ pub fn validate_with_env(file: &FileConfig) -> Result<Settings, Vec<ConfigError>
 pub fn load_str(text: &str) -> Result<Settings, Vec<ConfigError>> {
     validate_with_env(&parse_checked(text)?)
 }
+
+#[cfg(test)]
+mod pool_tests;
 
 #[cfg(test)]
 mod tests {

@@ -10,8 +10,11 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 
+use super::checker::{Checker, MAX_RPM, MIN_RPM};
+use super::clients::Clients;
 use super::file::{FileConfig, RouteSection, SharedQuotaSection};
-use crate::limiter::{LimiterSettings, Priority, RetreatSettings};
+use super::keys::UpstreamKey;
+use crate::limiter::{KeyRate, LimiterSettings, ModelSettings, Priority, RetreatSettings};
 
 /// One problem with the configuration: which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,10 @@ impl fmt::Display for ConfigError {
 pub struct Secret(String);
 
 impl Secret {
+    pub(super) fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -130,6 +137,8 @@ pub struct RouteSettings {
     pub upstream: UpstreamUrl,
     /// `None` for passthrough routes.
     pub bucket: Option<LimiterSettings>,
+    /// Streaming requests that wait long get their headers and SSE comments while they wait.
+    pub keepalive_while_queued: bool,
 }
 
 impl RouteSettings {
@@ -149,9 +158,13 @@ impl RouteSettings {
 /// How the sidecar talks to upstreams.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamOptions {
+    /// The single key (`api_key_env` / `api_key_file`); `None` with a pool.
     pub api_key: Option<Secret>,
-    /// `Bearer <api_key>`, built once at load time and marked sensitive.
+    /// The first key's `Bearer <key>`, built once at load time and marked sensitive: what
+    /// requests sent without a grant (passthrough, fail-open) carry.
     pub authorization: Option<HeaderValue>,
+    /// The key pool, at least one entry; a grant's `lane` indexes it.
+    pub keys: Vec<UpstreamKey>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -284,6 +297,10 @@ pub struct Settings {
     pub state_dir: Option<PathBuf>,
     pub log_level: String,
     pub shared_quota: Option<SharedQuotaSettings>,
+    /// Per-model limits, in match order.
+    pub models: Vec<ModelSettings>,
+    /// Client keys; empty when any local client may use the proxy.
+    pub clients: Clients,
 }
 
 impl Settings {
@@ -304,110 +321,6 @@ impl Settings {
             .iter()
             .find(|r| r.matches(path))
             .unwrap_or(&self.default_route)
-    }
-}
-
-/// Collects problems while validating.
-struct Checker {
-    errors: Vec<ConfigError>,
-}
-
-impl Checker {
-    fn fail(&mut self, key: &str, reason: impl Into<String>) {
-        self.errors.push(ConfigError::new(key, reason));
-    }
-
-    fn positive(&mut self, key: &str, value: f64) -> f64 {
-        if !(value.is_finite() && value > 0.0) {
-            self.fail(key, format!("must be > 0, got {value}"));
-        }
-        value
-    }
-
-    fn fraction(
-        &mut self,
-        key: &str,
-        value: f64,
-        low_inclusive: bool,
-        high_inclusive: bool,
-    ) -> f64 {
-        let low_ok = if low_inclusive {
-            value >= 0.0
-        } else {
-            value > 0.0
-        };
-        let high_ok = if high_inclusive {
-            value <= 1.0
-        } else {
-            value < 1.0
-        };
-        if !(value.is_finite() && low_ok && high_ok) {
-            let lo = if low_inclusive { "[0" } else { "(0" };
-            let hi = if high_inclusive { "1]" } else { "1)" };
-            self.fail(key, format!("must be in {lo}, {hi}, got {value}"));
-        }
-        value
-    }
-
-    fn duration(
-        &mut self,
-        key: &str,
-        value: Option<super::Seconds>,
-        default: f64,
-        allow_zero: bool,
-    ) -> Duration {
-        let secs = value.map_or(default, |s| s.0);
-        if !secs.is_finite() || secs < 0.0 || (!allow_zero && secs == 0.0) {
-            let bound = if allow_zero { ">= 0" } else { "> 0" };
-            self.fail(key, format!("must be {bound} seconds, got {secs}"));
-            return Duration::from_secs_f64(default);
-        }
-        if secs > 31_536_000.0 {
-            self.fail(key, format!("must be at most a year, got {secs} seconds"));
-            return Duration::from_secs_f64(default);
-        }
-        Duration::from_secs_f64(secs)
-    }
-
-    fn priority(&mut self, key: &str, value: &str) -> Priority {
-        value.parse().unwrap_or_else(|_| {
-            self.fail(key, format!("must be high, normal or low, got {value:?}"));
-            Priority::High
-        })
-    }
-
-    fn ip(&mut self, key: &str, value: &str) -> IpAddr {
-        value.parse().unwrap_or_else(|_| {
-            self.fail(key, format!("must be an IP address, got {value:?}"));
-            IpAddr::from([127, 0, 0, 1])
-        })
-    }
-
-    fn secret(
-        &mut self,
-        file_key: &str,
-        file: Option<&str>,
-        env_name: Option<&str>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Option<Secret> {
-        if let Some(path) = file {
-            return match std::fs::read_to_string(path) {
-                Ok(text) if !text.trim().is_empty() => Some(Secret(text.trim().to_string())),
-                Ok(_) => {
-                    self.fail(file_key, format!("{path} is empty"));
-                    None
-                }
-                Err(e) => {
-                    self.fail(file_key, format!("cannot read {path}: {e}"));
-                    None
-                }
-            };
-        }
-        env_name
-            .and_then(env)
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .map(Secret)
     }
 }
 
@@ -600,12 +513,6 @@ fn validate_sentinels(c: &mut Checker, section: &SharedQuotaSection) -> Vec<Stri
     urls
 }
 
-/// The slowest rate a bucket may be set to: one request in 100 minutes.
-const MIN_RPM: f64 = 0.01;
-/// The fastest: far above any quota-limited API and above what one sidecar can forward (so a
-/// token route can be measured without queueing), and finite arithmetic everywhere below it.
-const MAX_RPM: f64 = 10_000_000.0;
-
 /// Default values, shared by validation and the documentation.
 pub mod defaults {
     /// `shared_quota.sentinel_master`: Redis Sentinel's own example name.
@@ -749,6 +656,38 @@ pub fn validate(
             format!("must be between 1 and 100000, got {capacity}"),
         );
     }
+    let u = &file.upstream;
+    // The documented default holds wherever the config comes from: a file without an
+    // `upstream:` section still reads the key from `NVIDIA_API_KEY`.
+    let api_key = if u.keys.is_empty() {
+        c.secret(
+            "upstream.api_key_file",
+            u.api_key_file.as_deref(),
+            Some(u.api_key_env.as_deref().unwrap_or(defaults::API_KEY_ENV)),
+            env,
+        )
+    } else {
+        None
+    };
+    let single_source = if u.api_key_file.is_some() {
+        "upstream.api_key_file"
+    } else {
+        "upstream.api_key_env"
+    };
+    let single = api_key
+        .as_ref()
+        .and_then(|key| super::keys::bearer(&mut c, single_source, key));
+    let keys = super::keys::validate_keys(&mut c, u, single, env);
+    let key_rates: Vec<KeyRate> = keys
+        .iter()
+        .map(|k| KeyRate {
+            name: k.name.clone(),
+            rpm: k.rate_rpm,
+        })
+        .collect();
+    let models = super::models::validate_models(&mut c, &file.models);
+    let clients = super::clients::validate_clients(&mut c, &file.clients, env);
+    let client_caps = clients.caps();
     let bucket = |c: &mut Checker, key: &str, rpm: f64, capacity: u32| {
         let mut rpm = c.positive(key, rpm);
         if rpm > 0.0 && !(MIN_RPM..=MAX_RPM).contains(&rpm) {
@@ -762,9 +701,9 @@ pub fn validate(
             base_rpm: rpm,
             capacity,
             queue_max,
-            keys: Vec::new(),
-            models: Vec::new(),
-            client_caps: Vec::new(),
+            keys: key_rates.clone(),
+            models: models.clone(),
+            client_caps: client_caps.clone(),
             retreat: retreat.clone(),
         }
     };
@@ -786,6 +725,7 @@ pub fn validate(
             file.rate_rpm.unwrap_or(defaults::RATE_RPM),
             capacity,
         )),
+        keepalive_while_queued: false,
     };
 
     let mut routes = Vec::new();
@@ -805,7 +745,6 @@ pub fn validate(
     }
     routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
 
-    let u = &file.upstream;
     let mut headers = Vec::new();
     for (name, value) in &u.headers {
         match (
@@ -828,34 +767,10 @@ pub fn validate(
             c.fail("upstream.ca_file", format!("cannot read {ca}"));
         }
     }
-    // The documented default holds wherever the config comes from: a file without an
-    // `upstream:` section still reads the key from `NVIDIA_API_KEY`.
-    let api_key = c.secret(
-        "upstream.api_key_file",
-        u.api_key_file.as_deref(),
-        Some(u.api_key_env.as_deref().unwrap_or(defaults::API_KEY_ENV)),
-        env,
-    );
-    let authorization = api_key.as_ref().and_then(|key| {
-        match HeaderValue::try_from(format!("Bearer {}", key.expose())) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                Some(value)
-            }
-            Err(_) => {
-                let source = if u.api_key_file.is_some() {
-                    "upstream.api_key_file"
-                } else {
-                    "upstream.api_key_env"
-                };
-                c.fail(source, "holds a key with characters a header cannot carry");
-                None
-            }
-        }
-    });
     let upstream = UpstreamOptions {
+        authorization: keys.first().and_then(|k| k.authorization.clone()),
         api_key,
-        authorization,
+        keys,
         connect_timeout: c.duration(
             "upstream.connect_timeout",
             u.connect_timeout,
@@ -992,6 +907,12 @@ pub fn validate(
         .shared_quota
         .as_ref()
         .map(|section| validate_shared_quota(&mut c, section, env));
+    if shared_quota.is_some() && upstream.keys.len() > 1 {
+        c.fail(
+            "shared_quota",
+            "cannot yet share a pool of several upstream keys: use one key per sidecar group",
+        );
+    }
 
     let settings = Settings {
         listen_host,
@@ -1022,6 +943,8 @@ pub fn validate(
         state_dir: file.state_dir.as_ref().map(PathBuf::from),
         log_level,
         shared_quota,
+        models,
+        clients,
     };
     if c.errors.is_empty() {
         Ok(settings)
@@ -1084,5 +1007,6 @@ fn validate_route(
         path_prefix: r.path_prefix.clone(),
         upstream,
         bucket,
+        keepalive_while_queued: r.keepalive_while_queued,
     })
 }

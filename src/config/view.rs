@@ -18,6 +18,7 @@ fn route_json(r: &RouteSettings) -> Value {
         "passthrough": r.is_passthrough(),
         "rate_rpm": r.bucket.as_ref().map(|b| b.base_rpm),
         "bucket_capacity": r.bucket.as_ref().map(|b| b.capacity),
+        "keepalive_while_queued": r.keepalive_while_queued,
     })
 }
 
@@ -76,7 +77,23 @@ pub fn effective_view(settings: &Settings) -> Value {
             "dns_ttl": secs(u.dns_ttl),
             "ca_file": u.ca_file,
             "headers": u.headers.iter().map(|(k, _)| (k.to_string(), Value::from(MASK))).collect::<serde_json::Map<_, _>>(),
+            "keys": u.keys.iter().map(|k| json!({
+                "name": &*k.name,
+                "key": k.authorization.as_ref().map(|_| MASK),
+                "rate_rpm": k.rate_rpm,
+            })).collect::<Vec<_>>(),
         },
+        "models": settings.models.iter().map(|m| (m.pattern.clone(), json!({
+            "rate_rpm": m.rate_rpm,
+            "max_concurrency": m.max_concurrency,
+        }))).collect::<serde_json::Map<_, _>>(),
+        "clients": settings.clients.list.iter().map(|c| json!({
+            "id": &*c.id,
+            "key": MASK,
+            "weight": c.weight,
+            "max_priority": c.max_priority.as_str(),
+            "rate_rpm": c.rate_rpm,
+        })).collect::<Vec<_>>(),
         "routes": settings.routes.iter().map(route_json).collect::<Vec<_>>(),
         "admin": {
             "listen_host": settings.admin.listen_host.to_string(),

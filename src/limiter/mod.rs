@@ -864,6 +864,11 @@ impl Limiter {
         &self.lane(lane).controller
     }
 
+    /// Whether the key of lane `lane` is still in the pool.
+    pub fn key_active(&self, lane: usize) -> bool {
+        self.lanes.get(lane).is_some_and(|l| l.active)
+    }
+
     /// How many keys the pool has.
     pub fn key_count(&self) -> usize {
         self.lanes.len()

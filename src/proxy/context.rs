@@ -9,9 +9,9 @@ use bytes::BytesMut;
 use pingora_core::{Error, ErrorSource};
 use prometheus::IntGauge;
 
-use crate::admission::now;
+use crate::admission::{now, AdmissionGate};
 use crate::app::Route;
-use crate::limiter::{Grant, Priority, Rejection, UpstreamSignal};
+use crate::limiter::{Ask, Grant, Priority, Rejection, UpstreamSignal};
 use crate::metrics::Outcome;
 
 use super::body::BodyHold;
@@ -72,6 +72,29 @@ impl Drop for Inflight {
     }
 }
 
+/// A model slot held by the attempt under way; dropping it frees the slot for the next
+/// waiter of that model, however the attempt ended.
+pub struct ModelSlot {
+    gate: Arc<AdmissionGate>,
+    grant: Grant,
+}
+
+impl ModelSlot {
+    /// The slot of `grant`, when it holds one.
+    pub fn held(gate: &Arc<AdmissionGate>, grant: Grant) -> Option<ModelSlot> {
+        grant.model.map(|_| ModelSlot {
+            gate: gate.clone(),
+            grant,
+        })
+    }
+}
+
+impl Drop for ModelSlot {
+    fn drop(&mut self) {
+        self.gate.release(self.grant);
+    }
+}
+
 /// Everything a request needs, owned by the request (Pingora's `CTX`).
 pub struct RequestCtx {
     pub inflight: Option<Inflight>,
@@ -79,6 +102,14 @@ pub struct RequestCtx {
     pub route: Option<Arc<Route>>,
     pub client: Arc<str>,
     pub priority: Priority,
+    /// The client's weight among the waiters of its class.
+    pub weight: u32,
+    /// The model limit the request falls under.
+    pub model: Option<usize>,
+    /// The model slot of the attempt under way.
+    pub model_slot: Option<ModelSlot>,
+    /// The name of the pool key the last attempt went out on (pools of two or more).
+    pub key: Option<Arc<str>>,
     pub deadline: Instant,
     pub body: BodyHold,
     pub stage: Stage,
@@ -107,6 +138,10 @@ impl RequestCtx {
             route: None,
             client: Arc::from("-"),
             priority: Priority::Normal,
+            weight: 1,
+            model: None,
+            model_slot: None,
+            key: None,
             deadline: started,
             body: BodyHold::Unread,
             stage: Stage::Arrived,
@@ -117,6 +152,25 @@ impl RequestCtx {
             upstream_status: None,
             answer_observed: false,
             refusal: None,
+        }
+    }
+
+    /// What the request asks the limiter for.
+    pub fn ask(&self) -> Ask {
+        Ask {
+            client: self.client.clone(),
+            priority: self.priority,
+            deadline: self.deadline,
+            weight: self.weight,
+            model: self.model,
+        }
+    }
+
+    /// The grant of the attempt under way, if it was admitted with a token.
+    pub fn grant(&self) -> Option<Grant> {
+        match self.stage {
+            Stage::Admitted { grant } => Some(grant),
+            _ => None,
         }
     }
 

@@ -19,6 +19,7 @@ mod context;
 mod header_deadline;
 mod replay;
 mod respond;
+mod tenant;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::admission::{now, AdmissionGate, Ticket, Verdict};
 use crate::app::App;
-use crate::limiter::{Priority, UpstreamSignal};
+use crate::limiter::{model_index, Grant, NonRateLimitReason, Priority, UpstreamSignal};
 
 pub use classify::{ambiguous_path, log_value};
 pub use context::{RequestCtx, Stage};
@@ -40,7 +41,7 @@ pub use header_deadline::ProxyApp;
 pub use respond::error_body;
 
 use body::{BodyBudget, BodyHold};
-use context::RefusalBody;
+use context::{ModelSlot, RefusalBody};
 use respond::{client_gone, Answer};
 
 /// The sidecar's `ProxyHttp` implementation.
@@ -73,7 +74,44 @@ impl SidecarProxy {
             // Answers to requests sent without a token still tell about the quota.
             _ => gate.current_grant(),
         };
+        if let Some(model) = grant.model {
+            // Full workers are the model's limit, not the key's: they never cut the rate.
+            match signal {
+                UpstreamSignal::NotRateLimit(
+                    NonRateLimitReason::WorkerConcurrency | NonRateLimitReason::Unavailable,
+                ) => gate.observe_model(model, true),
+                UpstreamSignal::Accepted { .. } => gate.observe_model(model, false),
+                _ => {}
+            }
+        }
         gate.observe(signal, grant);
+    }
+
+    /// An upstream 401/403 on a key of a pool: the key is taken out (logged once). True when
+    /// the key is out of the pool now, so that the request may go again on another.
+    fn refused_key(
+        &self,
+        ctx: &RequestCtx,
+        gate: &AdmissionGate,
+        grant: Grant,
+        status: u16,
+    ) -> bool {
+        if gate.key_count() < 2 {
+            return false;
+        }
+        let settings = self.app.settings();
+        let name = settings
+            .upstream
+            .keys
+            .get(grant.lane)
+            .map_or("?", |k| &*k.name);
+        if gate.revoke(grant.lane) {
+            log::warn!(
+                "upstream key {name} was refused with {status} on route {}: it is out of the pool until a restart",
+                ctx.route_name()
+            );
+        }
+        !gate.is_key_active(grant.lane)
     }
 
     /// Classifies a passed-on refusal once its body (or its first KiB) is in.
@@ -148,15 +186,32 @@ impl ProxyHttp for SidecarProxy {
         }
         let route = table.route_for(session.req_header().uri.path()).clone();
         let settings = &table.settings;
-        ctx.client = classify::client_id(session);
+        if settings.clients.is_enabled() {
+            match tenant::client_by_key(session, &settings.clients) {
+                Ok(client) => {
+                    ctx.client = client.id.clone();
+                    ctx.weight = client.weight;
+                    ctx.priority = classify::priority(session).min(client.max_priority);
+                }
+                Err(answer) => {
+                    ctx.stage = Stage::Refused;
+                    answer.send(session).await?;
+                    return Ok(true);
+                }
+            }
+        } else {
+            ctx.client = classify::client_id(session);
+            ctx.priority = settings
+                .access
+                .cap_priority(&ctx.client, classify::priority(session));
+        }
         self.app.activity.arrived(&ctx.client, ctx.started);
-        ctx.priority = settings
-            .access
-            .cap_priority(&ctx.client, classify::priority(session));
         let budget = match ctx.priority {
             Priority::Low => settings.low_priority_timeout,
             _ => settings.request_timeout,
         };
+        // The client's own timeout: nothing is sent upstream after it has given up.
+        let budget = tenant::client_timeout(session).map_or(budget, |t| t.min(budget));
         ctx.deadline = ctx.started + budget;
         let gate = route.gate.clone();
         ctx.route = Some(route);
@@ -185,9 +240,15 @@ impl ProxyHttp for SidecarProxy {
                 .with_label_values(&[ctx.route_name(), why.as_str()])
                 .inc();
         }
-        let mut ticket = gate.admit(ctx.client.clone(), ctx.priority, ctx.deadline);
+        if !settings.models.is_empty() {
+            ctx.model = tenant::held_body(session, &ctx.body)
+                .and_then(|body| tenant::model_of(&body))
+                .and_then(|id| model_index(&settings.models, &id));
+        }
+        let mut ticket = gate.admit_with(ctx.ask());
         match wait_for_token(session, &mut ticket, ctx.body.is_complete()).await {
             Some(Verdict::Granted(grant)) => {
+                ctx.model_slot = ModelSlot::held(&gate, grant);
                 let at = now();
                 ctx.admitted_at = Some(at);
                 ctx.stage = Stage::Admitted { grant };
@@ -230,9 +291,12 @@ impl ProxyHttp for SidecarProxy {
                 ctx.stage = Stage::ClientLeft;
                 return client_left("client left while waiting to replay");
             }
-            let mut ticket = gate.admit_again(ctx.client.clone(), ctx.priority, ctx.deadline);
+            let mut ticket = gate.admit_again_with(ctx.ask());
             match wait_for_token(session, &mut ticket, true).await {
-                Some(Verdict::Granted(grant)) => ctx.stage = Stage::Admitted { grant },
+                Some(Verdict::Granted(grant)) => {
+                    ctx.model_slot = ModelSlot::held(&gate, grant);
+                    ctx.stage = Stage::Admitted { grant };
+                }
                 Some(Verdict::Rejected { why, retry_after }) => {
                     ctx.stage = Stage::Rejected {
                         why,
@@ -301,8 +365,31 @@ impl ProxyHttp for SidecarProxy {
             route.settings.upstream.authority.as_str(),
         )?;
         let settings = self.app.settings();
-        if let Some(authorization) = &settings.upstream.authorization {
-            request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
+        // The key of the grant; requests sent without one (passthrough, fail-open) use the
+        // first key.
+        let key = match ctx.grant() {
+            Some(grant) => settings.upstream.keys.get(grant.lane),
+            None => settings.upstream.keys.first(),
+        };
+        match key.and_then(|k| k.authorization.as_ref()) {
+            Some(authorization) => {
+                request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
+            }
+            // A client key is the sidecar's, never the upstream's.
+            None if settings.clients.is_enabled() => {
+                request.remove_header(&http::header::AUTHORIZATION);
+            }
+            None => {}
+        }
+        if let (Some(key), Some(_)) = (key, ctx.grant()) {
+            self.app
+                .metrics
+                .key_requests
+                .with_label_values(&[ctx.route_name(), &key.name])
+                .inc();
+            if settings.upstream.keys.len() > 1 {
+                ctx.key = Some(key.name.clone());
+            }
         }
         for name in [
             "x-client-id",
@@ -337,12 +424,34 @@ impl ProxyHttp for SidecarProxy {
         let signal = replay::read_header(response);
         let backoff = replay::backoff(response);
         let settings = self.app.settings();
+        if let (401 | 403, Some(grant)) = (status, ctx.grant()) {
+            if self.refused_key(ctx, &gate, grant, status)
+                && ctx.body.is_complete()
+                && ctx.replays < settings.max_replays
+                && session.response_written().is_none()
+            {
+                // The key was refused, not the request: it goes again on another key.
+                ctx.answer_observed = true;
+                ctx.model_slot = None;
+                ctx.replays += 1;
+                ctx.stage = Stage::ReplayPending {
+                    backoff: Duration::ZERO,
+                };
+                self.app
+                    .metrics
+                    .replays
+                    .with_label_values(&[ctx.route_name()])
+                    .inc();
+                return Err(replay::replay_error());
+            }
+        }
         if let Some(backoff) =
             backoff.filter(|b| replay::may_replay(ctx, &settings, &gate, session, &signal, *b))
         {
             // Decided here, from the status line and headers, before anything of this answer
             // can reach the client (see `replay`).
             self.observe(ctx, &gate, &signal);
+            ctx.model_slot = None;
             ctx.replays += 1;
             ctx.stage = Stage::ReplayPending { backoff };
             self.app
@@ -520,6 +629,8 @@ impl ProxyHttp for SidecarProxy {
                 self.observe(ctx, &gate, &UpstreamSignal::NoAnswer);
             }
         }
+        // The attempt is over: its model slot goes to the next waiter.
+        ctx.model_slot = None;
         let outcome = ctx.outcome(error);
         let route = ctx.route_name().to_string();
         metrics
@@ -548,7 +659,7 @@ impl ProxyHttp for SidecarProxy {
         let req = session.req_header();
         log::info!(
             target: "access",
-            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}",
+            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}{}{}",
             classify::log_value(&ctx.client),
             route,
             req.method,
@@ -560,6 +671,8 @@ impl ProxyHttp for SidecarProxy {
             ctx.replays,
             outcome.as_str(),
             if ctx.stage == Stage::FailOpen { " fallback=fail_open" } else { "" },
+            if ctx.key.is_some() { " key=" } else { "" },
+            ctx.key.as_deref().unwrap_or(""),
         );
     }
 }

@@ -7,6 +7,12 @@
 //! `POST /_mock/reset`. Used by the tests and, through `examples/mock_upstream.rs`, by the
 //! benchmarks.
 //!
+//! For key pools and per-model limits (set through `MockState`, not the control endpoint):
+//! a key (the `Authorization: Bearer` value) may have a quota of its own
+//! (`set_key_quota`; keys without one share the global quota), a key may be revoked
+//! (`revoke_key`: 401 on every request), and a model may have a concurrency limit and an
+//! answer delay (`set_model_limit`: the excess gets NVIDIA's worker-capacity 429).
+//!
 //! `MockUpstream::start` serves through axum, so its answers are framed however hyper frames
 //! them. `MockUpstream::start_framed` serves the same state through a hand-written HTTP/1.1
 //! server instead, because real upstreams frame their answers (429s above all) in ways hyper
@@ -25,7 +31,7 @@
 //! buffered JSON) and `GET /v1/models`, 404 to anything else. It keeps connections alive and
 //! reads Content-Length and chunked request bodies.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -113,6 +119,9 @@ const UNAVAILABLE_BODY: &str = r#"{"message":"ResourceExhausted: All workers are
 /// The body of `LimitStyle::WorkerCapacity` and of `MockState::worker_busy_next` answers.
 const WORKER_CAPACITY_BODY: &str = r#"{"status":429,"title":"Too Many Requests","detail":"ResourceExhausted: Worker local total request limit reached (33/32)"}"#;
 
+/// The body of the 401 a revoked key gets (`MockState::revoke_key`).
+const REVOKED_BODY: &str = r#"{"error":{"message":"invalid key","type":"authentication_error"}}"#;
+
 /// FNV-1a 64 of `bytes`: what `Arrival::body_checksum` holds, so a test can check that the
 /// body it sent arrived byte for byte without the mock keeping every body.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -133,17 +142,25 @@ pub struct Arrival {
     pub body_len: usize,
     /// `fnv1a64` of the request body.
     pub body_checksum: u64,
-    /// Answered 429 by `MockState::worker_busy_next`, not by the quota: not a violation.
+    /// Answered 429 by `MockState::worker_busy_next` or by a model's concurrency limit
+    /// (`MockState::set_model_limit`), not by the quota: not a violation.
     pub worker_busy: bool,
+    /// The JSON body's `"model"`, when there is one.
+    pub model: Option<String>,
 }
 
 pub struct MockState {
     quota: Mutex<Option<Quota>>,
     style: Mutex<LimitStyle>,
     started: Instant,
-    accepted: Mutex<VecDeque<Instant>>,
-    /// Token bucket quota: (tokens, last refill).
-    bucket: Mutex<(f64, Instant)>,
+    /// What the global quota remembers (requests whose key has no quota of its own).
+    book: Mutex<QuotaBook>,
+    /// Keys (the bearer value) with a quota of their own, and what each remembers.
+    key_quotas: Mutex<HashMap<String, (Quota, QuotaBook)>>,
+    /// Keys answered 401 on every request.
+    revoked: Mutex<HashSet<String>>,
+    /// Models with a concurrency limit and an answer delay.
+    models: Arc<Mutex<HashMap<String, ModelBook>>>,
     arrivals: Mutex<Vec<Arrival>>,
     /// The next N chat requests get a 429 whatever the quota says.
     fail_next: AtomicUsize,
@@ -154,14 +171,152 @@ pub struct MockState {
     pub streams_finished: AtomicUsize,
 }
 
+/// What one quota remembers: the accepted arrivals (sliding and fixed windows) and the token
+/// bucket (tokens, last refill).
+struct QuotaBook {
+    accepted: VecDeque<Instant>,
+    bucket: (f64, Instant),
+}
+
+impl QuotaBook {
+    fn new(quota: Option<Quota>) -> QuotaBook {
+        QuotaBook {
+            accepted: VecDeque::new(),
+            bucket: (quota.map_or(0.0, |q| q.limit as f64), Instant::now()),
+        }
+    }
+
+    /// Takes a slot of `quota` for an arrival at `at`; false means it is over the quota.
+    fn admit(&mut self, quota: Quota, started: Instant, at: Instant) -> bool {
+        let accepted = &mut self.accepted;
+        let allowed = match quota.kind {
+            QuotaKind::SlidingWindow => {
+                while accepted
+                    .front()
+                    .is_some_and(|t| at.duration_since(*t) >= quota.window)
+                {
+                    accepted.pop_front();
+                }
+                accepted.len() < quota.limit
+            }
+            QuotaKind::FixedWindow => {
+                let index = |t: Instant| {
+                    t.duration_since(started).as_nanos() / quota.window.as_nanos().max(1)
+                };
+                let now_index = index(at);
+                accepted.iter().filter(|t| index(**t) == now_index).count() < quota.limit
+            }
+            QuotaKind::TokenBucket => {
+                let rate = quota.limit as f64 / quota.window.as_secs_f64();
+                let (tokens, last) = self.bucket;
+                let tokens =
+                    (tokens + at.duration_since(last).as_secs_f64() * rate).min(quota.limit as f64);
+                let allowed = tokens >= 1.0;
+                self.bucket = (if allowed { tokens - 1.0 } else { tokens }, at);
+                allowed
+            }
+        };
+        if allowed {
+            accepted.push_back(at);
+            // Keep memory bounded for long runs; only the sliding window needs old entries.
+            while accepted.len() > 100_000 {
+                accepted.pop_front();
+            }
+        }
+        allowed
+    }
+
+    /// Requests `quota` still allows at `at` and the time until the next slot frees.
+    fn headroom(&self, quota: Quota, started: Instant, at: Instant) -> (usize, Duration) {
+        let accepted = &self.accepted;
+        match quota.kind {
+            QuotaKind::SlidingWindow => {
+                let in_window: Vec<&Instant> = accepted
+                    .iter()
+                    .filter(|t| at.duration_since(**t) < quota.window)
+                    .collect();
+                let reset = in_window
+                    .first()
+                    .map_or(Duration::ZERO, |t| quota.window - at.duration_since(**t));
+                (quota.limit.saturating_sub(in_window.len()), reset)
+            }
+            QuotaKind::FixedWindow => {
+                let window = quota.window.as_nanos().max(1);
+                let elapsed = at.duration_since(started).as_nanos();
+                let index = |t: Instant| t.duration_since(started).as_nanos() / window;
+                let used = accepted
+                    .iter()
+                    .filter(|t| index(**t) == elapsed / window)
+                    .count();
+                let reset = Duration::from_nanos((window - elapsed % window) as u64);
+                (quota.limit.saturating_sub(used), reset)
+            }
+            QuotaKind::TokenBucket => {
+                let (tokens, last) = self.bucket;
+                let rate = quota.limit as f64 / quota.window.as_secs_f64();
+                let tokens =
+                    (tokens + at.duration_since(last).as_secs_f64() * rate).min(quota.limit as f64);
+                let reset = if tokens >= 1.0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs_f64((1.0 - tokens) / rate)
+                };
+                (tokens.floor() as usize, reset)
+            }
+        }
+    }
+}
+
+/// A model's concurrency limit, answer delay and requests in flight.
+struct ModelBook {
+    max_concurrency: usize,
+    delay: Duration,
+    in_flight: usize,
+    /// The most requests in flight at once since the limit was set (or the last reset).
+    peak: usize,
+}
+
+/// One in-flight request of a limited model; dropping it (the answer was sent, or the client
+/// went away) frees its place.
+struct ModelSlot {
+    models: Arc<Mutex<HashMap<String, ModelBook>>>,
+    model: String,
+    delay: Duration,
+}
+
+impl Drop for ModelSlot {
+    fn drop(&mut self) {
+        if let Some(book) = self.models.lock().unwrap().get_mut(&self.model) {
+            book.in_flight = book.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// The key of `Authorization: Bearer <key>`.
+fn bearer_key(authorization: &str) -> Option<&str> {
+    let (scheme, key) = authorization.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// The JSON body's `"model"`, if the body is a JSON object that has one.
+fn model_of(body: &[u8]) -> Option<String> {
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value["model"].as_str().map(str::to_string)
+}
+
 impl MockState {
     fn new(quota: Option<Quota>, style: LimitStyle) -> Arc<MockState> {
         Arc::new(MockState {
             quota: Mutex::new(quota),
             style: Mutex::new(style),
             started: Instant::now(),
-            accepted: Mutex::new(VecDeque::new()),
-            bucket: Mutex::new((quota.map_or(0.0, |q| q.limit as f64), Instant::now())),
+            book: Mutex::new(QuotaBook::new(quota)),
+            key_quotas: Mutex::new(HashMap::new()),
+            revoked: Mutex::new(HashSet::new()),
+            models: Arc::new(Mutex::new(HashMap::new())),
             arrivals: Mutex::new(Vec::new()),
             fail_next: AtomicUsize::new(0),
             worker_busy_next: AtomicUsize::new(0),
@@ -210,16 +365,102 @@ impl MockState {
     pub fn set_quota(&self, quota: Option<Quota>) {
         *self.quota.lock().unwrap() = quota;
         if let Some(q) = quota {
-            *self.bucket.lock().unwrap() = (q.limit as f64, Instant::now());
+            self.book.lock().unwrap().bucket = (q.limit as f64, Instant::now());
         }
     }
 
-    /// Forgets every arrival (the quota's own memory too).
+    /// Gives requests sent with `Authorization: Bearer <key>` a quota of their own (their own
+    /// accepted list, bucket and violations), or with `None` puts them back under the global
+    /// quota. Keys without a quota of their own share the global one.
+    pub fn set_key_quota(&self, key: &str, quota: Option<Quota>) {
+        let mut keys = self.key_quotas.lock().unwrap();
+        match quota {
+            Some(q) => {
+                keys.insert(key.to_string(), (q, QuotaBook::new(Some(q))));
+            }
+            None => {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// From now on every request sent with `Authorization: Bearer <key>` gets a 401
+    /// `{"error":{"message":"invalid key","type":"authentication_error"}}`, as an upstream
+    /// answers a revoked API key (on chat, `/v1/models`, `/slow` and the echo fallback alike).
+    /// Recorded with status 401: not a violation. `reset` does not undo it.
+    pub fn revoke_key(&self, key: &str) {
+        self.revoked.lock().unwrap().insert(key.to_string());
+    }
+
+    /// Chat requests whose JSON `"model"` is `model` are answered after `delay`, and at most
+    /// `max_concurrency` of them may be in flight: the excess gets NVIDIA's worker-capacity
+    /// 429 at once (counted by `worker_rejections`, not a violation, no quota slot taken). A
+    /// stream holds its place until it ends.
+    pub fn set_model_limit(&self, model: &str, max_concurrency: usize, delay: Duration) {
+        let mut models = self.models.lock().unwrap();
+        let in_flight = models.get(model).map_or(0, |m| m.in_flight);
+        models.insert(
+            model.to_string(),
+            ModelBook {
+                max_concurrency,
+                delay,
+                in_flight,
+                peak: in_flight,
+            },
+        );
+    }
+
+    /// The most requests for `model` (set with `set_model_limit`) the mock ever had in
+    /// flight at once; 0 for a model without a limit.
+    pub fn model_peak_in_flight(&self, model: &str) -> usize {
+        self.models.lock().unwrap().get(model).map_or(0, |m| m.peak)
+    }
+
+    /// Requests for `model` (set with `set_model_limit`) in flight now.
+    pub fn model_in_flight(&self, model: &str) -> usize {
+        self.models
+            .lock()
+            .unwrap()
+            .get(model)
+            .map_or(0, |m| m.in_flight)
+    }
+
+    /// Every arrival sent with `Authorization: Bearer <key>`.
+    pub fn arrivals_for_key(&self, key: &str) -> Vec<Arrival> {
+        self.arrivals()
+            .into_iter()
+            .filter(|a| a.key() == Some(key))
+            .collect()
+    }
+
+    /// Chat requests sent with `key` and accepted.
+    pub fn accepted_for_key(&self, key: &str) -> usize {
+        self.arrivals_for_key(key)
+            .iter()
+            .filter(|a| a.status == 200 && a.path.starts_with("/v1/chat"))
+            .count()
+    }
+
+    /// Requests sent with `key` and answered 429 by the quota (the key's own, or the global
+    /// one for a key without its own).
+    pub fn violations_for_key(&self, key: &str) -> usize {
+        self.arrivals_for_key(key)
+            .iter()
+            .filter(|a| a.is_violation())
+            .count()
+    }
+
+    /// Forgets every arrival (the quotas' own memory too, per key as well).
     pub fn reset(&self) {
         self.arrivals.lock().unwrap().clear();
-        self.accepted.lock().unwrap().clear();
-        let limit = self.quota.lock().unwrap().map_or(0, |q| q.limit);
-        *self.bucket.lock().unwrap() = (limit as f64, Instant::now());
+        let quota = *self.quota.lock().unwrap();
+        *self.book.lock().unwrap() = QuotaBook::new(quota);
+        for (quota, book) in self.key_quotas.lock().unwrap().values_mut() {
+            *book = QuotaBook::new(Some(*quota));
+        }
+        for book in self.models.lock().unwrap().values_mut() {
+            book.peak = book.in_flight;
+        }
     }
 
     /// Counts for the control endpoint.
@@ -251,45 +492,16 @@ impl MockState {
         })
     }
 
-    /// Requests still allowed now and the time until the next slot frees (for headers).
-    fn headroom(&self, at: Instant) -> Option<(usize, Duration)> {
+    /// Requests still allowed now and the time until the next slot frees (for headers), under
+    /// `key`'s own quota if it has one, else the global one.
+    fn headroom(&self, key: Option<&str>, at: Instant) -> Option<(usize, Duration)> {
+        if let Some(key) = key {
+            if let Some((quota, book)) = self.key_quotas.lock().unwrap().get(key) {
+                return Some(book.headroom(*quota, self.started, at));
+            }
+        }
         let quota = (*self.quota.lock().unwrap())?;
-        let accepted = self.accepted.lock().unwrap();
-        Some(match quota.kind {
-            QuotaKind::SlidingWindow => {
-                let in_window: Vec<&Instant> = accepted
-                    .iter()
-                    .filter(|t| at.duration_since(**t) < quota.window)
-                    .collect();
-                let reset = in_window
-                    .first()
-                    .map_or(Duration::ZERO, |t| quota.window - at.duration_since(**t));
-                (quota.limit.saturating_sub(in_window.len()), reset)
-            }
-            QuotaKind::FixedWindow => {
-                let window = quota.window.as_nanos().max(1);
-                let elapsed = at.duration_since(self.started).as_nanos();
-                let index = |t: Instant| t.duration_since(self.started).as_nanos() / window;
-                let used = accepted
-                    .iter()
-                    .filter(|t| index(**t) == elapsed / window)
-                    .count();
-                let reset = Duration::from_nanos((window - elapsed % window) as u64);
-                (quota.limit.saturating_sub(used), reset)
-            }
-            QuotaKind::TokenBucket => {
-                let (tokens, last) = *self.bucket.lock().unwrap();
-                let rate = quota.limit as f64 / quota.window.as_secs_f64();
-                let tokens =
-                    (tokens + at.duration_since(last).as_secs_f64() * rate).min(quota.limit as f64);
-                let reset = if tokens >= 1.0 {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs_f64((1.0 - tokens) / rate)
-                };
-                (tokens.floor() as usize, reset)
-            }
-        })
+        Some(self.book.lock().unwrap().headroom(quota, self.started, at))
     }
 
     /// The next `n` chat requests get a 429 whatever the quota says.
@@ -316,8 +528,9 @@ impl MockState {
             .is_ok()
     }
 
-    /// Takes a quota slot for an arrival now; false means the request is over the quota.
-    fn admit(&self, at: Instant) -> bool {
+    /// Takes a quota slot for an arrival now, under `key`'s own quota if it has one, else the
+    /// global one; false means the request is over the quota.
+    fn admit(&self, at: Instant, key: Option<&str>) -> bool {
         if self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -325,48 +538,60 @@ impl MockState {
         {
             return false;
         }
+        if let Some(key) = key {
+            if let Some((quota, book)) = self.key_quotas.lock().unwrap().get_mut(key) {
+                return book.admit(*quota, self.started, at);
+            }
+        }
         let Some(quota) = *self.quota.lock().unwrap() else {
             return true;
         };
-        let mut accepted = self.accepted.lock().unwrap();
-        let allowed = match quota.kind {
-            QuotaKind::SlidingWindow => {
-                while accepted
-                    .front()
-                    .is_some_and(|t| at.duration_since(*t) >= quota.window)
-                {
-                    accepted.pop_front();
-                }
-                accepted.len() < quota.limit
-            }
-            QuotaKind::FixedWindow => {
-                let index = |t: Instant| {
-                    t.duration_since(self.started).as_nanos() / quota.window.as_nanos().max(1)
-                };
-                let now_index = index(at);
-                accepted.iter().filter(|t| index(**t) == now_index).count() < quota.limit
-            }
-            QuotaKind::TokenBucket => {
-                let mut bucket = self.bucket.lock().unwrap();
-                let rate = quota.limit as f64 / quota.window.as_secs_f64();
-                let (tokens, last) = *bucket;
-                let tokens =
-                    (tokens + at.duration_since(last).as_secs_f64() * rate).min(quota.limit as f64);
-                let allowed = tokens >= 1.0;
-                *bucket = (if allowed { tokens - 1.0 } else { tokens }, at);
-                allowed
-            }
-        };
-        if allowed {
-            accepted.push_back(at);
-            // Keep memory bounded for long runs; only the sliding window needs old entries.
-            while accepted.len() > 100_000 {
-                accepted.pop_front();
-            }
-        }
-        allowed
+        self.book.lock().unwrap().admit(quota, self.started, at)
     }
 
+    /// The 401 of a revoked key, if the request carries one.
+    fn revoked_answer(&self, headers: &HeaderMap) -> Option<Answer> {
+        let key = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_key)?;
+        self.revoked
+            .lock()
+            .unwrap()
+            .contains(key)
+            .then(|| Answer::json(401, REVOKED_BODY))
+    }
+
+    /// Takes a place for a request for `model` if the model has a concurrency limit: `Err`
+    /// when it is at its limit, `Ok(None)` when it has no limit. The place is taken only if
+    /// `admit` (the quota) lets the request in.
+    fn take_model_slot(
+        &self,
+        model: Option<&str>,
+        admit: impl FnOnce() -> bool,
+    ) -> Result<(bool, Option<ModelSlot>), ()> {
+        let mut models = self.models.lock().unwrap();
+        let Some((name, book)) = model.and_then(|m| models.get_mut(m).map(|b| (m, b))) else {
+            drop(models);
+            return Ok((admit(), None));
+        };
+        if book.in_flight >= book.max_concurrency {
+            return Err(());
+        }
+        if !admit() {
+            return Ok((false, None));
+        }
+        book.in_flight += 1;
+        book.peak = book.peak.max(book.in_flight);
+        let slot = ModelSlot {
+            models: self.models.clone(),
+            model: name.to_string(),
+            delay: book.delay,
+        };
+        Ok((true, Some(slot)))
+    }
+
+    /// Records an arrival, with the model its body names (if it is JSON and names one).
     fn record(
         &self,
         at: Instant,
@@ -376,13 +601,31 @@ impl MockState {
         body: &[u8],
         worker_busy: bool,
     ) {
+        let arrival = Arrival {
+            model: model_of(body),
+            ..Arrival::new(at, path, status, headers, body, worker_busy)
+        };
+        self.arrivals.lock().unwrap().push(arrival);
+    }
+}
+
+impl Arrival {
+    /// An arrival without a model.
+    fn new(
+        at: Instant,
+        path: &str,
+        status: u16,
+        headers: &HeaderMap,
+        body: &[u8],
+        worker_busy: bool,
+    ) -> Arrival {
         let header = |name: &str| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        self.arrivals.lock().unwrap().push(Arrival {
+        Arrival {
             at,
             path: path.to_string(),
             status,
@@ -392,13 +635,17 @@ impl MockState {
             body_len: body.len(),
             body_checksum: fnv1a64(body),
             worker_busy,
-        });
+            model: None,
+        }
     }
-}
 
-impl Arrival {
     fn is_violation(&self) -> bool {
         self.status == 429 && !self.worker_busy
+    }
+
+    /// The key of its `Authorization: Bearer <key>`.
+    pub fn key(&self) -> Option<&str> {
+        self.authorization.as_deref().and_then(bearer_key)
     }
 }
 
@@ -549,7 +796,8 @@ fn too_many(style: LimitStyle) -> Answer {
 
 /// What the mock does with a chat request.
 enum ChatOutcome {
-    /// A 429: the quota, `fail_next` or `worker_busy_next`.
+    /// A 429: the quota, `fail_next`, `worker_busy_next` or a model's concurrency limit; or
+    /// the 401 of a revoked key.
     Limited(Answer),
     /// Accepted, answered with buffered JSON.
     Buffered(Answer),
@@ -558,45 +806,81 @@ enum ChatOutcome {
 }
 
 /// Decides and records a chat request. `can_stream` false answers `stream: true` requests
-/// with buffered JSON (the raw server does not stream).
+/// with buffered JSON (the raw server does not stream). An accepted request for a model with
+/// a concurrency limit comes with its place (`ModelSlot`): the server answers after the
+/// slot's delay and holds the slot until the answer is sent (a stream, until it ends).
 fn decide_chat(
     state: &MockState,
     headers: &HeaderMap,
     body: &[u8],
     can_stream: bool,
-) -> ChatOutcome {
+) -> (ChatOutcome, Option<ModelSlot>) {
     const PATH: &str = "/v1/chat/completions";
     let at = Instant::now();
     let request: serde_json::Value =
         serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+    let model = request["model"].as_str();
+    // The body was parsed once already: record its model without parsing it again.
+    let record = |status: u16, worker_busy: bool| {
+        let arrival = Arrival {
+            model: model.map(str::to_string),
+            ..Arrival::new(at, PATH, status, headers, body, worker_busy)
+        };
+        state.arrivals.lock().unwrap().push(arrival);
+    };
     let style = *state.style.lock().unwrap();
+    if let Some(answer) = state.revoked_answer(headers) {
+        record(401, false);
+        return (ChatOutcome::Limited(answer), None);
+    }
     if state
         .unavailable_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        state.record(at, PATH, 503, headers, body, true);
-        return ChatOutcome::Limited(Answer::json(503, UNAVAILABLE_BODY));
+        record(503, true);
+        return (
+            ChatOutcome::Limited(Answer::json(503, UNAVAILABLE_BODY)),
+            None,
+        );
     }
     if state.take_worker_busy() {
-        state.record(at, PATH, 429, headers, body, true);
-        return ChatOutcome::Limited(Answer::json(429, WORKER_CAPACITY_BODY));
+        record(429, true);
+        return (
+            ChatOutcome::Limited(Answer::json(429, WORKER_CAPACITY_BODY)),
+            None,
+        );
     }
-    if !state.admit(at) {
-        state.record(at, PATH, 429, headers, body, false);
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_key);
+    let (admitted, slot) = match state.take_model_slot(model, || state.admit(at, key)) {
+        Ok(taken) => taken,
+        Err(()) => {
+            record(429, true);
+            return (
+                ChatOutcome::Limited(Answer::json(429, WORKER_CAPACITY_BODY)),
+                None,
+            );
+        }
+    };
+    if !admitted {
+        record(429, false);
         let mut answer = too_many(style);
         if style == LimitStyle::RateLimitHeaders {
-            add_ratelimit_headers(state, at, &mut answer);
+            add_ratelimit_headers(state, key, at, &mut answer);
         }
-        return ChatOutcome::Limited(answer);
+        return (ChatOutcome::Limited(answer), None);
     }
-    state.record(at, PATH, 200, headers, body, false);
+    record(200, false);
     let streaming = request["stream"].as_bool() == Some(true);
     if streaming && can_stream {
-        return ChatOutcome::Stream {
+        let outcome = ChatOutcome::Stream {
             chunks: request["chunks"].as_u64().unwrap_or(5),
             delay: Duration::from_millis(request["chunk_delay_ms"].as_u64().unwrap_or(100)),
         };
+        return (outcome, slot);
     }
     let answer = serde_json::json!({
         "id": "chatcmpl-mock", "object": "chat.completion", "model": "mock",
@@ -605,16 +889,20 @@ fn decide_chat(
     let mut answer = Answer::json(200, answer.to_string());
     // As before the raw server: rate limit headers on buffered answers only, not on streams.
     if style == LimitStyle::RateLimitHeaders {
-        add_ratelimit_headers(state, at, &mut answer);
+        add_ratelimit_headers(state, key, at, &mut answer);
     }
-    ChatOutcome::Buffered(answer)
+    (ChatOutcome::Buffered(answer), slot)
 }
 
 async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match decide_chat(&state, &headers, &body, true) {
+    let (outcome, slot) = decide_chat(&state, &headers, &body, true);
+    if let Some(slot) = &slot {
+        tokio::time::sleep(slot.delay).await;
+    }
+    match outcome {
         ChatOutcome::Limited(answer) | ChatOutcome::Buffered(answer) => answer.into_response(),
         ChatOutcome::Stream { chunks, delay } => {
-            let stream = async_stream(chunks, delay, state.clone());
+            let stream = async_stream(chunks, delay, state.clone(), slot);
             Response::builder()
                 .header("content-type", "text/event-stream")
                 .header("cache-control", "no-cache")
@@ -624,13 +912,15 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     }
 }
 
-/// SSE chunks `data: {...}` with a delay before each, then `data: [DONE]`.
+/// SSE chunks `data: {...}` with a delay before each, then `data: [DONE]`. A model's `slot`
+/// is held until the stream ends or is dropped.
 fn async_stream(
     chunks: u64,
     delay: Duration,
     state: Arc<MockState>,
+    slot: Option<ModelSlot>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures_util::stream::unfold(0u64, move |i| {
+    futures_util::stream::unfold((0u64, slot), move |(i, slot)| {
         let state = state.clone();
         async move {
             if i > chunks {
@@ -645,7 +935,7 @@ fn async_stream(
                 }
                 format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"chunk{i}\"}}}}]}}\n\n")
             };
-            Some((Ok(Bytes::from(event)), i + 1))
+            Some((Ok(Bytes::from(event)), (i + 1, slot)))
         }
     })
 }
@@ -655,6 +945,10 @@ async fn models(State(state): State<Arc<MockState>>, headers: HeaderMap) -> Resp
 }
 
 fn models_answer(state: &MockState, headers: &HeaderMap) -> Answer {
+    if let Some(answer) = state.revoked_answer(headers) {
+        state.record(Instant::now(), "/v1/models", 401, headers, &[], false);
+        return answer;
+    }
     state.record(Instant::now(), "/v1/models", 200, headers, &[], false);
     Answer::json(200, r#"{"object":"list","data":[{"id":"mock"}]}"#)
 }
@@ -669,6 +963,10 @@ async fn slow(
     headers: HeaderMap,
     Query(q): Query<SlowQuery>,
 ) -> Response {
+    if let Some(answer) = state.revoked_answer(&headers) {
+        state.record(Instant::now(), "/slow", 401, &headers, &[], false);
+        return answer.into_response();
+    }
     state.record(Instant::now(), "/slow", 200, &headers, &[], false);
     tokio::time::sleep(Duration::from_millis(q.ms)).await;
     "slow".into_response()
@@ -680,13 +978,18 @@ async fn echo(
     uri: axum::http::Uri,
     body: Bytes,
 ) -> Response {
+    if let Some(answer) = state.revoked_answer(&headers) {
+        state.record(Instant::now(), uri.path(), 401, &headers, &body, false);
+        return answer.into_response();
+    }
     state.record(Instant::now(), uri.path(), 200, &headers, &body, false);
     format!("echo {}", uri.path()).into_response()
 }
 
-/// OpenAI-style `x-ratelimit-*` headers describing the quota as of `at`.
-fn add_ratelimit_headers(state: &MockState, at: Instant, answer: &mut Answer) {
-    if let Some((remaining, reset)) = state.headroom(at) {
+/// OpenAI-style `x-ratelimit-*` headers describing the quota (`key`'s own, if it has one) as
+/// of `at`.
+fn add_ratelimit_headers(state: &MockState, key: Option<&str>, at: Instant, answer: &mut Answer) {
+    if let Some((remaining, reset)) = state.headroom(key, at) {
         answer.set_header("x-ratelimit-remaining-requests", remaining.to_string());
         let reset = format!("{}ms", reset.as_millis().max(1));
         answer.set_header("x-ratelimit-reset-requests", reset);
@@ -774,7 +1077,12 @@ mod raw {
         while let Ok(Some(request)) = read_request(&mut conn).await {
             let (answer, framed) = match (request.method.as_str(), request.path.as_str()) {
                 ("POST", "/v1/chat/completions") => {
-                    match decide_chat(&state, &request.headers, &request.body, false) {
+                    let (outcome, slot) =
+                        decide_chat(&state, &request.headers, &request.body, false);
+                    if let Some(slot) = &slot {
+                        tokio::time::sleep(slot.delay).await;
+                    }
+                    match outcome {
                         ChatOutcome::Limited(answer) | ChatOutcome::Buffered(answer) => {
                             (answer, true)
                         }

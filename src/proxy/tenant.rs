@@ -1,0 +1,107 @@
+//! Who a request is for, beyond its path: the client its key names (when `clients` is
+//! configured), the deadline its client set, and the model its body asks for.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora_proxy::Session;
+use serde::Deserialize;
+
+use super::body::BodyHold;
+use crate::config::{ClientSettings, Clients};
+
+use super::respond::Answer;
+
+/// The longest deadline a client may set (a year): longer ones are as good as none.
+const MAX_CLIENT_TIMEOUT: f64 = 31_536_000.0;
+
+/// The configured client whose key the request carries as `Authorization: Bearer <key>`, or
+/// the 401 to answer.
+pub fn client_by_key<'a>(
+    session: &Session,
+    clients: &'a Clients,
+) -> Result<&'a ClientSettings, Answer> {
+    let presented = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty());
+    let Some(presented) = presented else {
+        return Err(Answer::refused(
+            401,
+            "this sidecar requires a client key: send Authorization: Bearer <client key>",
+            "invalid_client_key",
+        ));
+    };
+    clients.by_key(presented).ok_or_else(|| {
+        Answer::refused(
+            401,
+            "the client key is not one this sidecar knows",
+            "invalid_client_key",
+        )
+    })
+}
+
+/// The time the client says it will wait for its answer: `X-Request-Timeout`, or the
+/// `X-Stainless-Timeout` the OpenAI SDKs send with their own timeout (whole seconds); the
+/// shorter when both are there. Values that are not a positive number of seconds are ignored.
+pub fn client_timeout(session: &Session) -> Option<Duration> {
+    let headers = &session.req_header().headers;
+    ["x-request-timeout", "x-stainless-timeout"]
+        .iter()
+        .filter_map(|name| {
+            headers
+                .get(*name)?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|secs| secs.is_finite() && *secs > 0.0)
+        .map(|secs| Duration::from_secs_f64(secs.min(MAX_CLIENT_TIMEOUT)))
+        .min()
+}
+
+/// The held body's bytes, when the whole body is in hand.
+pub fn held_body(session: &Session, body: &BodyHold) -> Option<Bytes> {
+    match body {
+        BodyHold::Kept { body, .. } => Some(body.clone()),
+        BodyHold::RetryBuffer(_) => session.downstream_session.get_retry_buffer(),
+        _ => None,
+    }
+}
+
+#[derive(Deserialize)]
+struct ModelField {
+    model: Option<String>,
+}
+
+/// The `model` of a JSON request body; `None` when the body is not JSON or names none.
+pub fn model_of(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<ModelField>(body).ok()?.model
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_is_read_from_json_bodies_only() {
+        assert_eq!(
+            model_of(
+                br#"{"messages":[{"role":"user","content":"hi"}],"model":"meta/x","stream":true}"#
+            ),
+            Some("meta/x".to_string())
+        );
+        assert_eq!(model_of(br#"{"messages":[]}"#), None);
+        assert_eq!(model_of(br#"{"model":7}"#), None);
+        assert_eq!(model_of(b"not json"), None);
+        assert_eq!(model_of(b""), None);
+    }
+}
