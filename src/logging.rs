@@ -66,7 +66,12 @@ pub fn log_filter(level: &str, rust_log: Option<&str>, secrets_allowed: bool) ->
 pub fn init_logging(level: &str, writer_thread: bool) {
     let rust_log = std::env::var("RUST_LOG").ok();
     let secrets = std::env::var(LOG_SECRETS_ENV).is_ok_and(|v| v == "yes");
-    let (spec, capped) = log_filter(level, rust_log.as_deref(), secrets);
+    let (mut spec, capped) = log_filter(level, rust_log.as_deref(), secrets);
+    if rust_log.is_none() {
+        // A kept-alive stream has its headers before the upstream answers, and Pingora warns
+        // each time it then drops the upstream's (see `proxy::keepalive`).
+        spec.push_str(",pingora_core::protocols::http::v1::server=error");
+    }
     let filter = env_filter::Builder::new().parse(&spec).build();
     let max_level = filter.filter();
     let logger = Logger {

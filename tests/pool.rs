@@ -904,10 +904,9 @@ async fn a_client_deadline_longer_than_request_timeout_is_cut_to_it() {
     assert_eq!(mock.state.arrivals().len(), 1);
 }
 
-/// A stream that waits more than 2 s for its token gets `200 text/event-stream` headers
+/// A stream that waits more than 3 s for its token gets `200 text/event-stream` headers
 /// before the upstream is reached, then the upstream's events.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "keepalive_while_queued lands in a later step"]
 async fn a_queued_stream_gets_its_headers_before_the_upstream_is_reached() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     // One token every 5 s on the route.
@@ -959,4 +958,135 @@ async fn a_queued_stream_gets_its_headers_before_the_upstream_is_reached() {
         );
     }
     assert_eq!(mock.state.arrivals().len(), 2);
+}
+
+/// A stream request body for the mock: three chunks 50 ms apart.
+fn stream_body() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "mock", "stream": true, "chunks": 3, "chunk_delay_ms": 50,
+        "messages": [{"role": "user", "content": "hi"}],
+    }))
+    .unwrap()
+}
+
+/// The lines of a response body with the time each arrived after `sent`.
+async fn timed_lines(response: reqwest::Response, sent: Instant) -> Vec<(Duration, String)> {
+    use futures_util::StreamExt;
+    let mut lines = Vec::new();
+    let mut pending = String::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        pending.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(end) = pending.find('\n') {
+            let line: String = pending.drain(..=end).collect();
+            let line = line.trim_end().to_string();
+            if !line.is_empty() {
+                lines.push((sent.elapsed(), line));
+            }
+        }
+    }
+    lines
+}
+
+/// A stream that waits about 20 s gets a comment line at once and another 15 s later, then
+/// the upstream's events, all on one stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_alive_stream_gets_comments_every_15_s_while_it_waits_then_the_tokens() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    // One token every 20 s.
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 3\nrequest_timeout: 60\nroutes:\n  - {path_prefix: /v1/chat, rate_rpm: 3, keepalive_while_queued: true}\n",
+    );
+    let url = chat_url(&sidecar);
+    assert_eq!(post(&url, None, &[], stream_body()).await.status(), 200);
+    let sent = Instant::now();
+    let queued = post(&url, None, &[], stream_body()).await;
+    assert_eq!(queued.status(), 200);
+    let lines = timed_lines(queued, sent).await;
+    let comments: Vec<Duration> = lines
+        .iter()
+        .filter(|(_, l)| l.starts_with(':'))
+        .map(|(at, _)| *at)
+        .collect();
+    let first_data = lines
+        .iter()
+        .find(|(_, l)| l.starts_with("data: "))
+        .map(|(at, _)| *at)
+        .expect("the upstream's events arrived");
+    assert!(
+        comments.len() >= 2,
+        "a comment at the headers and one 15 s later: {lines:?}"
+    );
+    assert!(
+        comments[1] - comments[0] >= Duration::from_secs(14)
+            && comments[1] - comments[0] <= Duration::from_secs(17),
+        "comments 15 s apart: {comments:?}"
+    );
+    assert!(
+        comments.iter().all(|c| *c < first_data),
+        "comments only while waiting: {lines:?}"
+    );
+    let text: String = lines.iter().map(|(_, l)| l.as_str()).collect();
+    for token in ["chunk0", "chunk1", "chunk2", "[DONE]"] {
+        assert!(text.contains(token), "{token} missing from {lines:?}");
+    }
+    assert_eq!(mock.state.arrivals().len(), 2);
+}
+
+/// Once a kept-alive stream has its 200, a failure ends it with an OpenAI-style error event:
+/// the sidecar's own deadline, and an upstream error answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_alive_stream_that_fails_ends_with_an_error_event() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 12\nrequest_timeout: 60\nadaptive: {max_replays: 0}\nroutes:\n  - {path_prefix: /v1/chat, rate_rpm: 12, keepalive_while_queued: true}\n",
+    );
+    let url = chat_url(&sidecar);
+    assert_eq!(post(&url, None, &[], stream_body()).await.status(), 200);
+
+    // The client's deadline passes at 4 s, after the headers at 3 s, before the token at 5 s.
+    let sent = Instant::now();
+    let late = post(&url, None, &[("x-request-timeout", "4")], stream_body()).await;
+    assert_eq!(late.status(), 200);
+    let lines = timed_lines(late, sent).await;
+    let last = &lines.last().expect("a body").1;
+    assert!(lines.iter().any(|(_, l)| l.starts_with(':')), "{lines:?}");
+    assert!(
+        last.starts_with("data: ") && last.contains("\"code\":\"queue_timeout\""),
+        "the stream ends with the queue timeout as an event: {lines:?}"
+    );
+    let error: serde_json::Value = serde_json::from_str(&last["data: ".len()..]).unwrap();
+    assert_eq!(error["error"]["type"], "rate_limit_exceeded");
+    assert_eq!(
+        mock.state.arrivals().len(),
+        1,
+        "the late request never went out"
+    );
+
+    // The next token (5 s) goes to a plain request; the stream waits for the one after (10 s)
+    // and the upstream answers it with a 503 (not replayed: max_replays 0).
+    assert_eq!(chat(&url, None).await, 200);
+    mock.state.unavailable_next(1);
+    let sent = Instant::now();
+    let failed = post(&url, None, &[], stream_body()).await;
+    assert_eq!(failed.status(), 200);
+    let lines = timed_lines(failed, sent).await;
+    let last = &lines.last().expect("a body").1;
+    assert!(
+        last.starts_with("data: ") && last.contains("upstream_503"),
+        "the upstream's 503 arrives as an error event: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|(_, l)| l.starts_with(':') || l.starts_with("data: ")),
+        "only SSE lines: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|(_, l)| l.starts_with(':')),
+        "it waited long enough for the headers: {lines:?}"
+    );
+    assert_eq!(mock.state.arrivals().len(), 3);
 }

@@ -190,10 +190,10 @@ pub struct RouteSection {
     pub rate_rpm: Option<f64>,
     /// Burst size of this route's own bucket (default: the top-level `bucket_capacity`).
     pub bucket_capacity: Option<u32>,
-    /// A `"stream": true` request that waits longer than `keepalive_after` gets its `200` and
-    /// event-stream headers at once, then an SSE comment line every 15 s while it waits, so
-    /// that its client does not give up. An upstream failure then ends the stream with an
-    /// error event instead of an HTTP error status.
+    /// A `"stream": true` request that waits longer than 3 s for its token gets its `200` and
+    /// event-stream headers then, and an SSE comment line every 15 s while it waits, so that
+    /// its client does not give up. A failure after that (deadline, upstream error) ends the
+    /// stream with an OpenAI-style error event instead of an HTTP error status.
     pub keepalive_while_queued: bool,
 }
 

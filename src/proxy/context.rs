@@ -110,6 +110,15 @@ pub struct RequestCtx {
     pub model_slot: Option<ModelSlot>,
     /// The name of the pool key the last attempt went out on (pools of two or more).
     pub key: Option<Arc<str>>,
+    /// A streaming request on a `keepalive_while_queued` route.
+    pub keepalive: bool,
+    /// Its `200` and event-stream headers went out while it waited (see `keepalive`).
+    pub keepalive_started: bool,
+    /// Bytes of a successful upstream answer have reached the client.
+    pub streaming: bool,
+    /// An upstream error answer on a kept-alive stream: its status and the start of its body,
+    /// turned into an error event at its end.
+    pub stream_error: Option<(u16, BytesMut)>,
     pub deadline: Instant,
     pub body: BodyHold,
     pub stage: Stage,
@@ -142,6 +151,10 @@ impl RequestCtx {
             model: None,
             model_slot: None,
             key: None,
+            keepalive: false,
+            keepalive_started: false,
+            streaming: false,
+            stream_error: None,
             deadline: started,
             body: BodyHold::Unread,
             stage: Stage::Arrived,

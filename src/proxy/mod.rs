@@ -17,6 +17,7 @@ mod body;
 mod classify;
 mod context;
 mod header_deadline;
+mod keepalive;
 mod replay;
 mod respond;
 mod tenant;
@@ -112,6 +113,36 @@ impl SidecarProxy {
             );
         }
         !gate.is_key_active(grant.lane)
+    }
+
+    /// On a kept-alive stream: marks the upstream's events as started, or swallows an error
+    /// answer's body and puts an error event in its place at its end.
+    fn stream_error_event(
+        &self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) {
+        if !ctx.keepalive_started {
+            return;
+        }
+        let Some((status, kept)) = ctx.stream_error.as_mut() else {
+            ctx.streaming |= body.as_ref().is_some_and(|b| !b.is_empty());
+            return;
+        };
+        if let Some(chunk) = body.take() {
+            let room = replay::REFUSAL_BODY_LIMIT.saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        if end_of_stream {
+            let text = String::from_utf8_lossy(kept);
+            let message = format!(
+                "the upstream answered {status}: {}",
+                text.trim().chars().take(512).collect::<String>()
+            );
+            let event = error_body(&message, "upstream_error", &format!("upstream_{status}"));
+            *body = Some(keepalive::error_event(&event));
+        }
     }
 
     /// Classifies a passed-on refusal once its body (or its first KiB) is in.
@@ -214,6 +245,7 @@ impl ProxyHttp for SidecarProxy {
         let budget = tenant::client_timeout(session).map_or(budget, |t| t.min(budget));
         ctx.deadline = ctx.started + budget;
         let gate = route.gate.clone();
+        let keepalive_route = route.settings.keepalive_while_queued;
         ctx.route = Some(route);
         let Some(gate) = gate else {
             ctx.stage = Stage::Passthrough;
@@ -240,13 +272,24 @@ impl ProxyHttp for SidecarProxy {
                 .with_label_values(&[ctx.route_name(), why.as_str()])
                 .inc();
         }
-        if !settings.models.is_empty() {
-            ctx.model = tenant::held_body(session, &ctx.body)
-                .and_then(|body| tenant::model_of(&body))
+        if !settings.models.is_empty() || keepalive_route {
+            let fields = tenant::held_body(session, &ctx.body)
+                .map(|body| tenant::fields_of(&body))
+                .unwrap_or_default();
+            ctx.model = fields
+                .model
                 .and_then(|id| model_index(&settings.models, &id));
+            ctx.keepalive = keepalive_route && fields.stream == Some(true);
         }
         let mut ticket = gate.admit_with(ctx.ask());
-        match wait_for_token(session, &mut ticket, ctx.body.is_complete()).await {
+        let watch = ctx.body.is_complete();
+        let verdict = if ctx.keepalive {
+            keepalive::wait_keeping_alive(session, &mut ticket, watch, &mut ctx.keepalive_started)
+                .await?
+        } else {
+            wait_for_token(session, &mut ticket, watch).await
+        };
+        match verdict {
             Some(Verdict::Granted(grant)) => {
                 ctx.model_slot = ModelSlot::held(&gate, grant);
                 let at = now();
@@ -266,9 +309,12 @@ impl ProxyHttp for SidecarProxy {
                     retry_after,
                     after_upstream_429: false,
                 };
-                Answer::rejected(why, retry_after, false)
-                    .send(session)
-                    .await?;
+                let answer = Answer::rejected(why, retry_after, false);
+                if ctx.keepalive_started {
+                    keepalive::end_with_error(session, &answer.body).await?;
+                } else {
+                    answer.send(session).await?;
+                }
                 Ok(true)
             }
             None => {
@@ -292,7 +338,18 @@ impl ProxyHttp for SidecarProxy {
                 return client_left("client left while waiting to replay");
             }
             let mut ticket = gate.admit_again_with(ctx.ask());
-            match wait_for_token(session, &mut ticket, true).await {
+            let verdict = if ctx.keepalive_started {
+                keepalive::wait_keeping_alive(
+                    session,
+                    &mut ticket,
+                    true,
+                    &mut ctx.keepalive_started,
+                )
+                .await?
+            } else {
+                wait_for_token(session, &mut ticket, true).await
+            };
+            match verdict {
                 Some(Verdict::Granted(grant)) => {
                     ctx.model_slot = ModelSlot::held(&gate, grant);
                     ctx.stage = Stage::Admitted { grant };
@@ -428,7 +485,7 @@ impl ProxyHttp for SidecarProxy {
             if self.refused_key(ctx, &gate, grant, status)
                 && ctx.body.is_complete()
                 && ctx.replays < settings.max_replays
-                && session.response_written().is_none()
+                && replay::nothing_of_the_answer_sent(ctx, session)
             {
                 // The key was refused, not the request: it goes again on another key.
                 ctx.answer_observed = true;
@@ -460,6 +517,10 @@ impl ProxyHttp for SidecarProxy {
                 .with_label_values(&[ctx.route_name()])
                 .inc();
             return Err(replay::replay_error());
+        }
+        if ctx.keepalive_started && !(200..300).contains(&status) {
+            // The client has its 200 already: the error goes out as an event at the end.
+            ctx.stream_error = Some((status, Default::default()));
         }
         if matches!(status, 429 | 503) {
             // Passed on to the client: classify it once its body is read.
@@ -509,6 +570,7 @@ impl ProxyHttp for SidecarProxy {
                 self.settle_refusal(ctx);
             }
         }
+        self.stream_error_event(body, end_of_stream, ctx);
         Ok(None)
     }
 
@@ -584,6 +646,31 @@ impl ProxyHttp for SidecarProxy {
                 .map_or("?".to_string(), |r| r.settings.upstream.to_string());
             Some(Answer::for_failure(e, &upstream))
         };
+        if ctx.keepalive_started && !ctx.streaming && ctx.stage != Stage::ClientLeft {
+            // A kept-alive stream that failed before the upstream's events began.
+            let answer = match ctx.stage {
+                Stage::Rejected {
+                    why,
+                    retry_after,
+                    after_upstream_429,
+                } => Answer::rejected(why, retry_after, after_upstream_429),
+                _ => {
+                    let upstream = ctx
+                        .route
+                        .as_ref()
+                        .map_or("?".to_string(), |r| r.settings.upstream.to_string());
+                    Answer::for_failure(e, &upstream)
+                }
+            };
+            let code = match keepalive::end_with_error(session, &answer.body).await {
+                Ok(()) => answer.status,
+                Err(_) => 0,
+            };
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match answer {
             Some(answer) => {
                 let status = answer.status;

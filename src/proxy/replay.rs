@@ -98,10 +98,16 @@ pub fn may_replay(
     };
     ctx.body.is_complete()
         && ctx.replays < settings.max_replays
-        && session.response_written().is_none()
+        && nothing_of_the_answer_sent(ctx, session)
         && gate.replays_429s(grant)
         && gate.estimated_wait(ctx.priority) + asked.max(backoff)
             < ctx.deadline.saturating_duration_since(now())
+}
+
+/// Nothing of the upstream's answer has reached the client: no response at all, or only the
+/// headers and comments of a kept-alive stream.
+pub fn nothing_of_the_answer_sent(ctx: &RequestCtx, session: &Session) -> bool {
+    session.response_written().is_none() || ctx.keepalive_started && !ctx.streaming
 }
 
 /// The error that abandons the attempt and sends the request back to the queue.

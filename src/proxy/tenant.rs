@@ -77,19 +77,28 @@ pub fn held_body(session: &Session, body: &BodyHold) -> Option<Bytes> {
     }
 }
 
-#[derive(Deserialize)]
-struct ModelField {
-    model: Option<String>,
+/// What the sidecar reads from a JSON request body.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+pub struct BodyFields {
+    /// The model asked for.
+    pub model: Option<String>,
+    /// `"stream": true`: the answer comes as server-sent events.
+    pub stream: Option<bool>,
 }
 
-/// The `model` of a JSON request body; `None` when the body is not JSON or names none.
-pub fn model_of(body: &[u8]) -> Option<String> {
-    serde_json::from_slice::<ModelField>(body).ok()?.model
+/// The fields of a JSON request body; none when the body is not a JSON object or a field has
+/// another type than the API gives it.
+pub fn fields_of(body: &[u8]) -> BodyFields {
+    serde_json::from_slice(body).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn model_of(body: &[u8]) -> Option<String> {
+        fields_of(body).model
+    }
 
     #[test]
     fn the_model_is_read_from_json_bodies_only() {
@@ -103,5 +112,10 @@ mod tests {
         assert_eq!(model_of(br#"{"model":7}"#), None);
         assert_eq!(model_of(b"not json"), None);
         assert_eq!(model_of(b""), None);
+        assert_eq!(
+            fields_of(br#"{"model":"m","stream":true}"#).stream,
+            Some(true)
+        );
+        assert_eq!(fields_of(br#"{"stream":"yes"}"#), BodyFields::default());
     }
 }
