@@ -10,6 +10,7 @@
 //! cargo bench --bench scenarios -- soak        # 10 M requests: resident memory every million
 //! cargo bench --bench scenarios -- shared      # 7: three sidecars on one quota in Redis
 //! cargo bench --bench scenarios -- shared_minute  # 7b: the same at NVIDIA's 40 per minute (3 min)
+//! cargo bench --bench scenarios -- pool        # 9: three keys, 30 weighted clients with keys
 //! cargo bench --bench scenarios -- adaptive_matrix  # 8: windows x quota kinds x 429 styles x framing
 //!                                                   #    x misconfiguration, shipped defaults (11 min a repeat)
 //! ```
@@ -263,9 +264,8 @@ async fn baseline() {
 async fn fairness() {
     header();
     let mut spec = vec![ClientSpec {
-        id: "greedy".into(),
         parallel: 50,
-        priority: "normal",
+        ..ClientSpec::new("greedy")
     }];
     spec.extend((0..9).map(|i| ClientSpec::new(format!("polite-{i}"))));
     for (name, through_sidecar) in [
@@ -669,6 +669,79 @@ async fn shared_minute() {
     );
 }
 
+/// Scenario 9: a pool of three keys, each with its own quota (20 per 2 s), and 30 clients
+/// with client keys and weights 1, 2 and 3 (ten of each), one request at a time each.
+async fn pool() {
+    println!("| 9 pool | variant | goodput / 3 quotas | upstream 429s | client errors | queue wait p50 / p99 (ms) | weighted Jain | notes |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let keys: Vec<String> = (0..3).map(|i| format!("nvapi-bench-key-{i}")).collect();
+    let client_keys: Vec<String> = (0..30).map(|i| format!("sk-bench-client-{i}")).collect();
+    let weight = |i: usize| i / 10 + 1;
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut yaml = format!(
+        "rate_rpm: {QUOTA_RPM}\nrequest_timeout: 120\nqueue_max_size: 200\n{SCALED_ADAPTIVE}upstream:\n  keys:\n"
+    );
+    for (i, key) in keys.iter().enumerate() {
+        env.push((format!("BENCH_KEY_{i}"), key.clone()));
+        yaml.push_str(&format!("    - {{name: k{i}, key_env: BENCH_KEY_{i}}}\n"));
+    }
+    yaml.push_str("clients:\n");
+    for (i, key) in client_keys.iter().enumerate() {
+        env.push((format!("BENCH_CLIENT_{i}"), key.clone()));
+        yaml.push_str(&format!(
+            "  - {{id: c{i}, key_env: BENCH_CLIENT_{i}, weight: {}}}\n",
+            weight(i)
+        ));
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let (mut g, mut v, mut e, mut w50, mut w99, mut j) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..repeats() {
+        let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+        for key in &keys {
+            mock.state
+                .set_key_quota(key, Some(Quota::sliding(LIMIT, WINDOW)));
+        }
+        let sidecar = Sidecar::start_with_env(&mock.url(), &yaml, &env_refs);
+        let spec: Vec<ClientSpec> = client_keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| ClientSpec {
+                bearer: Some(key.clone()),
+                ..ClientSpec::new(format!("c{i}"))
+            })
+            .collect();
+        let start = Instant::now();
+        let report = loadgen::run(load(sidecar.url("/v1/chat/completions"), spec, 20, false)).await;
+        let measured_from = start + Duration::from_secs(5);
+        g.push(goodput(
+            &mock,
+            measured_from,
+            start + Duration::from_secs(20),
+            3 * LIMIT,
+        ));
+        v.push(
+            keys.iter()
+                .map(|k| mock.state.violations_for_key(k))
+                .sum::<usize>() as f64,
+        );
+        e.push(report.errors() as f64);
+        w50.push(report.queue_wait_ms(0.5, |s| s.status == 200));
+        w99.push(report.queue_wait_ms(0.99, |s| s.status == 200));
+        let per_weight: Vec<f64> = report
+            .served_per_client()
+            .iter()
+            .enumerate()
+            .map(|(i, served)| served / weight(i) as f64)
+            .collect();
+        j.push(loadgen::jain(&per_weight));
+    }
+    println!(
+        "| 9 pool | 3 keys × 20 per 2 s, 30 clients, weights 1/2/3 | **{:.3}** | {} | {} | {:.0} / {:.0} | **{:.3}** | goodput from 5 s to 20 s; Jain over served / weight |",
+        median(g), median(v), median(e), median(w50), median(w99), median(j)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -710,6 +783,9 @@ fn main() {
         // Minutes each: only when asked for.
         if which == "shared_minute" {
             shared_minute().await;
+        }
+        if all || which == "pool" {
+            pool().await;
         }
         if which == "adaptive_matrix" {
             adaptive_matrix::adaptive_matrix().await;

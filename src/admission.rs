@@ -59,8 +59,9 @@ pub struct AdmissionGate {
     clock_started: AtomicBool,
     /// Set when the bucket is shared with other sidecars (`shared_quota`).
     shared: AtomicBool,
-    /// Wakes the link to the shared bucket: more waiters, or a controller change to publish.
-    link_wake: Arc<Notify>,
+    /// Wakes the links to the shared bucket (one per key): more waiters, or a controller
+    /// change to publish.
+    link_wakes: Vec<Arc<Notify>>,
 }
 
 /// What the link to the shared bucket needs from this gate for its next round trip.
@@ -89,16 +90,25 @@ pub struct Ticket {
 
 impl AdmissionGate {
     pub fn new(settings: LimiterSettings) -> Arc<Self> {
+        let limiter = Limiter::new(settings, now());
+        let keys = limiter.key_count();
         Arc::new(AdmissionGate {
             state: Mutex::new(GateState {
-                limiter: Limiter::new(settings, now()),
+                limiter,
                 waiting: HashMap::new(),
             }),
             wake: Notify::new(),
             clock_started: AtomicBool::new(false),
             shared: AtomicBool::new(false),
-            link_wake: Arc::new(Notify::new()),
+            link_wakes: (0..keys).map(|_| Arc::new(Notify::new())).collect(),
         })
+    }
+
+    /// Wakes every key's link.
+    fn wake_links(&self) {
+        for wake in &self.link_wakes {
+            wake.notify_one();
+        }
     }
 
     /// Turns this gate into a client of the shared bucket: from now on it grants only slots
@@ -106,7 +116,10 @@ impl AdmissionGate {
     pub fn share(&self) {
         self.shared.store(true, Ordering::Release);
         let t = now();
-        self.lock().limiter.set_supply(Supply::Leased, t, t);
+        let mut state = self.lock();
+        for lane in 0..state.limiter.key_count() {
+            state.limiter.set_supply(lane, Supply::Leased, t, t);
+        }
     }
 
     pub fn is_shared(&self) -> bool {
@@ -115,29 +128,29 @@ impl AdmissionGate {
 
     /// Shared, but running on its local share because the shared bucket cannot be reached.
     pub fn is_degraded(&self) -> bool {
-        self.is_shared() && matches!(self.lock().limiter.supply(), Supply::Refill { .. })
+        self.is_shared() && self.lock().limiter.any_refilling()
     }
 
-    /// The link's alarm clock (held apart from the gate so that a sleeping link does not keep
-    /// a retired gate alive).
-    pub fn link_wake(&self) -> Arc<Notify> {
-        self.link_wake.clone()
+    /// The alarm clock of key `lane`'s link (held apart from the gate so that a sleeping link
+    /// does not keep a retired gate alive).
+    pub fn link_wake(&self, lane: usize) -> Arc<Notify> {
+        self.link_wakes[lane.min(self.link_wakes.len() - 1)].clone()
     }
 
-    /// What to ask the shared bucket for.
-    pub fn lease_plan(&self) -> LeasePlan {
+    /// What to ask the shared bucket of key `lane` for.
+    pub fn lease_plan(&self, lane: usize) -> LeasePlan {
         let t = now();
         let mut state = self.lock();
         let limiter = &mut state.limiter;
-        let control = limiter.shared_control(t);
-        let controller = limiter.controller();
+        let control = limiter.shared_control(lane, t);
+        let controller = limiter.controller_of(lane);
         LeasePlan {
             wanted: if controller.is_paused(t) {
                 0
             } else {
-                limiter.slots_wanted()
+                limiter.slots_wanted(lane)
             },
-            held: limiter.slots_held(),
+            held: limiter.slots_held(lane),
             waiting: limiter.queue_len(),
             own_rpm: controller.effective_rpm(),
             margin: controller.settings().safety_margin,
@@ -147,35 +160,38 @@ impl AdmissionGate {
         }
     }
 
-    /// The controller state as other sidecars should see it.
-    pub fn shared_control(&self) -> SharedControl {
-        self.lock().limiter.shared_control(now())
+    /// Key `lane`'s controller state as other sidecars should see it.
+    pub fn shared_control(&self, lane: usize) -> SharedControl {
+        self.lock().limiter.shared_control(lane, now())
     }
 
-    /// Takes leased slots (their starts on this host's clock).
-    pub fn take_slots(&self, starts: &[Instant], grace: Duration) {
+    /// Takes slots leased for key `lane` (their starts on this host's clock).
+    pub fn take_slots(&self, lane: usize, starts: &[Instant], grace: Duration) {
         if starts.is_empty() {
             return;
         }
-        self.lock().limiter.add_slots(starts, grace, now());
+        self.lock().limiter.add_slots(lane, starts, grace, now());
         self.wake.notify_one();
     }
 
-    /// Takes over the controller state the sidecars agreed on.
-    pub fn adopt_shared(&self, control: &SharedControl) {
-        self.lock().limiter.adopt_shared(control, now());
+    /// Takes over the controller state the sidecars agreed on for key `lane`.
+    pub fn adopt_shared(&self, lane: usize, control: &SharedControl) {
+        self.lock().limiter.adopt_shared(lane, control, now());
         self.wake.notify_one();
     }
 
-    /// The share of the rate this gate takes on its own when `instances` sidecars share it.
-    pub fn fallback_share(&self, instances: Option<u32>) -> f64 {
-        self.lock().limiter.fallback_share(instances)
+    /// The share of key `lane`'s rate this gate takes on its own when `instances` sidecars
+    /// share it.
+    pub fn fallback_share(&self, lane: usize, instances: Option<u32>) -> f64 {
+        self.lock().limiter.fallback_share(lane, instances)
     }
 
-    /// Switches between leased slots and the local share; a local bucket earns nothing
-    /// before `refill_from`.
-    pub fn set_supply(&self, supply: Supply, refill_from: Instant) {
-        self.lock().limiter.set_supply(supply, now(), refill_from);
+    /// Switches key `lane` between leased slots and the local share; a local bucket earns
+    /// nothing before `refill_from`.
+    pub fn set_supply(&self, lane: usize, supply: Supply, refill_from: Instant) {
+        self.lock()
+            .limiter
+            .set_supply(lane, supply, now(), refill_from);
         self.wake.notify_one();
     }
 
@@ -279,7 +295,7 @@ impl AdmissionGate {
                 drop(state);
                 self.wake.notify_one();
                 if self.is_shared() {
-                    self.link_wake.notify_one();
+                    self.wake_links();
                 }
                 (Some((id, rx)), None)
             }
@@ -296,7 +312,7 @@ impl AdmissionGate {
         self.lock().limiter.observe_answer(signal, grant, now());
         self.wake.notify_one();
         if self.is_shared() {
-            self.link_wake.notify_one();
+            self.wake_links();
         }
     }
 
@@ -343,10 +359,13 @@ impl AdmissionGate {
             };
             state.resolve(id, verdict, t);
         }
-        if self.is_shared() && state.limiter.slots_held() == 0 && state.limiter.queue_len() > 0 {
+        let held: usize = (0..state.limiter.key_count())
+            .map(|lane| state.limiter.slots_held(lane))
+            .sum();
+        if self.is_shared() && held == 0 && state.limiter.queue_len() > 0 {
             // The slots in hand are spent and requests still wait: lease now, not at the
             // next pacing step.
-            self.link_wake.notify_one();
+            self.wake_links();
         }
         state.limiter.next_wakeup(t)
     }

@@ -704,3 +704,76 @@ async fn a_sentinel_failover_under_load_loses_nothing_and_breaks_no_quota() {
         "goodput after the failover {after_goodput:.3}"
     );
 }
+
+/// Two sidecars with the same pool of two keys, each key with its own quota at the upstream:
+/// each key's bucket is shared through Redis, so together they use both quotas and break
+/// neither.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_sidecars_share_a_pool_of_two_keys_without_a_violation() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let (key_a, key_b) = ("nvapi-shared-pool-a", "nvapi-shared-pool-b");
+    for key in [key_a, key_b] {
+        mock.state.set_key_quota(key, Some(quota()));
+    }
+    let env = [("SHARED_POOL_A", key_a), ("SHARED_POOL_B", key_b)];
+    let name = unique_key("pool");
+    let sidecars: Vec<Sidecar> = (0..2)
+        .map(|_| {
+            Sidecar::start_with_env(
+                &mock.url(),
+                &format!(
+                    "rate_rpm: 600\nrequest_timeout: 30\nqueue_max_size: 500\n{MARGIN}\nupstream:\n  keys:\n    - {{name: a, key_env: SHARED_POOL_A}}\n    - {{name: b, key_env: SHARED_POOL_B}}\nshared_quota:\n  url: {}\n  key: {name}\n  timeout: 0.3\n",
+                    redis.url()
+                ),
+                &env,
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mock.state.reset();
+    let all: Vec<&Sidecar> = sidecars.iter().collect();
+    let start = Instant::now();
+    let run = Duration::from_secs(10);
+    let statuses = closed_loop(&all, 8, start + run).await.unwrap();
+
+    let quota = quota();
+    let per_key = run.as_secs_f64() / quota.window.as_secs_f64() * quota.limit as f64;
+    let accepted = mock.state.accepted_between(start, start + run);
+    let by_key: Vec<usize> = [key_a, key_b]
+        .iter()
+        .map(|k| mock.state.accepted_for_key(k))
+        .collect();
+    let violations: Vec<usize> = [key_a, key_b]
+        .iter()
+        .map(|k| mock.state.violations_for_key(k))
+        .collect();
+    println!(
+        "two sidecars, a pool of two keys: accepted {accepted} of {} ({:.3}), by key {by_key:?}, violations {violations:?}",
+        2.0 * per_key,
+        accepted as f64 / (2.0 * per_key)
+    );
+    assert_eq!(violations, [0, 0], "a key's quota was exceeded");
+    assert_eq!(failures(&statuses), 0, "statuses: {statuses:?}");
+    assert!(
+        accepted as f64 >= 0.85 * 2.0 * per_key,
+        "goodput {accepted} below 85% of two keys' quota {}",
+        2.0 * per_key
+    );
+    for (key, got) in ["a", "b"].iter().zip(&by_key) {
+        assert!(
+            *got as f64 >= 0.8 * per_key,
+            "key {key} served {got} of its {per_key}"
+        );
+    }
+    let status = sidecars[0].status().await;
+    assert_eq!(
+        status["shared_quota"]["state"], "connected",
+        "{}",
+        status["shared_quota"]
+    );
+}

@@ -13,6 +13,8 @@ pub struct ClientSpec {
     pub id: String,
     pub parallel: usize,
     pub priority: &'static str,
+    /// A client key, sent as `Authorization: Bearer …` (sidecars with `clients:`).
+    pub bearer: Option<String>,
 }
 
 impl ClientSpec {
@@ -21,6 +23,7 @@ impl ClientSpec {
             id: id.into(),
             parallel: 1,
             priority: "normal",
+            bearer: None,
         }
     }
 }
@@ -159,14 +162,16 @@ pub async fn run(spec: LoadSpec) -> Report {
                     let mut backoff = Duration::from_secs(1);
                     let (status, wait) = loop {
                         attempts += 1;
-                        let answer = http
+                        let mut request = http
                             .post(&spec.url)
                             .header("content-type", "application/json")
                             .header("x-client-id", &client.id)
                             .header("x-priority", client.priority)
-                            .body(body.clone())
-                            .send()
-                            .await;
+                            .body(body.clone());
+                        if let Some(key) = &client.bearer {
+                            request = request.bearer_auth(key);
+                        }
+                        let answer = request.send().await;
                         let (status, wait) = match answer {
                             Ok(r) => {
                                 let wait = r

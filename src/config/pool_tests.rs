@@ -89,18 +89,6 @@ fn bad_pools_are_named_key_by_key() {
 }
 
 #[test]
-fn a_shared_quota_takes_one_key_for_now() {
-    let e = errors(
-        "shared_quota: {url: 'redis://127.0.0.1:6379'}\nupstream:\n  keys:\n    - {name: a, key_env: KEY_A}\n    - {name: b, key_env: KEY_B}\n",
-    );
-    assert!(
-        e.iter()
-            .any(|x| x.starts_with("shared_quota: cannot yet share")),
-        "{e:?}"
-    );
-}
-
-#[test]
 fn models_are_matched_exact_first_then_the_most_specific_glob() {
     let s = load(
         "models:\n  '*': {max_concurrency: 8}\n  'meta/*': {rate_rpm: 20}\n  meta/llama-3.1-8b-instruct: {max_concurrency: 2}\n",

@@ -907,12 +907,6 @@ pub fn validate(
         .shared_quota
         .as_ref()
         .map(|section| validate_shared_quota(&mut c, section, env));
-    if shared_quota.is_some() && upstream.keys.len() > 1 {
-        c.fail(
-            "shared_quota",
-            "cannot yet share a pool of several upstream keys: use one key per sidecar group",
-        );
-    }
 
     let settings = Settings {
         listen_host,

@@ -346,14 +346,14 @@ impl Limiter {
         &mut self.lanes[index.min(last)]
     }
 
-    /// Switches the first key between the local bucket and leased slots. Slots already held
+    /// Switches key `lane` between the local bucket and leased slots. Slots already held
     /// stay valid; a local bucket starts empty and earns nothing before `refill_from` nor
     /// before the last slot held, so the switch never adds a burst to what was leased. With
     /// leased slots the controller sees only this instance's share of the traffic, so it stops
     /// learning its ceiling from the rate it saw accepted.
-    pub fn set_supply(&mut self, supply: Supply, now: Instant, refill_from: Instant) {
+    pub fn set_supply(&mut self, lane: usize, supply: Supply, now: Instant, refill_from: Instant) {
         self.advance(now);
-        let lane = self.lane_mut(0);
+        let lane = self.lane_mut(lane);
         if supply == Supply::Leased {
             lane.controller.set_partial_view(true);
         }
@@ -370,14 +370,14 @@ impl Limiter {
         lane.bucket = TokenBucket::with_tokens(capacity, 0.0, start);
     }
 
-    pub fn supply(&self) -> Supply {
-        self.lane(0).supply
+    pub fn supply(&self, lane: usize) -> Supply {
+        self.lane(lane).supply
     }
 
     /// Takes slots leased from the shared bucket; each stays open for `grace`.
-    pub fn add_slots(&mut self, starts: &[Instant], grace: Duration, now: Instant) {
+    pub fn add_slots(&mut self, lane: usize, starts: &[Instant], grace: Duration, now: Instant) {
         self.advance(now);
-        let lane = self.lane_mut(0);
+        let lane = self.lane_mut(lane);
         if lane.controller.is_paused(now) {
             return;
         }
@@ -386,9 +386,16 @@ impl Limiter {
         }
     }
 
-    /// How many more slots the waiters need than are held.
-    pub fn slots_wanted(&self) -> usize {
-        self.queue.len().saturating_sub(self.lane(0).slots.held())
+    /// How many more slots the waiters need of key `lane` than are held: the waiters not
+    /// covered by the slots of every key, shared out evenly over the active keys.
+    pub fn slots_wanted(&self, lane: usize) -> usize {
+        if !self.key_active(lane) {
+            return 0;
+        }
+        let active = self.lanes.iter().filter(|l| l.active);
+        let held: usize = active.clone().map(|l| l.slots.held()).sum();
+        let keys = active.count().max(1);
+        self.queue.len().saturating_sub(held).div_ceil(keys)
     }
 
     /// The share of the rate one of `instances` sidecars takes while the shared bucket is out
@@ -397,8 +404,8 @@ impl Limiter {
     /// for those of the other `instances - 1` in the controller's window, so the sidecars
     /// together stay within the quota as one sidecar alone would. `None` (the number is
     /// unknown): the floor fraction.
-    pub fn fallback_share(&self, instances: Option<u32>) -> f64 {
-        let lane = self.lane(0);
+    pub fn fallback_share(&self, lane: usize, instances: Option<u32>) -> f64 {
+        let lane = self.lane(lane);
         let s = lane.controller.settings();
         let Some(n) = instances.filter(|n| *n > 0).map(f64::from) else {
             return s.floor_fraction;
@@ -415,20 +422,20 @@ impl Limiter {
         (room / n).max(s.floor_fraction / n)
     }
 
-    pub fn slots_held(&self) -> usize {
-        self.lane(0).slots.held()
+    pub fn slots_held(&self, lane: usize) -> usize {
+        self.lane(lane).slots.held()
     }
 
     /// The controller state to share with other instances.
-    pub fn shared_control(&mut self, now: Instant) -> SharedControl {
+    pub fn shared_control(&mut self, lane: usize, now: Instant) -> SharedControl {
         self.advance(now);
-        self.lane(0).controller.shared(now)
+        self.lane(lane).controller.shared(now)
     }
 
     /// Takes over the controller state the instances agreed on; a pause drops every token.
-    pub fn adopt_shared(&mut self, shared: &SharedControl, now: Instant) {
+    pub fn adopt_shared(&mut self, lane: usize, shared: &SharedControl, now: Instant) {
         self.advance(now);
-        let lane = self.lane_mut(0);
+        let lane = self.lane_mut(lane);
         lane.controller.adopt(shared, now);
         if lane.controller.is_paused(now) {
             lane.bucket.drain();
@@ -852,6 +859,13 @@ impl Limiter {
 
     pub fn capacity(&self) -> u32 {
         self.lane(0).bucket.capacity() as u32
+    }
+
+    /// Whether any key takes tokens from its local bucket while the quota is shared.
+    pub fn any_refilling(&self) -> bool {
+        self.lanes
+            .iter()
+            .any(|l| matches!(l.supply, Supply::Refill { .. }))
     }
 
     /// The first key's controller.

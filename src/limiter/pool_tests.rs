@@ -441,3 +441,70 @@ proptest! {
         prop_assert!(l.snapshot(now).models.iter().all(|m| m.in_flight == 0), "a slot was lost");
     }
 }
+
+#[test]
+fn weights_count_for_clients_that_send_one_request_at_a_time() {
+    let (mut l, t0) = limiter(600.0, vec![], vec![]);
+    let far = t0 + Duration::from_secs(600);
+    let weight_of = |c: &str| if c == "heavy" { 3 } else { 1 };
+    let ask_for = |c: &'static str| Ask {
+        weight: weight_of(c),
+        ..ask(c, far)
+    };
+    let _ = l.request_with(ask("first", far), t0);
+    let mut who: HashMap<WaiterId, &'static str> = HashMap::new();
+    for c in ["heavy", "light"] {
+        if let Admission::Queued(id) = l.request_with(ask_for(c), t0) {
+            who.insert(id, c);
+        }
+    }
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    let mut now = t0;
+    while count.values().sum::<usize>() < 400 {
+        now += Duration::from_millis(100);
+        for (id, _) in grants(&l.poll(now)) {
+            let c = who[&id];
+            *count.entry(c).or_default() += 1;
+            // Answered at once, the client sends its next request.
+            match l.request_with(ask_for(c), now) {
+                Admission::Queued(next) => {
+                    who.insert(next, c);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let ratio = count["heavy"] as f64 / count["light"] as f64;
+    assert!((2.9..=3.1).contains(&ratio), "{count:?}");
+}
+
+#[test]
+fn a_shared_pool_asks_each_key_for_its_part_of_the_waiters() {
+    let (mut l, t0) = limiter(60.0, vec![key("a", None), key("b", None)], vec![]);
+    l.set_supply(0, Supply::Leased, t0, t0);
+    l.set_supply(1, Supply::Leased, t0, t0);
+    let far = t0 + Duration::from_secs(600);
+    for i in 0..5 {
+        let _ = l.request_with(ask(&format!("c{i}"), far), t0);
+    }
+    assert_eq!((l.slots_wanted(0), l.slots_wanted(1)), (3, 3));
+    l.add_slots(
+        1,
+        &[t0 + Duration::from_secs(1)],
+        Duration::from_secs(1),
+        t0,
+    );
+    assert_eq!(
+        (l.slots_wanted(0), l.slots_wanted(1)),
+        (2, 2),
+        "held slots of any key count"
+    );
+    assert!(l.revoke(1));
+    assert_eq!(
+        (l.slots_wanted(0), l.slots_wanted(1)),
+        (5, 0),
+        "a revoked key leases nothing"
+    );
+    let g = grants(&l.poll(t0 + Duration::from_millis(1500)));
+    assert!(g.is_empty(), "slots of a revoked key are not used: {g:?}");
+}

@@ -89,6 +89,10 @@ struct ClassQueue {
     lines: HashMap<Arc<str>, ClientLine>,
     /// The pass of the client served last: where a client that starts waiting joins.
     pass: u64,
+    /// The pass a client reached when its line ran empty: a client that comes straight back
+    /// with its next request (one request at a time) resumes from there, so that its weight
+    /// still counts. Entries at or below `pass` say nothing more and are dropped.
+    left_at: HashMap<Arc<str>, u64>,
     sequence: u64,
     live: usize,
 }
@@ -146,9 +150,10 @@ impl ClassQueue {
             line.ids.push_back(id);
             return;
         }
+        let resume = self.left_at.remove(client).unwrap_or(0);
         let line = ClientLine {
             ids: VecDeque::from([id]),
-            pass: self.pass,
+            pass: self.pass.max(resume),
             sequence: self.next_sequence(),
         };
         self.order
@@ -216,6 +221,11 @@ impl ClassQueue {
             self.order.insert((next, sequence, client));
         } else {
             self.lines.remove(&client);
+            self.left_at.insert(client, next);
+            if self.left_at.len() > 2 * self.lines.len() + 64 {
+                let pass = self.pass;
+                self.left_at.retain(|_, at| *at > pass);
+            }
         }
         Some(id)
     }

@@ -609,17 +609,17 @@ fn a_restored_state_is_aged_but_never_bursts() {
 fn a_shared_bucket_grants_only_leased_slots_at_their_time() {
     let t0 = Instant::now();
     let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
-    limiter.set_supply(Supply::Leased, t0, t0);
+    limiter.set_supply(0, Supply::Leased, t0, t0);
     let far = t0 + Duration::from_secs(60);
     let first = queued(limiter.request(client("a"), Priority::Normal, far, t0));
     let second = queued(limiter.request(client("b"), Priority::Normal, far, t0));
-    assert_eq!(limiter.slots_wanted(), 2);
+    assert_eq!(limiter.slots_wanted(0), 2);
     // Nothing refills locally: without a lease nobody is ever granted.
     assert!(granted(&limiter.poll(t0 + Duration::from_secs(5))).is_empty());
 
     let t1 = t0 + Duration::from_secs(5);
-    limiter.add_slots(&[t1 + ms(100), t1 + ms(300)], ms(5), t1);
-    assert_eq!(limiter.slots_wanted(), 0);
+    limiter.add_slots(0, &[t1 + ms(100), t1 + ms(300)], ms(5), t1);
+    assert_eq!(limiter.slots_wanted(0), 0);
     assert_eq!(limiter.next_wakeup(t1), Some(t1 + ms(100)));
     assert!(granted(&limiter.poll(t1 + ms(99))).is_empty());
     assert_eq!(granted(&limiter.poll(t1 + ms(101))), vec![first]);
@@ -630,8 +630,8 @@ fn a_shared_bucket_grants_only_leased_slots_at_their_time() {
 fn an_unused_slot_lapses_and_is_never_banked() {
     let t0 = Instant::now();
     let mut limiter = Limiter::new(settings(60.0, 4, 10), t0);
-    limiter.set_supply(Supply::Leased, t0, t0);
-    limiter.add_slots(&[t0 + ms(100)], ms(5), t0);
+    limiter.set_supply(0, Supply::Leased, t0, t0);
+    limiter.add_slots(0, &[t0 + ms(100)], ms(5), t0);
     let far = t0 + Duration::from_secs(60);
     assert!(matches!(
         limiter.request(client("a"), Priority::Normal, far, t0 + ms(200)),
@@ -644,11 +644,11 @@ fn an_unused_slot_lapses_and_is_never_banked() {
 fn falling_back_from_leased_slots_starts_the_local_share_empty_and_late() {
     let t0 = Instant::now();
     let mut limiter = Limiter::new(settings(60.0, 1, 10), t0);
-    limiter.set_supply(Supply::Leased, t0, t0);
-    limiter.add_slots(&[t0 + ms(500)], ms(5), t0);
+    limiter.set_supply(0, Supply::Leased, t0, t0);
+    limiter.add_slots(0, &[t0 + ms(500)], ms(5), t0);
     // Other sidecars may hold slots up to a second ahead: the local share waits for that.
     let refill_from = t0 + Duration::from_secs(1);
-    limiter.set_supply(Supply::Refill { share: 0.5 }, t0, refill_from);
+    limiter.set_supply(0, Supply::Refill { share: 0.5 }, t0, refill_from);
     let far = t0 + Duration::from_secs(60);
     let held = queued(limiter.request(client("a"), Priority::Normal, far, t0));
     let local = queued(limiter.request(client("a"), Priority::Normal, far, t0));
@@ -667,16 +667,16 @@ fn the_fallback_share_leaves_room_for_every_sidecar_s_first_token() {
     let t0 = Instant::now();
     // 60 rpm over a 10 s window: 10 requests per window.
     let limiter = Limiter::new(settings(60.0, 1, 10), t0);
-    let share = limiter.fallback_share(Some(2));
+    let share = limiter.fallback_share(0, Some(2));
     // Two local buckets may each put one request more into a window than their rate says,
     // so together they get 9 per window at most, not 10: 2 x (4.5 + 1) = 11 = 10 + 1 as one.
     assert!((share - 0.45).abs() < 1e-9, "{share}");
-    assert_eq!(limiter.fallback_share(Some(1)), 1.0);
-    assert_eq!(limiter.fallback_share(None), 0.1, "unknown: the floor");
-    assert!(limiter.fallback_share(Some(50)) >= 0.1 / 50.0);
+    assert_eq!(limiter.fallback_share(0, Some(1)), 1.0);
+    assert_eq!(limiter.fallback_share(0, None), 0.1, "unknown: the floor");
+    assert!(limiter.fallback_share(0, Some(50)) >= 0.1 / 50.0);
     // A burst of 2 leaves room for two tokens per other sidecar.
     let bursty = Limiter::new(settings(60.0, 2, 10), t0);
-    assert!((bursty.fallback_share(Some(2)) - 0.4).abs() < 1e-9);
+    assert!((bursty.fallback_share(0, Some(2)) - 0.4).abs() < 1e-9);
 }
 
 #[test]
@@ -690,8 +690,8 @@ fn an_adopted_cut_applies_at_once_and_recovery_counts_from_the_adoption() {
         pause_until: Some(t0 + Duration::from_secs(2)),
     };
     let t1 = t0 + Duration::from_secs(1);
-    limiter.adopt_shared(&cut, t1);
-    let seen = limiter.shared_control(t1);
+    limiter.adopt_shared(0, &cut, t1);
+    let seen = limiter.shared_control(0, t1);
     assert_eq!(seen.effective_rpm, 30.0);
     assert_eq!(seen.state, RetreatState::Retreat);
     assert_eq!(seen.pause_until, Some(t0 + Duration::from_secs(2)));
@@ -703,11 +703,11 @@ fn an_adopted_cut_applies_at_once_and_recovery_counts_from_the_adoption() {
     }));
     // Quiet period 5 s counts from the adoption, not from a 429 this sidecar never saw.
     assert_eq!(
-        limiter.shared_control(t1 + ms(4900)).state,
+        limiter.shared_control(0, t1 + ms(4900)).state,
         RetreatState::Retreat
     );
     assert_eq!(
-        limiter.shared_control(t1 + ms(5100)).state,
+        limiter.shared_control(0, t1 + ms(5100)).state,
         RetreatState::Recover
     );
 }

@@ -42,18 +42,26 @@ struct LinkState {
     reach: Duration,
 }
 
-/// Runs until the gate is dropped (its route left the configuration).
+/// Runs until the gate is dropped (its route left the configuration). `route` names the
+/// shared bucket: the route's name, with the key's name for a pool of several keys.
 pub async fn run(
     shared: Arc<SharedQuota>,
     route: String,
     gate: Weak<AdmissionGate>,
+    lane: usize,
     wake: Arc<Notify>,
 ) {
-    serve(&shared, &route, gate, wake).await;
+    serve(&shared, &route, gate, lane, wake).await;
     shared.forget(&route);
 }
 
-async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wake: Arc<Notify>) {
+async fn serve(
+    shared: &SharedQuota,
+    route: &str,
+    gate: Weak<AdmissionGate>,
+    lane: usize,
+    wake: Arc<Notify>,
+) {
     let settings = &shared.settings;
     let mut link = LinkState {
         agreed: None,
@@ -67,7 +75,7 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
     };
     loop {
         let Some(g) = gate.upgrade() else { return };
-        let plan = g.lease_plan();
+        let plan = g.lease_plan(lane);
         drop(g);
         let t = now();
         let change = link.agreed.map_or(Change::None, |agreed| {
@@ -133,11 +141,11 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
             Ok(reply) => {
                 if link.degraded {
                     link.degraded = false;
-                    g.set_supply(Supply::Leased, t);
+                    g.set_supply(lane, Supply::Leased, t);
                     shared.rejoined(route);
                 }
                 let first_contact = link.agreed.is_none();
-                absorb(&g, &mut link, &plan.control, &reply, first_contact);
+                absorb(&g, lane, &mut link, &plan.control, &reply, first_contact);
                 // Slots are placed on this host's clock as of the answer, so they may open up
                 // to a round trip late; a slot may also be taken a little after it opens. Both
                 // crowd the next slot, and together they must stay within what the safety
@@ -147,7 +155,7 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
                     let grace = budget.min(reply.spacing / 2).max(MIN_GRACE);
                     let starts: Vec<Instant> =
                         reply.slots.iter().map(|offset| t + *offset).collect();
-                    g.take_slots(&starts, grace);
+                    g.take_slots(lane, &starts, grace);
                     starts.len()
                 } else {
                     0
@@ -168,11 +176,11 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
             Err(error) => {
                 if !link.degraded {
                     link.degraded = true;
-                    let share = g.fallback_share(shared.instances());
+                    let share = g.fallback_share(lane, shared.instances());
                     // Other sidecars may hold slots up to a horizon ahead: the local share
                     // starts after that, so that the two never add up.
                     link.local_from = t + link.reach;
-                    g.set_supply(Supply::Refill { share }, link.local_from);
+                    g.set_supply(lane, Supply::Refill { share }, link.local_from);
                     shared.degraded(route, &error, share);
                 }
                 // Ask again soon, so that the sidecars rejoin close together.
@@ -189,6 +197,7 @@ async fn serve(shared: &SharedQuota, route: &str, gate: Weak<AdmissionGate>, wak
 /// dropped but published.
 fn absorb(
     gate: &AdmissionGate,
+    lane: usize,
     link: &mut LinkState,
     sent: &SharedControl,
     reply: &LeaseReply,
@@ -201,7 +210,7 @@ fn absorb(
         ceiling_rpm: (reply.ceiling > 0.0).then_some(reply.ceiling),
         pause_until: (!reply.pause.is_zero()).then(|| t + reply.pause),
     });
-    let local = gate.shared_control();
+    let local = gate.shared_control(lane);
     let news = reply.version != link.seen_version;
     link.seen_version = reply.version;
     if first_contact {
@@ -220,13 +229,13 @@ fn absorb(
     let moved_meanwhile = local.differs(&without_past_pause(*sent, t));
     if let Some(remote) = remote {
         if !moved_meanwhile && (first_contact || news) {
-            gate.adopt_shared(&remote);
+            gate.adopt_shared(lane, &remote);
         }
     }
     link.agreed = Some(if moved_meanwhile {
         remote.unwrap_or(*sent)
     } else {
-        gate.shared_control()
+        gate.shared_control(lane)
     });
 }
 

@@ -183,8 +183,8 @@ fn instance_id() -> String {
     format!("{host}:{}:{started}", std::process::id())
 }
 
-/// Keeps a link running for every route's gate, also for routes a reload adds, and starts
-/// it again should it ever end while its gate lives.
+/// Keeps a link running for every route's gate and each of its keys, also for routes a
+/// reload adds, and starts it again should it ever end while its gate lives.
 pub struct SharedQuotaService {
     app: Arc<App>,
     shared: Arc<SharedQuota>,
@@ -197,28 +197,38 @@ impl SharedQuotaService {
 
     fn start_links(&self, linked: &mut HashMap<String, Link>) {
         linked.retain(|_, link| link.gate.strong_count() > 0);
-        for route in self.app.table().all() {
+        let table = self.app.table();
+        let keys = &table.settings.upstream.keys;
+        for route in table.all() {
             let Some(gate) = &route.gate else { continue };
-            let running = linked.get(route.name()).is_some_and(|link| {
-                link.gate.upgrade().is_some_and(|g| Arc::ptr_eq(&g, gate))
-                    && !link.task.is_finished()
-            });
-            if running || !gate.is_shared() {
-                continue;
+            for lane in 0..gate.key_count() {
+                // One bucket in Redis per route and key; a single key keeps the route's name.
+                let name = match keys.get(lane) {
+                    Some(key) if keys.len() > 1 => format!("{}@{}", route.name(), key.name),
+                    _ => route.name().to_string(),
+                };
+                let running = linked.get(&name).is_some_and(|link| {
+                    link.gate.upgrade().is_some_and(|g| Arc::ptr_eq(&g, gate))
+                        && !link.task.is_finished()
+                });
+                if running || !gate.is_shared() {
+                    continue;
+                }
+                let task = tokio::spawn(link::run(
+                    self.shared.clone(),
+                    name.clone(),
+                    Arc::downgrade(gate),
+                    lane,
+                    gate.link_wake(lane),
+                ));
+                linked.insert(
+                    name,
+                    Link {
+                        gate: Arc::downgrade(gate),
+                        task,
+                    },
+                );
             }
-            let task = tokio::spawn(link::run(
-                self.shared.clone(),
-                route.name().to_string(),
-                Arc::downgrade(gate),
-                gate.link_wake(),
-            ));
-            linked.insert(
-                route.name().to_string(),
-                Link {
-                    gate: Arc::downgrade(gate),
-                    task,
-                },
-            );
         }
     }
 }
