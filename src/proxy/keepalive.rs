@@ -36,7 +36,11 @@ pub async fn wait_keeping_alive(
     watch_client: bool,
     started: &mut bool,
 ) -> Result<Option<Verdict>> {
-    let mut wait = KEEPALIVE_AFTER;
+    let mut wait = if *started {
+        KEEPALIVE_INTERVAL
+    } else {
+        KEEPALIVE_AFTER
+    };
     loop {
         match tokio::time::timeout(wait, super::wait_for_token(session, ticket, watch_client)).await
         {

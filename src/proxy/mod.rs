@@ -184,6 +184,21 @@ async fn wait_for_token(
     }
 }
 
+/// `wait_for_token`, keeping a waiting stream alive when the request is one (see `keepalive`).
+async fn wait_verdict(
+    session: &mut Session,
+    ticket: &mut Ticket,
+    watch_client: bool,
+    ctx: &mut RequestCtx,
+) -> Result<Option<Verdict>> {
+    if ctx.keepalive {
+        keepalive::wait_keeping_alive(session, ticket, watch_client, &mut ctx.keepalive_started)
+            .await
+    } else {
+        Ok(wait_for_token(session, ticket, watch_client).await)
+    }
+}
+
 /// Sleeps for `wait` unless the client leaves first; false when it left.
 async fn wait_watching_client(session: &mut Session, wait: Duration) -> bool {
     tokio::select! {
@@ -283,13 +298,7 @@ impl ProxyHttp for SidecarProxy {
         }
         let mut ticket = gate.admit_with(ctx.ask());
         let watch = ctx.body.is_complete();
-        let verdict = if ctx.keepalive {
-            keepalive::wait_keeping_alive(session, &mut ticket, watch, &mut ctx.keepalive_started)
-                .await?
-        } else {
-            wait_for_token(session, &mut ticket, watch).await
-        };
-        match verdict {
+        match wait_verdict(session, &mut ticket, watch, ctx).await? {
             Some(Verdict::Granted(grant)) => {
                 ctx.model_slot = ModelSlot::held(&gate, grant);
                 let at = now();
@@ -338,18 +347,7 @@ impl ProxyHttp for SidecarProxy {
                 return client_left("client left while waiting to replay");
             }
             let mut ticket = gate.admit_again_with(ctx.ask());
-            let verdict = if ctx.keepalive_started {
-                keepalive::wait_keeping_alive(
-                    session,
-                    &mut ticket,
-                    true,
-                    &mut ctx.keepalive_started,
-                )
-                .await?
-            } else {
-                wait_for_token(session, &mut ticket, true).await
-            };
-            match verdict {
+            match wait_verdict(session, &mut ticket, true, ctx).await? {
                 Some(Verdict::Granted(grant)) => {
                     ctx.model_slot = ModelSlot::held(&gate, grant);
                     ctx.stage = Stage::Admitted { grant };
