@@ -9,33 +9,64 @@ use serde_json::Value;
 
 use super::{ConfigError, FileConfig, Seconds};
 
-/// Fields an operator may change while the sidecar runs (`POST /api/admin/config`).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Overrides {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate_rpm: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bucket_capacity: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub queue_max_size: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub low_priority_timeout: Option<Seconds>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_timeout: Option<Seconds>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fallback_enabled_passthrough: Option<bool>,
+/// Declares the live-changeable fields once: the `Overrides` struct, `LIVE_FIELDS`, and the
+/// ways they are laid over the file, merged and named all come from this one list, so a field
+/// cannot be added to one and forgotten in another.
+macro_rules! live_fields {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty,)+) => {
+        /// Fields an operator may change while the sidecar runs (`POST /api/admin/config`).
+        #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+        #[serde(deny_unknown_fields)]
+        pub struct Overrides {
+            $(
+                $(#[$doc])*
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $name: Option<$ty>,
+            )+
+        }
+
+        /// The names of the live-changeable fields, in a stable order.
+        pub const LIVE_FIELDS: &[&str] = &[$(stringify!($name)),+];
+
+        impl Overrides {
+            /// Writes every override into `file`.
+            pub fn apply_to(&self, file: &mut FileConfig) {
+                $(
+                    if let Some(v) = self.$name {
+                        file.$name = Some(v);
+                    }
+                )+
+            }
+
+            /// These overrides with `patch` laid over them.
+            pub fn merged(&self, patch: &Overrides) -> Overrides {
+                Overrides {
+                    $($name: patch.$name.or(self.$name),)+
+                }
+            }
+
+            /// Names of the fields that are set.
+            pub fn names(&self) -> Vec<&'static str> {
+                let mut names = Vec::new();
+                $(
+                    if self.$name.is_some() {
+                        names.push(stringify!($name));
+                    }
+                )+
+                names
+            }
+        }
+    };
 }
 
-/// The names of the live-changeable fields, in a stable order.
-pub const LIVE_FIELDS: [&str; 6] = [
-    "rate_rpm",
-    "bucket_capacity",
-    "queue_max_size",
-    "low_priority_timeout",
-    "request_timeout",
-    "fallback_enabled_passthrough",
-];
+live_fields! {
+    rate_rpm: f64,
+    bucket_capacity: u32,
+    queue_max_size: usize,
+    low_priority_timeout: Seconds,
+    request_timeout: Seconds,
+    fallback_enabled_passthrough: bool,
+}
 
 impl Overrides {
     /// Parses a JSON patch, naming every unknown field and every value of the wrong type.
@@ -75,60 +106,6 @@ impl Overrides {
         }
         serde_json::from_value(patch.clone())
             .map_err(|e| vec![ConfigError::new("(body)", e.to_string())])
-    }
-
-    /// Writes every override into `file`.
-    pub fn apply_to(&self, file: &mut FileConfig) {
-        if let Some(v) = self.rate_rpm {
-            file.rate_rpm = Some(v);
-        }
-        if let Some(v) = self.bucket_capacity {
-            file.bucket_capacity = Some(v);
-        }
-        if let Some(v) = self.queue_max_size {
-            file.queue_max_size = Some(v);
-        }
-        if let Some(v) = self.low_priority_timeout {
-            file.low_priority_timeout = Some(v);
-        }
-        if let Some(v) = self.request_timeout {
-            file.request_timeout = Some(v);
-        }
-        if let Some(v) = self.fallback_enabled_passthrough {
-            file.fallback_enabled_passthrough = Some(v);
-        }
-    }
-
-    /// These overrides with `patch` laid over them.
-    pub fn merged(&self, patch: &Overrides) -> Overrides {
-        Overrides {
-            rate_rpm: patch.rate_rpm.or(self.rate_rpm),
-            bucket_capacity: patch.bucket_capacity.or(self.bucket_capacity),
-            queue_max_size: patch.queue_max_size.or(self.queue_max_size),
-            low_priority_timeout: patch.low_priority_timeout.or(self.low_priority_timeout),
-            request_timeout: patch.request_timeout.or(self.request_timeout),
-            fallback_enabled_passthrough: patch
-                .fallback_enabled_passthrough
-                .or(self.fallback_enabled_passthrough),
-        }
-    }
-
-    /// Names of the fields that are set.
-    pub fn names(&self) -> Vec<&'static str> {
-        let set = [
-            self.rate_rpm.is_some(),
-            self.bucket_capacity.is_some(),
-            self.queue_max_size.is_some(),
-            self.low_priority_timeout.is_some(),
-            self.request_timeout.is_some(),
-            self.fallback_enabled_passthrough.is_some(),
-        ];
-        LIVE_FIELDS
-            .iter()
-            .zip(set)
-            .filter(|(_, s)| *s)
-            .map(|(n, _)| *n)
-            .collect()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,553 +1,21 @@
 //! From the file's structs to the settings the code runs on: every value checked, every
-//! problem reported at once, secrets read from where the file points.
+//! problem reported at once, secrets read from where the file points. The parts with a job of
+//! their own are beside it: the key pool (`keys`), model limits (`models`), client keys
+//! (`clients`) and the shared quota (`shared_quota`).
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
-use http::Uri;
 
 use super::checker::{Checker, MAX_RPM, MIN_RPM};
-use super::clients::Clients;
-use super::file::{FileConfig, RouteSection, SharedQuotaSection};
-use super::keys::UpstreamKey;
-use crate::limiter::{KeyRate, LimiterSettings, ModelSettings, Priority, RetreatSettings};
-
-/// One problem with the configuration: which key, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub key: String,
-    pub reason: String,
-}
-
-impl ConfigError {
-    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-}
-
-impl ConfigError {
-    /// The problem as one sentence, e.g. `rate_rpm must be > 0, got 0`.
-    pub fn sentence(&self) -> String {
-        let joins_as_sentence = ["must", "is ", "has ", "names "]
-            .iter()
-            .any(|w| self.reason.starts_with(w));
-        if joins_as_sentence {
-            format!("{} {}", self.key, self.reason)
-        } else {
-            format!("{}: {}", self.key, self.reason)
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.reason)
-    }
-}
-
-/// A secret read from the environment or a file; never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub(super) fn new(value: String) -> Secret {
-        Secret(value)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// Where a route's requests go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// The `Host` header value: the host, with the port when it is not the scheme's default.
-    pub authority: String,
-}
-
-impl fmt::Display for UpstreamUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "https" } else { "http" };
-        write!(f, "{scheme}://{}", self.authority)
-    }
-}
-
-impl UpstreamUrl {
-    pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
-        let uri: Uri = text
-            .parse()
-            .map_err(|e| format!("not a URL: {text:?} ({e})"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(format!("must start with http:// or https://, got {text:?}")),
-        };
-        let host = uri
-            .host()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("has no host: {text:?}"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(format!(
-                "must be scheme://host[:port] without a path (clients send the path), got {text:?}"
-            ));
-        }
-        let default_port = if tls { 443 } else { 80 };
-        let port = uri.port_u16().unwrap_or(default_port);
-        let authority = match uri.port_u16() {
-            Some(p) if p != default_port => {
-                uri.authority().map(|a| a.to_string()).unwrap_or_default()
-            }
-            _ => uri.host().unwrap_or_default().to_string(),
-        };
-        Ok(UpstreamUrl {
-            tls,
-            host,
-            port,
-            authority,
-        })
-    }
-}
-
-/// One route: a path prefix, where it goes and which bucket it draws on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteSettings {
-    /// Label in metrics and logs: `default` or the path prefix.
-    pub name: String,
-    pub path_prefix: String,
-    pub upstream: UpstreamUrl,
-    /// `None` for passthrough routes.
-    pub bucket: Option<LimiterSettings>,
-    /// Streaming requests that wait long get their headers and SSE comments while they wait.
-    pub keepalive_while_queued: bool,
-}
-
-impl RouteSettings {
-    pub fn is_passthrough(&self) -> bool {
-        self.bucket.is_none()
-    }
-
-    /// Whether a request path falls under this route's prefix, on a segment boundary:
-    /// `/v1/models` takes `/v1/models` and `/v1/models/x`, not `/v1/modelsXYZ`.
-    pub fn matches(&self, path: &str) -> bool {
-        let prefix = self.path_prefix.as_str();
-        path.strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'))
-    }
-}
-
-/// How the sidecar talks to upstreams.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamOptions {
-    /// The single key (`api_key_env` / `api_key_file`); `None` with a pool.
-    pub api_key: Option<Secret>,
-    /// The first key's `Bearer <key>`, built once at load time and marked sensitive: what
-    /// requests sent without a grant (passthrough, fail-open) carry.
-    pub authorization: Option<HeaderValue>,
-    /// The key pool, at least one entry; a grant's `lane` indexes it.
-    pub keys: Vec<UpstreamKey>,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub dns_ttl: Duration,
-    pub ca_file: Option<String>,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AdminSettings {
-    pub listen_host: IpAddr,
-    pub token: Option<Secret>,
-}
-
-/// The names under which the sidecar may be addressed.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AccessSettings {
-    /// Lower-case host names allowed besides IP addresses and `localhost`.
-    pub allowed_hosts: Vec<String>,
-    /// Highest priority a client not listed below may claim.
-    pub max_priority: Priority,
-    /// Highest priority per client id.
-    pub client_max_priority: BTreeMap<String, Priority>,
-}
-
-impl Default for AccessSettings {
-    fn default() -> Self {
-        AccessSettings {
-            allowed_hosts: Vec::new(),
-            max_priority: Priority::High,
-            client_max_priority: BTreeMap::new(),
-        }
-    }
-}
-
-impl AccessSettings {
-    /// The priority a request gets: what it claims, at most what its client may claim.
-    pub fn cap_priority(&self, client: &str, claimed: Priority) -> Priority {
-        let max = self
-            .client_max_priority
-            .get(client)
-            .copied()
-            .unwrap_or(self.max_priority);
-        claimed.min(max)
-    }
-
-    /// Whether a `Host` value (a name or address, with or without a port) may address the
-    /// sidecar. IP addresses are always allowed: a page can only reach an address under that
-    /// address as its own origin, so it cannot rebind it. Names must be `localhost`, under
-    /// `.localhost`, or listed.
-    pub fn allows_host(&self, host: &str) -> bool {
-        let host = host.trim();
-        let name = match host.strip_prefix('[') {
-            // [v6]:port
-            Some(rest) => {
-                return rest
-                    .split(']')
-                    .next()
-                    .is_some_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok())
-            }
-            None => host.rsplit_once(':').map_or(host, |(name, port)| {
-                if port.bytes().all(|b| b.is_ascii_digit()) {
-                    name
-                } else {
-                    host
-                }
-            }),
-        };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        name.parse::<IpAddr>().is_ok()
-            || name == "localhost"
-            || name.ends_with(".localhost")
-            || self.allowed_hosts.contains(&name)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerSettings {
-    pub threads: usize,
-    pub max_connections: usize,
-    pub grace_period: Duration,
-    pub graceful_shutdown_timeout: Duration,
-    pub pid_file: String,
-    pub upgrade_sock: String,
-}
-
-/// `shared_quota:`, checked: where the shared bucket lives and how this sidecar uses it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SharedQuotaSettings {
-    /// The Redis URL as written (it holds no password); empty with Sentinels.
-    pub url: String,
-    /// `redis://host:port` of each Sentinel; empty without Sentinels.
-    pub sentinels: Vec<String>,
-    pub sentinel_master: String,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    pub ca_file: Option<String>,
-    /// PEM of the CA certificates to trust for TLS, read at load time.
-    pub ca_pem: Option<Vec<u8>>,
-    pub key: String,
-    /// Configured number of sidecars sharing the quota, for the fallback share.
-    pub instances: Option<u32>,
-    pub lease_ahead: Duration,
-    pub max_lease: u32,
-    pub timeout: Duration,
-}
-
-/// The validated configuration the sidecar runs on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Settings {
-    pub listen_host: IpAddr,
-    pub listen_port: u16,
-    pub metrics_port: u16,
-    /// The top-level upstream and bucket, for paths no route matches.
-    pub default_route: RouteSettings,
-    /// Configured routes, longest prefix first.
-    pub routes: Vec<RouteSettings>,
-    pub request_timeout: Duration,
-    pub low_priority_timeout: Duration,
-    pub fallback_passthrough: bool,
-    pub max_replays: u32,
-    /// Largest request body kept for replay, bytes.
-    pub max_replay_body: usize,
-    /// Memory all kept request bodies may take together, bytes.
-    pub replay_body_budget: usize,
-    pub upstream: UpstreamOptions,
-    pub admin: AdminSettings,
-    pub access: AccessSettings,
-    pub server: ServerSettings,
-    pub state_dir: Option<PathBuf>,
-    pub log_level: String,
-    pub shared_quota: Option<SharedQuotaSettings>,
-    /// Per-model limits, in match order.
-    pub models: Vec<ModelSettings>,
-    /// Client keys; empty when any local client may use the proxy.
-    pub clients: Clients,
-}
-
-impl Settings {
-    /// Where the proxy can be reached from this host (loopback when it listens on all
-    /// addresses): for readiness probes.
-    pub fn proxy_probe_addr(&self) -> std::net::SocketAddr {
-        let host = if self.listen_host.is_unspecified() {
-            IpAddr::from([127, 0, 0, 1])
-        } else {
-            self.listen_host
-        };
-        std::net::SocketAddr::new(host, self.listen_port)
-    }
-
-    /// The route for a request path: the longest matching prefix, else the default route.
-    pub fn route_for(&self, path: &str) -> &RouteSettings {
-        self.routes
-            .iter()
-            .find(|r| r.matches(path))
-            .unwrap_or(&self.default_route)
-    }
-}
-
-fn validate_shared_quota(
-    c: &mut Checker,
-    section: &SharedQuotaSection,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> SharedQuotaSettings {
-    let backend = section.backend.as_deref().unwrap_or("redis");
-    if backend != "redis" {
-        c.fail(
-            "shared_quota.backend",
-            format!("must be redis, got {backend:?}"),
-        );
-    }
-    let sentinels = validate_sentinels(c, section);
-    let url = match (&section.url, sentinels.is_empty()) {
-        (Some(_), false) => {
-            c.fail(
-                "shared_quota.url",
-                "cannot be used with shared_quota.sentinels: the Sentinels name the primary",
-            );
-            String::new()
-        }
-        (url, _) => url.clone().unwrap_or_default(),
-    };
-    if url.is_empty() && section.sentinels.is_none() {
-        c.fail(
-            "shared_quota.url",
-            "is required (or shared_quota.sentinels), e.g. redis://127.0.0.1:6379",
-        );
-    } else if !url.is_empty() {
-        use redis::IntoConnectionInfo;
-        match url.as_str().into_connection_info() {
-            Ok(info) if info.redis.password.is_some() => c.fail(
-                "shared_quota.url",
-                "has a password in it: put the password in the file named by shared_quota.password_file or the variable named by shared_quota.password_env",
-            ),
-            Ok(info) => {
-                if let Err(e) = redis::Client::open(info) {
-                    c.fail("shared_quota.url", format!("cannot be used: {e}"));
-                }
-            }
-            Err(e) => c.fail(
-                "shared_quota.url",
-                format!("is not a Redis URL (redis://, rediss:// or unix://): {e}"),
-            ),
-        }
-    }
-    let key = section
-        .key
-        .clone()
-        .unwrap_or_else(|| defaults::SHARED_QUOTA_KEY.to_string());
-    if key.is_empty()
-        || key
-            .chars()
-            .any(|ch| ch.is_whitespace() || ch.is_control() || ch == '{' || ch == '}')
-    {
-        c.fail(
-            "shared_quota.key",
-            format!("must be a non-empty name without spaces or braces, got {key:?}"),
-        );
-    }
-    if section.instances == Some(0) {
-        c.fail("shared_quota.instances", "must be at least 1, got 0");
-    }
-    let max_lease = section.max_lease.unwrap_or(defaults::MAX_LEASE);
-    if !(1..=1000).contains(&max_lease) {
-        c.fail(
-            "shared_quota.max_lease",
-            format!("must be between 1 and 1000, got {max_lease}"),
-        );
-    }
-    let lease_ahead = c.duration(
-        "shared_quota.lease_ahead",
-        section.lease_ahead,
-        defaults::LEASE_AHEAD,
-        false,
-    );
-    if lease_ahead > Duration::from_secs(60) {
-        c.fail(
-            "shared_quota.lease_ahead",
-            format!(
-                "must be at most 60 seconds, got {}",
-                lease_ahead.as_secs_f64()
-            ),
-        );
-    }
-    let ca_pem = section
-        .ca_file
-        .as_deref()
-        .and_then(|path| match std::fs::read(path) {
-            Ok(pem) => Some(pem),
-            Err(e) => {
-                c.fail("shared_quota.ca_file", format!("cannot read {path}: {e}"));
-                None
-            }
-        });
-    if let Some(pem) = &ca_pem {
-        use redis::IntoConnectionInfo;
-        if !url.starts_with("rediss://") {
-            c.fail(
-                "shared_quota.ca_file",
-                "is only used with a rediss:// url (TLS)",
-            );
-        } else if let Ok(info) = url.as_str().into_connection_info() {
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem.clone()),
-            };
-            if let Err(e) = redis::Client::build_with_tls(info, certs) {
-                c.fail(
-                    "shared_quota.ca_file",
-                    format!("holds no usable CA certificate: {e}"),
-                );
-            }
-        }
-    }
-    if section.ca_file.is_some() && !sentinels.is_empty() {
-        c.fail(
-            "shared_quota.ca_file",
-            "is not supported with shared_quota.sentinels (TLS to Sentinels is not implemented)",
-        );
-    }
-    SharedQuotaSettings {
-        url,
-        sentinels,
-        sentinel_master: section
-            .sentinel_master
-            .clone()
-            .unwrap_or_else(|| defaults::SENTINEL_MASTER.to_string()),
-        ca_file: section.ca_file.clone(),
-        ca_pem,
-        username: section.username.clone(),
-        password: c.secret(
-            "shared_quota.password_file",
-            section.password_file.as_deref(),
-            section.password_env.as_deref(),
-            env,
-        ),
-        key,
-        instances: section.instances,
-        lease_ahead,
-        max_lease,
-        timeout: c.duration(
-            "shared_quota.timeout",
-            section.timeout,
-            defaults::REDIS_TIMEOUT,
-            false,
-        ),
-    }
-}
-
-/// `shared_quota.sentinels` as `redis://host:port` URLs, and a sensible `sentinel_master`.
-fn validate_sentinels(c: &mut Checker, section: &SharedQuotaSection) -> Vec<String> {
-    let Some(addresses) = &section.sentinels else {
-        if section.sentinel_master.is_some() {
-            c.fail(
-                "shared_quota.sentinel_master",
-                "is only used with shared_quota.sentinels",
-            );
-        }
-        return Vec::new();
-    };
-    if addresses.is_empty() {
-        c.fail("shared_quota.sentinels", "must list at least one host:port");
-    }
-    if let Some(name) = &section.sentinel_master {
-        if name.is_empty() || name.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
-            c.fail(
-                "shared_quota.sentinel_master",
-                format!("must be a name without spaces, got {name:?}"),
-            );
-        }
-    }
-    let mut urls = Vec::new();
-    for address in addresses {
-        let parsed = address
-            .rsplit_once(':')
-            .filter(|(host, _)| !host.is_empty() && !host.contains(['/', '@', ' ']))
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok().filter(|p| *p > 0)?)));
-        match parsed {
-            Some((host, port)) => urls.push(format!("redis://{host}:{port}")),
-            None => c.fail(
-                "shared_quota.sentinels",
-                format!("must be host:port entries, got {address:?}"),
-            ),
-        }
-    }
-    urls
-}
-
-/// Default values, shared by validation and the documentation.
-pub mod defaults {
-    /// `shared_quota.sentinel_master`: Redis Sentinel's own example name.
-    pub const SENTINEL_MASTER: &str = "mymaster";
-    pub const LISTEN_HOST: &str = "127.0.0.1";
-    pub const LISTEN_PORT: u16 = 9180;
-    pub const METRICS_PORT: u16 = 9191;
-    pub const UPSTREAM_URL: &str = "https://integrate.api.nvidia.com";
-    /// Where the upstream key is read from when the config names no source.
-    pub const API_KEY_ENV: &str = "NVIDIA_API_KEY";
-    pub const RATE_RPM: f64 = 40.0;
-    pub const BUCKET_CAPACITY: u32 = 1;
-    pub const REQUEST_TIMEOUT: f64 = 300.0;
-    pub const QUEUE_MAX_SIZE: usize = 100;
-    pub const LOW_PRIORITY_TIMEOUT: f64 = 30.0;
-    pub const MAX_REPLAYS: u32 = 6;
-    /// Coding agents send prompts of 100 KiB to 1 MiB; 8 MiB leaves room for long contexts.
-    pub const MAX_REPLAY_BODY: u64 = 8 << 20;
-    /// Enough for 32 bodies of the largest replayable size at once.
-    pub const REPLAY_BODY_BUDGET: u64 = 256 << 20;
-    pub const CONNECT_TIMEOUT: f64 = 10.0;
-    pub const READ_TIMEOUT: f64 = 300.0;
-    pub const IDLE_TIMEOUT: f64 = 60.0;
-    pub const DNS_TTL: f64 = 60.0;
-    pub const THREADS: usize = 2;
-    pub const MAX_CONNECTIONS: usize = 16_384;
-    pub const GRACE_PERIOD: f64 = 30.0;
-    pub const GRACEFUL_SHUTDOWN_TIMEOUT: f64 = 5.0;
-    pub const PID_FILE: &str = "/tmp/nvidia-sidecar.pid";
-    pub const UPGRADE_SOCK: &str = "/tmp/nvidia-sidecar-upgrade.sock";
-    pub const SHARED_QUOTA_KEY: &str = "nvidia-sidecar";
-    pub const LEASE_AHEAD: f64 = 1.0;
-    pub const MAX_LEASE: u32 = 4;
-    pub const REDIS_TIMEOUT: f64 = 0.5;
-}
+use super::defaults;
+use super::file::{FileConfig, RouteSection};
+use super::shared_quota::validate_shared_quota;
+use super::{
+    AccessSettings, AdminSettings, ConfigError, RouteSettings, ServerSettings, Settings,
+    UpstreamOptions, UpstreamUrl,
+};
+use crate::limiter::{KeyRate, LimiterSettings, Priority, RetreatSettings};
 
 /// Checks a parsed file and builds the settings; `env` looks up environment variables.
 pub fn validate(
@@ -575,44 +43,62 @@ pub fn validate(
     }
 
     let a = &file.adaptive;
+    // The controller's own defaults are the defaults: one source (`RetreatSettings::default`).
+    let d = RetreatSettings::default();
+    let secs = |t: std::time::Duration| t.as_secs_f64();
     let retreat = RetreatSettings {
-        window: c.duration("adaptive.window", a.window, 60.0, false),
+        window: c.duration("adaptive.window", a.window, secs(d.window), false),
         threshold: c.fraction(
             "adaptive.retreat_threshold",
-            a.retreat_threshold.unwrap_or(0.0),
+            a.retreat_threshold.unwrap_or(d.threshold),
             true,
             false,
         ),
         decrease_factor: c.fraction(
             "adaptive.decrease_factor",
-            a.decrease_factor.unwrap_or(0.5),
+            a.decrease_factor.unwrap_or(d.decrease_factor),
             false,
             false,
         ),
         floor_fraction: c.fraction(
             "adaptive.floor_fraction",
-            a.floor_fraction.unwrap_or(0.1),
+            a.floor_fraction.unwrap_or(d.floor_fraction),
             false,
             true,
         ),
-        quiet_period: c.duration("adaptive.quiet_period", a.quiet_period, 15.0, true),
+        quiet_period: c.duration(
+            "adaptive.quiet_period",
+            a.quiet_period,
+            secs(d.quiet_period),
+            true,
+        ),
         recover_step: c.fraction(
             "adaptive.recover_step",
-            a.recover_step.unwrap_or(0.05),
+            a.recover_step.unwrap_or(d.recover_step),
             false,
             true,
         ),
-        recover_interval: c.duration("adaptive.recover_interval", a.recover_interval, 5.0, false),
+        recover_interval: c.duration(
+            "adaptive.recover_interval",
+            a.recover_interval,
+            secs(d.recover_interval),
+            false,
+        ),
         ceiling_headroom: c.fraction(
             "adaptive.ceiling_headroom",
-            a.ceiling_headroom.unwrap_or(0.05),
+            a.ceiling_headroom.unwrap_or(d.ceiling_headroom),
             true,
             false,
         ),
-        probe_interval: c.duration("adaptive.probe_interval", a.probe_interval, 300.0, false),
+        probe_interval: c.duration(
+            "adaptive.probe_interval",
+            a.probe_interval,
+            secs(d.probe_interval),
+            false,
+        ),
         safety_margin: c.fraction(
             "adaptive.safety_margin",
-            a.safety_margin.unwrap_or(0.01),
+            a.safety_margin.unwrap_or(d.safety_margin),
             true,
             false,
         ),
