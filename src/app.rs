@@ -153,7 +153,51 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(layers: ConfigLayers, settings: Settings) -> Arc<App> {
+    /// Starts on the file at `path` (the embedded default when `None`), with the runtime
+    /// overrides saved in its state directory laid over it, through the same layering and
+    /// validation as every later change (`ConfigLayers::settings`). Saved overrides that no
+    /// longer validate are left out, with an error line, rather than stop the start.
+    pub fn start(layers: ConfigLayers) -> Result<Arc<App>, Vec<ConfigError>> {
+        let mut layers = layers;
+        let mut settings = layers.settings()?;
+        if let Some(dir) = settings.state_dir.clone() {
+            match crate::state::load_overrides(&dir) {
+                Ok(overrides) if !overrides.is_empty() => {
+                    let with = ConfigLayers {
+                        overrides,
+                        ..layers.clone()
+                    };
+                    match with.settings() {
+                        Ok(layered) => {
+                            log::info!(
+                                "runtime overrides from {}: {}",
+                                dir.display(),
+                                with.overrides.names().join(", ")
+                            );
+                            (layers, settings) = (with, layered);
+                        }
+                        Err(errors) => {
+                            let list: Vec<String> =
+                                errors.iter().map(ToString::to_string).collect();
+                            log::error!(
+                                "ignoring the saved overrides, they no longer validate: {}",
+                                list.join("; ")
+                            );
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log::error!("ignoring unreadable overrides {e}"),
+            }
+        }
+        let app = App::new(layers, settings);
+        if let Some(dir) = app.settings().state_dir.clone() {
+            crate::state::restore_limiters(&dir, &app);
+        }
+        Ok(app)
+    }
+
+    fn new(layers: ConfigLayers, settings: Settings) -> Arc<App> {
         let metrics = Arc::new(Metrics::new());
         let shared = settings.shared_quota.clone().map(|q| {
             Arc::new(
@@ -249,7 +293,7 @@ impl App {
             ChangeRequest::Patch(patch) => next.overrides = next.overrides.merged(&patch),
             ChangeRequest::ClearOverrides => next.overrides = Overrides::default(),
         }
-        let mut settings = config::validate_with_env(&next.effective())?;
+        let mut settings = next.settings()?;
         let current = self.settings();
         let restart_required = keep_restart_only(&current, &mut settings);
         // The rule "an admin plane off loopback needs a token" holds for the settings that
@@ -290,7 +334,7 @@ impl App {
     }
 
     /// Puts new settings in force, keeping the buckets of routes that remain.
-    pub fn apply(&self, settings: Settings) {
+    fn apply(&self, settings: Settings) {
         let current = self.table.load_full();
         let next = RouteTable::build(Arc::new(settings), Some(&current));
         self.table.store(Arc::new(next));

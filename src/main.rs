@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nvidia_sidecar::cli::Cli;
-use nvidia_sidecar::{config, server, state, App};
+use nvidia_sidecar::{config, server, App};
 
 /// mimalloc instead of the C library's allocator: fewer cycles per request, and memory that
 /// does not creep under sustained load (BENCHMARKS.md, scenario 5 and the soak).
@@ -15,22 +15,29 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let source = cli.conf.as_deref().unwrap_or("(embedded default)");
-    let loaded = config::read_file(cli.conf.as_deref()).and_then(|file| {
-        let settings = config::validate_with_env(&file)?;
-        Ok((file, settings))
-    });
-    let (file, mut settings) = match loaded {
-        Ok(loaded) => loaded,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{source}: {e}");
-            }
-            eprintln!(
-                "{source}: {} problem(s); configuration rejected",
-                errors.len()
-            );
-            return ExitCode::from(1);
+    let rejected = |errors: Vec<config::ConfigError>| {
+        for e in &errors {
+            eprintln!("{source}: {e}");
         }
+        eprintln!(
+            "{source}: {} problem(s); configuration rejected",
+            errors.len()
+        );
+        ExitCode::from(1)
+    };
+    let layers = match config::read_file(cli.conf.as_deref()) {
+        Ok(file) => config::ConfigLayers {
+            path: cli.conf.clone(),
+            file,
+            overrides: config::Overrides::default(),
+        },
+        Err(errors) => return rejected(errors),
+    };
+    // The file alone, for `-t` and for what must be known before the app starts (the log
+    // level, the listen addresses); runtime overrides change neither.
+    let file_settings = match layers.settings() {
+        Ok(settings) => settings,
+        Err(errors) => return rejected(errors),
     };
     if cli.test {
         println!("{source}: configuration OK");
@@ -38,9 +45,28 @@ fn main() -> ExitCode {
     }
     // A daemon forks after this, and a forked process keeps no threads: it writes each line
     // itself.
-    nvidia_sidecar::init_logging(&settings.log_level, !cli.daemon);
+    nvidia_sidecar::init_logging(&file_settings.log_level, !cli.daemon);
+    let mode = server::RunMode {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+    };
+    if !mode.upgrade {
+        // Pingora binds later, in a thread of its own whose failure would leave the process
+        // running without a proxy; find out now and stop with a clear line.
+        if let Err(e) = server::check_listen_addresses(&file_settings) {
+            log::error!("{e}");
+            log::logger().flush();
+            eprintln!("{source}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let app = match App::start(layers) {
+        Ok(app) => app,
+        Err(errors) => return rejected(errors),
+    };
+    let settings = app.settings();
     log::info!(
-        "nvidia-sidecar {} starting: proxy {}:{} -> {}, {} rpm, config {source}",
+        "nvidia-sidecar {} starting: proxy {}:{} -> {}, {} rpm, {} upstream key(s), config {source}",
         env!("CARGO_PKG_VERSION"),
         settings.listen_host,
         settings.listen_port,
@@ -50,61 +76,17 @@ fn main() -> ExitCode {
             .bucket
             .as_ref()
             .map_or(0.0, |b| b.base_rpm),
+        settings.upstream.keys.len(),
     );
-    if settings.upstream.api_key.is_none() {
+    if settings
+        .upstream
+        .keys
+        .iter()
+        .all(|k| k.authorization.is_none())
+    {
         log::info!(
             "no upstream API key configured: clients' own Authorization headers are forwarded"
         );
-    }
-    let mode = server::RunMode {
-        upgrade: cli.upgrade,
-        daemon: cli.daemon,
-    };
-    if !mode.upgrade {
-        // Pingora binds later, in a thread of its own whose failure would leave the process
-        // running without a proxy; find out now and stop with a clear line.
-        if let Err(e) = server::check_listen_addresses(&settings) {
-            log::error!("{e}");
-            log::logger().flush();
-            eprintln!("{source}: {e}");
-            return ExitCode::from(1);
-        }
-    }
-    let mut layers = config::ConfigLayers {
-        path: cli.conf.clone(),
-        file,
-        overrides: config::Overrides::default(),
-    };
-    if let Some(dir) = settings.state_dir.clone() {
-        match state::load_overrides(&dir) {
-            Ok(overrides) if !overrides.is_empty() => {
-                layers.overrides = overrides;
-                match config::validate_with_env(&layers.effective()) {
-                    Ok(layered) => {
-                        log::info!(
-                            "runtime overrides from {}: {}",
-                            dir.display(),
-                            layers.overrides.names().join(", ")
-                        );
-                        settings = layered;
-                    }
-                    Err(errors) => {
-                        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
-                        log::error!(
-                            "ignoring the saved overrides, they no longer validate: {}",
-                            list.join("; ")
-                        );
-                        layers.overrides = config::Overrides::default();
-                    }
-                }
-            }
-            Ok(_) => {}
-            Err(e) => log::error!("ignoring unreadable overrides {e}"),
-        }
-    }
-    let app = App::new(layers, settings);
-    if let Some(dir) = app.settings().state_dir.clone() {
-        state::restore_limiters(&dir, &app);
     }
     server::build(app, mode).run(pingora::server::RunArgs::default());
     log::logger().flush();

@@ -75,15 +75,12 @@ async fn a_waiter_with_a_small_body_holds_no_large_buffer() {
     .unwrap();
     let path = path.display().to_string();
     let file = config::read_file(Some(&path)).unwrap();
-    let settings = config::validate_with_env(&file).unwrap();
-    let app = App::new(
-        config::ConfigLayers {
-            path: Some(path),
-            file,
-            overrides: config::Overrides::default(),
-        },
-        settings,
-    );
+    let app = App::start(config::ConfigLayers {
+        path: Some(path),
+        file,
+        overrides: config::Overrides::default(),
+    })
+    .unwrap();
     let mode = server::RunMode {
         upgrade: false,
         daemon: false,

@@ -129,6 +129,12 @@ impl ConfigLayers {
         self.overrides.apply_to(&mut merged);
         merged
     }
+
+    /// The settings these layers make, validated with the process environment: what the start
+    /// and every later change put in force.
+    pub fn settings(&self) -> Result<super::Settings, Vec<ConfigError>> {
+        super::validate_with_env(&self.effective())
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use prometheus::IntGauge;
 
 use crate::admission::{now, AdmissionGate};
 use crate::app::Route;
+use crate::config::Settings;
 use crate::limiter::{Ask, Grant, Priority, Rejection, UpstreamSignal};
 use crate::metrics::Outcome;
 
@@ -98,6 +99,8 @@ impl Drop for ModelSlot {
 /// Everything a request needs, owned by the request (Pingora's `CTX`).
 pub struct RequestCtx {
     pub inflight: Option<Inflight>,
+    /// The settings in force when the request arrived; every phase reads these.
+    pub settings: Arc<Settings>,
     pub started: Instant,
     pub route: Option<Arc<Route>>,
     pub client: Arc<str>,
@@ -139,10 +142,11 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    pub fn new() -> Self {
+    pub fn new(settings: Arc<Settings>) -> Self {
         let started = now();
         RequestCtx {
             inflight: None,
+            settings,
             started,
             route: None,
             client: Arc::from("-"),
@@ -208,11 +212,5 @@ impl RequestCtx {
                 _ => Outcome::Forwarded,
             },
         }
-    }
-}
-
-impl Default for RequestCtx {
-    fn default() -> Self {
-        RequestCtx::new()
     }
 }

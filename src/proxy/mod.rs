@@ -100,7 +100,7 @@ impl SidecarProxy {
         if gate.key_count() < 2 {
             return false;
         }
-        let settings = self.app.settings();
+        let settings = ctx.settings.clone();
         let name = settings
             .upstream
             .keys
@@ -219,12 +219,14 @@ impl ProxyHttp for SidecarProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.app.settings())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.inflight = Some(context::Inflight::new(&self.app.metrics.inflight));
         let table = self.app.table();
+        // One snapshot for the whole request: a reload meanwhile applies to the next one.
+        ctx.settings = table.settings.clone();
         if let Some(answer) = classify::refusal(session, &table) {
             ctx.stage = Stage::Refused;
             answer.send(session).await?;
@@ -370,7 +372,7 @@ impl ProxyHttp for SidecarProxy {
             }
         }
         ctx.answer_observed = false;
-        let settings = self.app.settings();
+        let settings = ctx.settings.clone();
         let addr = route
             .upstream
             .resolve(settings.upstream.dns_ttl)
@@ -419,7 +421,7 @@ impl ProxyHttp for SidecarProxy {
             http::header::HOST,
             route.settings.upstream.authority.as_str(),
         )?;
-        let settings = self.app.settings();
+        let settings = ctx.settings.clone();
         // The key of the grant; requests sent without one (passthrough, fail-open) use the
         // first key.
         let key = match ctx.grant() {
@@ -478,7 +480,7 @@ impl ProxyHttp for SidecarProxy {
         };
         let signal = replay::read_header(response);
         let backoff = replay::backoff(response);
-        let settings = self.app.settings();
+        let settings = ctx.settings.clone();
         if let (401 | 403, Some(grant)) = (status, ctx.grant()) {
             if self.refused_key(ctx, &gate, grant, status)
                 && ctx.body.is_complete()
