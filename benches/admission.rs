@@ -1,6 +1,8 @@
 //! The cost of one admission decision and of one grant, with criterion:
 //! `cargo bench --bench admission`.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -20,6 +20,8 @@
 //! per 2 s so a run takes seconds instead of hours; `REPEATS` (default 3) sets how many runs
 //! each row's median is taken over.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

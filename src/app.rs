@@ -4,7 +4,7 @@
 //! every bucket that still exists, so a change never resets tokens, queue or retreat state.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -143,13 +143,12 @@ pub struct App {
     table: ArcSwap<RouteTable>,
     /// The file and overrides in force; the mutex serialises every configuration change.
     layers: Mutex<ConfigLayers>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Requests, grants and queue waits per client over the last minute (bounded).
-    pub activity: Activity,
+    pub(crate) activity: Activity,
     /// Membership in a quota shared with other sidecars (`shared_quota`), fixed at start.
-    pub shared: Option<Arc<SharedQuota>>,
-    pub started: Instant,
-    pub started_at: SystemTime,
+    pub(crate) shared: Option<Arc<SharedQuota>>,
+    pub(crate) started: Instant,
 }
 
 impl App {
@@ -213,7 +212,6 @@ impl App {
             activity: Activity::new(crate::admission::now()),
             shared,
             started: Instant::now(),
-            started_at: SystemTime::now(),
         })
     }
 

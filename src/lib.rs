@@ -8,24 +8,40 @@
 //! readiness, state saving), `admin` (the admin plane: metrics, health, status, dashboard,
 //! config API), `shared_quota` (one quota for several sidecars, kept in Redis).
 #![forbid(unsafe_code)]
+// Every module but `limiter` may read the clock (see clippy.toml).
 
-pub mod activity;
-pub mod admin;
-pub mod admission;
-pub mod app;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod activity;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod admin;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod admission;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod app;
+#[allow(clippy::disallowed_methods)]
 pub mod cli;
+#[allow(clippy::disallowed_methods)]
 pub mod config;
+#[allow(clippy::disallowed_methods)]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod lifecycle;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod lifecycle;
 pub mod limiter;
-pub mod logging;
-pub mod metrics;
-pub mod proxy;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod logging;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod metrics;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod proxy;
+#[allow(clippy::disallowed_methods)]
 pub mod server;
-pub mod shared_quota;
-pub mod state;
-pub mod upstream;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod shared_quota;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod state;
+#[allow(clippy::disallowed_methods)]
+pub(crate) mod upstream;
 
 pub use app::App;
 

@@ -98,10 +98,19 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     server
 }
 
+/// An address the sidecar cannot listen on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for the {what}: {source}")]
+pub struct ListenError {
+    pub addr: std::net::SocketAddr,
+    pub what: &'static str,
+    pub source: std::io::Error,
+}
+
 /// Checks that the proxy and admin addresses can be listened on (nobody else holds them, the
 /// process may bind them), by binding and releasing each. Not for upgrades, where the running
 /// instance holds them and hands them over.
-pub fn check_listen_addresses(settings: &crate::config::Settings) -> Result<(), String> {
+pub fn check_listen_addresses(settings: &crate::config::Settings) -> Result<(), ListenError> {
     let addresses = [
         ("proxy", settings.listen_host, settings.listen_port),
         (
@@ -112,8 +121,8 @@ pub fn check_listen_addresses(settings: &crate::config::Settings) -> Result<(), 
     ];
     for (what, host, port) in addresses {
         let addr = std::net::SocketAddr::new(host, port);
-        if let Err(e) = std::net::TcpListener::bind(addr) {
-            return Err(format!("cannot listen on {addr} for the {what}: {e}"));
+        if let Err(source) = std::net::TcpListener::bind(addr) {
+            return Err(ListenError { addr, what, source });
         }
     }
     Ok(())

@@ -68,15 +68,30 @@ pub fn overrides_path(dir: &Path) -> PathBuf {
     dir.join(OVERRIDES_FILE)
 }
 
+/// Why the saved overrides could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+}
+
 /// The saved overrides; none when the file does not exist.
-pub fn load_overrides(dir: &Path) -> Result<Overrides, String> {
+pub fn load_overrides(dir: &Path) -> Result<Overrides, StateError> {
     let path = overrides_path(dir);
     match fs::read_to_string(&path) {
         Ok(text) => serde_yaml::from_str::<Option<Overrides>>(&text)
             .map(Option::unwrap_or_default)
-            .map_err(|e| format!("{}: {e}", path.display())),
+            .map_err(|source| StateError::Parse { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Overrides::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(StateError::Read { path, source }),
     }
 }
 

@@ -4,6 +4,8 @@
 //! client with such a body that hangs up consumes no token, one incident costs a bounded number
 //! of upstream 429s, and recovery never climbs above what the upstream accepted.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::time::{Duration, Instant};

@@ -1,6 +1,8 @@
 //! The admin plane against the real server: endpoints and their JSON, the config API and its
 //! validation, authentication, metrics (checked with promtool) and the dashboard stream.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::io::Write;

@@ -5,6 +5,8 @@
 //! `docs/dashboard.png` is made by the ignored test `dashboard_screenshot`:
 //! `cargo test --test dashboard -- --ignored dashboard_screenshot` (about 90 s).
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};

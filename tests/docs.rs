@@ -2,6 +2,8 @@
 //! structs (`src/config/file.rs`) and the shipped defaults (`conf/sidecar.yaml`). This test
 //! fails when the two drift apart; `UPDATE_README=1 cargo test --test docs` rewrites it.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 use std::collections::BTreeMap;
 
 const START: &str = "<!-- config-reference:start -->";

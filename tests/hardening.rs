@@ -2,6 +2,8 @@
 //! passthrough route, absurd durations in the config and in upstream headers, a client id per
 //! request.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::time::Duration;

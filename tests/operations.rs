@@ -1,6 +1,8 @@
 //! Running it as an operator does: SIGHUP reloads under load, overrides that survive reloads
 //! and restarts, limiter state across a restart, draining on SIGTERM, graceful upgrade.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -14,6 +14,8 @@
 //!
 //! A first test checks the mock's own per-key quotas, revoked keys and model limits.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::future::Future;

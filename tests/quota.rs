@@ -1,6 +1,8 @@
 //! Many concurrent clients against an upstream with a hidden strict quota, through the real
 //! sidecar: the quota is used but never violated, and a rate set too high is learned.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! The request path end to end: the real sidecar binary in front of a mock upstream.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::time::{Duration, Instant};

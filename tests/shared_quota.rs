@@ -3,6 +3,8 @@
 //! seen by one sidecar slows all three, and a Redis outage falls back to each sidecar's share
 //! and rejoins when Redis returns.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::collections::HashMap;

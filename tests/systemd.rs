@@ -1,6 +1,8 @@
 //! The systemd unit: `systemd-analyze verify` is clean and `systemd-analyze security` scores
 //! it at most 1.5 (lower is safer).
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::process::Command;

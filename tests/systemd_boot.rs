@@ -6,6 +6,8 @@
 //! Needs root, `debootstrap`, `systemd-nspawn` (package `systemd-container`) and `dpkg-deb`. Run
 //! by hand without them it skips with the reason; under `CI=true` it fails.
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::path::{Path, PathBuf};

@@ -4,6 +4,8 @@
 //! per-connection 64 KiB read buffer used to be most of a waiter's cost: BENCHMARKS.md,
 //! scenario 6).
 
+#![allow(clippy::disallowed_methods)] // tests and benchmarks time real runs (see clippy.toml)
+
 mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -10,8 +10,8 @@
 mod clients;
 mod waits;
 
-pub use clients::{ClientTable, ClientView, ClientsView, TOP_CLIENTS, TRACKED_CLIENTS_MAX};
-pub use waits::{WaitQuantiles, WaitWindow, WAIT_WINDOW_SECONDS};
+pub use clients::{ClientTable, ClientsView, TRACKED_CLIENTS_MAX};
+pub use waits::{WaitQuantiles, WaitWindow};
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};

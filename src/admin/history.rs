@@ -83,10 +83,12 @@ impl History {
         self.samples.back()
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.samples.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }

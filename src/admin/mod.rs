@@ -16,7 +16,6 @@ mod history;
 mod routes;
 mod status;
 
-pub use history::{HistorySample, HISTORY_LEN};
 pub use status::{Snapshot, StatusBuilder};
 
 use std::sync::atomic::{AtomicBool, Ordering};

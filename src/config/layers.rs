@@ -98,14 +98,14 @@ impl Overrides {
             }
             let single = Value::Object([(name.clone(), value.clone())].into_iter().collect());
             if let Err(e) = serde_json::from_value::<Overrides>(single) {
-                errors.push(ConfigError::new(name.clone(), e.to_string()));
+                errors.push(ConfigError::parse(name.clone(), e.to_string()));
             }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
         serde_json::from_value(patch.clone())
-            .map_err(|e| vec![ConfigError::new("(body)", e.to_string())])
+            .map_err(|e| vec![ConfigError::parse("(body)", e.to_string())])
     }
 
     pub fn is_empty(&self) -> bool {

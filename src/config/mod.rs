@@ -20,7 +20,7 @@ mod view;
 
 pub use bytes::ByteSize;
 pub use clients::{ClientSettings, Clients};
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigErrorKind};
 pub use file::{
     AccessSection, AdaptiveSection, AdminSection, ClientSection, FileConfig, KeySection,
     ModelSection, RouteSection, ServerSection, SharedQuotaSection, UpstreamSection,
@@ -32,7 +32,7 @@ pub use seconds::Seconds;
 pub use secret::Secret;
 pub use settings::{
     AccessSettings, AdminSettings, RouteSettings, ServerSettings, Settings, SharedQuotaSettings,
-    UpstreamOptions, UpstreamUrl,
+    UpstreamOptions, UpstreamUrl, UrlError,
 };
 pub use validate::validate;
 pub use view::effective_view;

@@ -60,7 +60,7 @@ fn parse_lenient(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Vec<Confi
         )]);
     }
     let doc: Value =
-        serde_yaml::from_str(text).map_err(|e| vec![ConfigError::new("(file)", clean(&e))])?;
+        serde_yaml::from_str(text).map_err(|e| vec![ConfigError::parse("(file)", clean(&e))])?;
     let entries = match doc {
         Value::Null => Mapping::new(),
         Value::Mapping(m) => m,
@@ -86,7 +86,7 @@ fn parse_lenient(text: &str) -> Result<(FileConfig, Vec<ConfigError>), Vec<Confi
         }
     }
     let file = serde_yaml::from_value(Value::Mapping(good))
-        .map_err(|e| vec![ConfigError::new("(file)", clean(&e))])?;
+        .map_err(|e| vec![ConfigError::parse("(file)", clean(&e))])?;
     Ok((file, errors))
 }
 
@@ -111,7 +111,7 @@ fn probe(name: &str, key: &Value, value: &Value) -> Vec<ConfigError> {
                 one.insert(field.clone(), v.clone());
                 if let Err(e) = try_entry(Value::Mapping(one)) {
                     let field = field.as_str().unwrap_or("?");
-                    errors.push(ConfigError::new(format!("{name}.{field}"), e));
+                    errors.push(ConfigError::parse(format!("{name}.{field}"), e));
                 }
             }
         }
@@ -123,18 +123,18 @@ fn probe(name: &str, key: &Value, value: &Value) -> Vec<ConfigError> {
                         one.insert(field.clone(), v.clone());
                         if let Err(e) = try_entry(Value::Sequence(vec![Value::Mapping(one)])) {
                             let field = field.as_str().unwrap_or("?");
-                            errors.push(ConfigError::new(format!("{name}[{i}].{field}"), e));
+                            errors.push(ConfigError::parse(format!("{name}[{i}].{field}"), e));
                         }
                     }
                 } else if let Err(e) = try_entry(Value::Sequence(vec![item.clone()])) {
-                    errors.push(ConfigError::new(format!("{name}[{i}]"), e));
+                    errors.push(ConfigError::parse(format!("{name}[{i}]"), e));
                 }
             }
         }
         _ => {}
     }
     if errors.is_empty() {
-        errors.push(ConfigError::new(name, whole));
+        errors.push(ConfigError::parse(name, whole));
     }
     errors
 }

@@ -2,7 +2,6 @@
 //! (`30s`, `5m`, `1h30m`, `250ms`).
 
 use std::fmt;
-use std::time::Duration;
 
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -12,13 +11,6 @@ use crate::limiter::parse_go_duration;
 /// A non-negative duration written as seconds or as a duration string.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Seconds(pub f64);
-
-impl Seconds {
-    /// The duration, saturating instead of panicking on values too large to represent.
-    pub fn duration(self) -> Duration {
-        crate::limiter::seconds(self.0).unwrap_or(Duration::ZERO)
-    }
-}
 
 impl Serialize for Seconds {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

@@ -32,27 +32,41 @@ impl fmt::Display for UpstreamUrl {
     }
 }
 
+/// Why a text is not an upstream URL; each says it of the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("is not a URL: {text:?} ({reason})")]
+    NotAUrl { text: String, reason: String },
+    #[error("must start with http:// or https://, got {0:?}")]
+    Scheme(String),
+    #[error("has no host: {0:?}")]
+    NoHost(String),
+    #[error("must be scheme://host[:port] without a path (clients send the path), got {0:?}")]
+    HasPath(String),
+}
+
 impl UpstreamUrl {
-    pub fn parse(text: &str) -> Result<UpstreamUrl, String> {
+    pub fn parse(text: &str) -> Result<UpstreamUrl, UrlError> {
         let uri: Uri = text
             .parse()
-            .map_err(|e| format!("not a URL: {text:?} ({e})"))?;
+            .map_err(|e: http::uri::InvalidUri| UrlError::NotAUrl {
+                text: text.to_string(),
+                reason: e.to_string(),
+            })?;
         let tls = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(format!("must start with http:// or https://, got {text:?}")),
+            _ => return Err(UrlError::Scheme(text.to_string())),
         };
         let host = uri
             .host()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("has no host: {text:?}"))?
+            .ok_or_else(|| UrlError::NoHost(text.to_string()))?
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(format!(
-                "must be scheme://host[:port] without a path (clients send the path), got {text:?}"
-            ));
+            return Err(UrlError::HasPath(text.to_string()));
         }
         let default_port = if tls { 443 } else { 80 };
         let port = uri.port_u16().unwrap_or(default_port);

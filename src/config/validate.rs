@@ -198,7 +198,7 @@ pub fn validate(
         .as_deref()
         .unwrap_or(defaults::UPSTREAM_URL);
     let default_upstream = UpstreamUrl::parse(upstream_text).unwrap_or_else(|e| {
-        c.fail("upstream_url", e);
+        c.fail("upstream_url", e.to_string());
         UpstreamUrl::parse(defaults::UPSTREAM_URL).expect("the default upstream URL is valid")
     });
     let default_route = RouteSettings {
@@ -453,7 +453,7 @@ fn validate_route(
         Some(text) => match UpstreamUrl::parse(text) {
             Ok(u) => u,
             Err(e) => {
-                c.fail(&key("upstream_url"), e);
+                c.fail(&key("upstream_url"), e.to_string());
                 return None;
             }
         },

@@ -118,6 +118,7 @@ impl TokenBucket {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick their own instants
 mod tests {
     use super::*;
 

@@ -889,9 +889,13 @@ impl Limiter {
     }
 }
 
+// Tests pick their own instants.
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod pool_tests;
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod simulation;
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests;

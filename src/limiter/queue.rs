@@ -364,6 +364,7 @@ impl AdmissionQueue {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick their own instants
 mod tests {
     use super::*;
     use std::time::Duration;

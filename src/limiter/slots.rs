@@ -81,6 +81,7 @@ impl Slots {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick their own instants
 mod tests {
     use super::*;
 

@@ -58,7 +58,7 @@ pub enum BodyHold {
     /// The request has no body.
     Empty,
     /// Read completely into Pingora's retry buffer.
-    RetryBuffer(Reservation),
+    RetryBuffer { _held: Reservation },
     /// Read completely into `body`; Pingora's retry buffer holds its tail (see the module doc).
     Kept { body: Bytes, _held: Reservation },
     /// Streams through when the request's turn comes; not replayable.
@@ -71,7 +71,7 @@ impl BodyHold {
     pub fn is_complete(&self) -> bool {
         matches!(
             self,
-            BodyHold::Empty | BodyHold::RetryBuffer(_) | BodyHold::Kept { .. }
+            BodyHold::Empty | BodyHold::RetryBuffer { .. } | BodyHold::Kept { .. }
         )
     }
 
@@ -160,7 +160,7 @@ pub async fn hold(
                 .await?
                 .is_some()
             {}
-            return Ok(BodyHold::RetryBuffer(reservation));
+            return Ok(BodyHold::RetryBuffer { _held: reservation });
         }
         let mut body = BytesMut::with_capacity(len);
         loop {

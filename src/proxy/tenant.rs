@@ -72,7 +72,7 @@ pub fn client_timeout(session: &Session) -> Option<Duration> {
 pub fn held_body(session: &Session, body: &BodyHold) -> Option<Bytes> {
     match body {
         BodyHold::Kept { body, .. } => Some(body.clone()),
-        BodyHold::RetryBuffer(_) => session.downstream_session.get_retry_buffer(),
+        BodyHold::RetryBuffer { .. } => session.downstream_session.get_retry_buffer(),
         _ => None,
     }
 }

@@ -15,6 +15,7 @@ pub fn fuzz_reply(items: &[Result<i64, Vec<u8>>]) {
 
 mod client;
 mod link;
+mod planner;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -25,7 +26,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::Serialize;
 
-pub use client::{CallError, Change, LeaseReply, LeaseRequest};
+pub use client::{CallError, LeaseReply, LeaseRequest};
 
 use crate::app::App;
 use crate::config::SharedQuotaSettings;
