@@ -7,97 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::activity::Activity;
-use crate::admission::AdmissionGate;
-use crate::config::{self, ConfigError, ConfigLayers, Overrides, RouteSettings, Settings};
+use crate::config::{self, ConfigError, ConfigLayers, Overrides, Settings};
 use crate::metrics::Metrics;
+pub use crate::routes::{Route, RouteTable};
 use crate::shared_quota::SharedQuota;
-use crate::upstream::Upstream;
-
-/// One route at run time.
-pub struct Route {
-    pub settings: RouteSettings,
-    pub upstream: Arc<Upstream>,
-    /// The bucket this route draws on; `None` for passthrough routes.
-    pub gate: Option<Arc<AdmissionGate>>,
-}
-
-impl Route {
-    pub fn name(&self) -> &str {
-        &self.settings.name
-    }
-}
-
-/// The settings in force and the routes built from them.
-pub struct RouteTable {
-    pub settings: Arc<Settings>,
-    pub default: Arc<Route>,
-    /// Longest prefix first.
-    pub routes: Vec<Arc<Route>>,
-}
-
-impl RouteTable {
-    /// Builds the routes for `settings`, taking over buckets and DNS caches of `previous`
-    /// where a route of the same name and upstream still exists.
-    pub fn build(settings: Arc<Settings>, previous: Option<&RouteTable>) -> RouteTable {
-        let make = |rs: &RouteSettings| -> Arc<Route> {
-            let old = previous.and_then(|p| p.all().find(|r| r.name() == rs.name));
-            let upstream = match old {
-                Some(o) if o.settings.upstream == rs.upstream => o.upstream.clone(),
-                _ => Arc::new(Upstream::new(rs.upstream.clone())),
-            };
-            let gate = rs
-                .bucket
-                .as_ref()
-                .map(|bucket| match old.and_then(|o| o.gate.clone()) {
-                    Some(gate) => {
-                        gate.reconfigure(bucket);
-                        gate
-                    }
-                    None => {
-                        let gate = AdmissionGate::new(bucket.clone());
-                        if settings.shared_quota.is_some() {
-                            gate.share();
-                        }
-                        gate
-                    }
-                });
-            Arc::new(Route {
-                settings: rs.clone(),
-                upstream,
-                gate,
-            })
-        };
-        RouteTable {
-            default: make(&settings.default_route),
-            routes: settings.routes.iter().map(make).collect(),
-            settings,
-        }
-    }
-
-    /// The route for a request path: the longest matching prefix, else the default.
-    pub fn route_for(&self, path: &str) -> &Arc<Route> {
-        self.routes
-            .iter()
-            .find(|r| r.settings.matches(path))
-            .unwrap_or(&self.default)
-    }
-
-    /// Every route, the default first.
-    pub fn all(&self) -> impl Iterator<Item = &Arc<Route>> {
-        std::iter::once(&self.default).chain(self.routes.iter())
-    }
-
-    /// Whether an absolute-form request target names one of the configured upstreams.
-    pub fn is_configured_upstream(&self, host: &str, port: Option<u16>) -> bool {
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        self.all().any(|r| {
-            let u = &r.settings.upstream;
-            u.host.eq_ignore_ascii_case(host) && port.is_none_or(|p| p == u.port)
-        })
-    }
-}
 
 /// Where a configuration change came from (the `source` label of `config_reloads_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +57,8 @@ pub struct ChangeReport {
 /// Shared state of the running sidecar.
 pub struct App {
     table: ArcSwap<RouteTable>,
+    /// Every new route table, for the background services that follow the routes.
+    tables: watch::Sender<Arc<RouteTable>>,
     /// The file and overrides in force; the mutex serialises every configuration change.
     layers: Mutex<ConfigLayers>,
     pub(crate) metrics: Arc<Metrics>,
@@ -191,7 +109,7 @@ impl App {
         }
         let app = App::new(layers, settings);
         if let Some(dir) = app.settings().state_dir.clone() {
-            crate::state::restore_limiters(&dir, &app);
+            crate::state::restore_limiters(&dir, &app.table());
         }
         Ok(app)
     }
@@ -204,9 +122,10 @@ impl App {
                     .expect("validation accepted only Redis URLs the client opens"),
             )
         });
-        let table = RouteTable::build(Arc::new(settings), None);
+        let table = Arc::new(RouteTable::build(Arc::new(settings), None));
         Arc::new(App {
-            table: ArcSwap::from_pointee(table),
+            table: ArcSwap::new(table.clone()),
+            tables: watch::Sender::new(table),
             layers: Mutex::new(layers),
             metrics,
             activity: Activity::new(crate::admission::now()),
@@ -228,6 +147,11 @@ impl App {
     /// The route table in force.
     pub fn table(&self) -> Arc<RouteTable> {
         self.table.load_full()
+    }
+
+    /// Follows the route table: the one in force, and every one a change puts in force.
+    pub fn tables(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.tables.subscribe()
     }
 
     pub fn settings(&self) -> Arc<Settings> {
@@ -334,8 +258,9 @@ impl App {
     /// Puts new settings in force, keeping the buckets of routes that remain.
     fn apply(&self, settings: Settings) {
         let current = self.table.load_full();
-        let next = RouteTable::build(Arc::new(settings), Some(&current));
-        self.table.store(Arc::new(next));
+        let next = Arc::new(RouteTable::build(Arc::new(settings), Some(&current)));
+        self.table.store(next.clone());
+        self.tables.send_replace(next);
     }
 }
 

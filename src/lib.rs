@@ -35,6 +35,8 @@ pub(crate) mod metrics;
 #[allow(clippy::disallowed_methods)]
 pub(crate) mod proxy;
 #[allow(clippy::disallowed_methods)]
+pub(crate) mod routes;
+#[allow(clippy::disallowed_methods)]
 pub mod server;
 #[allow(clippy::disallowed_methods)]
 pub(crate) mod shared_quota;

@@ -33,7 +33,7 @@ impl LifecycleService {
 
     fn save_state(&self) {
         if let Some(dir) = &self.app.settings().state_dir {
-            if let Err(e) = state::save_limiters(dir, &self.app) {
+            if let Err(e) = state::save_limiters(dir, &self.app.table()) {
                 log::warn!("cannot save the limiter state in {}: {e}", dir.display());
             }
         }

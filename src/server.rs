@@ -88,7 +88,7 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     if let Some(shared) = app.shared.clone() {
         server.add_service(pingora::services::background::background_service(
             "shared quota",
-            crate::shared_quota::SharedQuotaService::new(app.clone(), shared),
+            crate::shared_quota::SharedQuotaService::new(app.tables(), shared),
         ));
     }
     server.add_service(pingora::services::background::background_service(

@@ -13,9 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::app::App;
 use crate::config::Overrides;
 use crate::limiter::{LimiterState, RetreatState};
+use crate::routes::RouteTable;
 
 const OVERRIDES_FILE: &str = "overrides.yaml";
 const LIMITER_FILE: &str = "limiter-state.json";
@@ -133,9 +133,8 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Saves the state of every bucket of `app`.
-pub fn save_limiters(dir: &Path, app: &App) -> std::io::Result<()> {
-    let table = app.table();
+/// Saves the state of every bucket of `table`.
+pub fn save_limiters(dir: &Path, table: &RouteTable) -> std::io::Result<()> {
     let routes = table
         .all()
         .filter_map(|route| {
@@ -161,7 +160,7 @@ pub fn save_limiters(dir: &Path, app: &App) -> std::io::Result<()> {
 }
 
 /// Restores every bucket that has a saved state; problems are logged and ignored.
-pub fn restore_limiters(dir: &Path, app: &App) {
+pub fn restore_limiters(dir: &Path, table: &RouteTable) {
     let path = dir.join(LIMITER_FILE);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
@@ -187,7 +186,6 @@ pub fn restore_limiters(dir: &Path, app: &App) {
         return;
     }
     let age = Duration::from_secs_f64((unix_now() - saved.saved_at).clamp(0.0, 1e9));
-    let table = app.table();
     for route in table.all() {
         let (Some(gate), Some(s)) = (route.gate.as_ref(), saved.routes.get(route.name())) else {
             continue;

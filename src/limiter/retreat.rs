@@ -145,15 +145,6 @@ impl RetreatState {
             RetreatState::Recover => 2,
         }
     }
-
-    /// The state for a gauge number (anything unknown reads as `normal`).
-    pub fn from_gauge(value: i64) -> RetreatState {
-        match value {
-            1 => RetreatState::Retreat,
-            2 => RetreatState::Recover,
-            _ => RetreatState::Normal,
-        }
-    }
 }
 
 /// The part of the controller that several instances sharing one quota agree on.

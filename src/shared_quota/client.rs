@@ -10,6 +10,7 @@ use redis::{IntoConnectionInfo, Script, Value};
 use tokio::sync::Mutex;
 
 use crate::config::SharedQuotaSettings;
+use crate::limiter::RetreatState;
 
 /// How long a sidecar counts as alive after its last heartbeat (three heartbeats).
 pub const ALIVE_WINDOW: Duration = Duration::from_secs(15);
@@ -37,7 +38,7 @@ pub struct LeaseRequest<'a> {
     pub horizon: Duration,
     pub change: Change,
     pub rate: f64,
-    pub state: i64,
+    pub state: RetreatState,
     pub ceiling: f64,
     pub pause: Duration,
     pub seen_version: i64,
@@ -56,7 +57,7 @@ pub struct LeaseReply {
     pub live: u32,
     /// The shared effective rate, if any sidecar has published one.
     pub rate: Option<f64>,
-    pub state: i64,
+    pub state: RetreatState,
     pub pause: Duration,
     pub ceiling: f64,
     pub version: i64,
@@ -214,34 +215,17 @@ impl RedisQuota {
         let call = async {
             let mut connection = self.connection().await?;
             let [schedule, control, instances, waiting] = self.keys(request.route);
-            let change = match request.change {
-                Change::None => "none",
-                Change::Slow => "slow",
-                Change::Step => "step",
-            };
-            let reply: Vec<Value> = self
-                .script
+            let mut invocation = self.script.prepare_invoke();
+            invocation
                 .key(schedule)
                 .key(control)
                 .key(instances)
                 .key(waiting)
-                .arg(&self.instance)
-                .arg(request.wanted)
-                .arg(request.own_rpm)
-                .arg(request.margin)
-                .arg(request.capacity)
-                .arg(request.horizon.as_micros() as u64)
-                .arg(change)
-                .arg(request.rate)
-                .arg(request.state)
-                .arg(request.ceiling)
-                .arg(request.pause.as_micros() as u64)
-                .arg(request.seen_version)
-                .arg(ALIVE_WINDOW.as_micros() as u64)
-                .arg(KEY_LIFETIME.as_millis() as u64)
-                .arg(request.waiting)
-                .arg(request.rejoin_hold.map_or(0, |d| d.as_micros() as u64))
-                .arg(request.held)
+                .arg(&self.instance);
+            for (_, value) in lease_arguments(request).into_iter().skip(1) {
+                invocation.arg(value);
+            }
+            let reply: Vec<Value> = invocation
                 .invoke_async(&mut connection)
                 .await
                 .map_err(CallError::from)?;
@@ -257,6 +241,63 @@ impl RedisQuota {
         }
         result
     }
+}
+
+/// The retreat state as the lease script stores it. Written apart from the metrics gauge, so
+/// that the two can change independently; the codes must stay as they are while sidecars of
+/// different versions may share one Redis.
+fn encode_state(state: RetreatState) -> i64 {
+    match state {
+        RetreatState::Normal => 0,
+        RetreatState::Retreat => 1,
+        RetreatState::Recover => 2,
+    }
+}
+
+/// The retreat state from the lease script; an unknown code (a newer sidecar) reads as a
+/// retreat, the careful side.
+fn decode_state(code: i64) -> RetreatState {
+    match code {
+        0 => RetreatState::Normal,
+        2 => RetreatState::Recover,
+        _ => RetreatState::Retreat,
+    }
+}
+
+/// The lease script's arguments in `ARGV` order, each with the name the script gives it
+/// (`lease.lua`); the first, the instance id, is filled in by `lease`.
+fn lease_arguments(request: &LeaseRequest<'_>) -> Vec<(&'static str, String)> {
+    let micros = |d: Duration| (d.as_micros() as u64).to_string();
+    let change = match request.change {
+        Change::None => "none",
+        Change::Slow => "slow",
+        Change::Step => "step",
+    };
+    vec![
+        ("id", String::new()),
+        ("wanted", request.wanted.to_string()),
+        ("own_rpm", request.own_rpm.to_string()),
+        ("margin", request.margin.to_string()),
+        ("capacity", request.capacity.to_string()),
+        ("horizon", micros(request.horizon)),
+        ("kind", change.to_string()),
+        ("rate", request.rate.to_string()),
+        ("state", encode_state(request.state).to_string()),
+        ("ceiling", request.ceiling.to_string()),
+        ("pause", micros(request.pause)),
+        ("seen", request.seen_version.to_string()),
+        ("alive", micros(ALIVE_WINDOW)),
+        ("keep_ms", (KEY_LIFETIME.as_millis() as u64).to_string()),
+        ("waiting", request.waiting.to_string()),
+        (
+            "rejoin_hold",
+            request
+                .rejoin_hold
+                .map_or(0, |d| d.as_micros() as u64)
+                .to_string(),
+        ),
+        ("held", request.held.to_string()),
+    ]
 }
 
 fn int(value: Option<&Value>, what: &str) -> Result<i64, String> {
@@ -303,7 +344,7 @@ fn parse_reply(reply: &[Value]) -> Result<LeaseReply, String> {
                     .map_err(|_| format!("lease script: rate {rate:?}"))?,
             )
         },
-        state: int(reply.get(2), "the state")?,
+        state: decode_state(int(reply.get(2), "the state")?),
         pause: micros(int(reply.get(3), "the pause")?),
         ceiling: ceiling.parse().unwrap_or(0.0),
         version: int(reply.get(5), "the version")?,
@@ -321,6 +362,83 @@ fn parse_reply(reply: &[Value]) -> Result<LeaseReply, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `ARGV[n]` the script reads, with the names it gives the value (`local x =
+    /// tonumber(ARGV[n])`, `x = ARGV[n]`).
+    fn script_arguments() -> std::collections::BTreeMap<usize, Vec<String>> {
+        let mut found: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
+        for line in include_str!("lease.lua").lines() {
+            let Some(at) = line.find("ARGV[") else {
+                continue;
+            };
+            let n: usize = line[at + 5..].split(']').next().unwrap().parse().unwrap();
+            let name = line
+                .split('=')
+                .next()
+                .unwrap()
+                .trim()
+                .trim_start_matches("local ")
+                .trim()
+                .trim_start_matches("new_")
+                .to_string();
+            found.entry(n).or_default().push(name);
+        }
+        found
+    }
+
+    #[test]
+    fn rust_and_the_lease_script_agree_on_every_argument() {
+        let request = LeaseRequest {
+            route: "r",
+            wanted: 1,
+            own_rpm: 40.0,
+            margin: 0.01,
+            capacity: 1,
+            horizon: Duration::from_secs(1),
+            change: Change::None,
+            rate: 40.0,
+            state: RetreatState::Normal,
+            ceiling: 0.0,
+            pause: Duration::ZERO,
+            seen_version: 0,
+            waiting: 1,
+            held: 0,
+            rejoin_hold: None,
+        };
+        let ours = lease_arguments(&request);
+        let script = script_arguments();
+        assert_eq!(ours.len(), 17);
+        assert_eq!(
+            script.keys().copied().collect::<Vec<_>>(),
+            (1..=ours.len()).collect::<Vec<_>>(),
+            "the script reads ARGV[1..={}] and nothing else",
+            ours.len()
+        );
+        for (i, (name, _)) in ours.iter().enumerate() {
+            let names = &script[&(i + 1)];
+            assert!(
+                names.iter().all(|n| n == name),
+                "ARGV[{}] is {name} here and {names:?} in lease.lua",
+                i + 1
+            );
+        }
+    }
+
+    #[test]
+    fn the_wire_code_of_every_state_reads_back() {
+        for state in [
+            RetreatState::Normal,
+            RetreatState::Retreat,
+            RetreatState::Recover,
+        ] {
+            assert_eq!(decode_state(encode_state(state)), state);
+        }
+        assert_eq!(
+            decode_state(7),
+            RetreatState::Retreat,
+            "unknown: the careful side"
+        );
+    }
 
     #[test]
     fn a_reply_is_read_field_by_field() {

@@ -43,7 +43,7 @@ async fn serve(
     );
     loop {
         let Some(g) = gate.upgrade() else { return };
-        let plan = g.lease_plan(lane);
+        let plan = g.lease(lane).plan();
         drop(g);
         let t = now();
         let call = match planner.next(&plan, t) {
@@ -66,7 +66,7 @@ async fn serve(
             horizon: settings.lease_ahead,
             change: call.change,
             rate: control.effective_rpm,
-            state: control.state.as_gauge(),
+            state: control.state,
             ceiling: control.ceiling_rpm.unwrap_or(0.0),
             pause: control
                 .pause_until
@@ -82,25 +82,27 @@ async fn serve(
         let t = now();
         match result {
             Ok(reply) => {
-                let local = g.shared_control(lane);
+                let lease = g.lease(lane);
+                let local = lease.shared_control();
                 let answered = planner.answered(&call, &plan, &reply, local, sent, t);
                 if answered.rejoined {
-                    g.set_supply(lane, Supply::Leased, t);
+                    lease.set_supply(Supply::Leased, t);
                     shared.rejoined(route);
                 }
                 if let Some(remote) = answered.adopt {
-                    g.adopt_shared(lane, &remote);
+                    lease.adopt_shared(&remote);
                 }
                 if answered.agree_local {
-                    planner.agree(g.shared_control(lane));
+                    planner.agree(lease.shared_control());
                 }
-                g.take_slots(lane, &answered.slots, answered.grace);
+                lease.take_slots(&answered.slots, answered.grace);
                 shared.leased(route, answered.slots.len(), reply.live);
             }
             Err(error) => {
                 if let Some(local_from) = planner.failed(t) {
-                    let share = g.fallback_share(lane, shared.instances());
-                    g.set_supply(lane, Supply::Refill { share }, local_from);
+                    let lease = g.lease(lane);
+                    let share = lease.fallback_share(shared.instances());
+                    lease.set_supply(Supply::Refill { share }, local_from);
                     shared.degraded(route, &error, share);
                 }
             }

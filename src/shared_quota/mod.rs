@@ -19,18 +19,21 @@ mod planner;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 pub use client::{CallError, LeaseReply, LeaseRequest};
 
-use crate::app::App;
+use crate::admission::AdmissionGate;
 use crate::config::SharedQuotaSettings;
 use crate::metrics::Metrics;
+use crate::routes::RouteTable;
 use client::RedisQuota;
 
 /// What `/status` shows under `shared_quota`.
@@ -185,70 +188,83 @@ fn instance_id() -> String {
 }
 
 /// Keeps a link running for every route's gate and each of its keys, also for routes a
-/// reload adds, and starts it again should it ever end while its gate lives.
+/// reload adds, and starts it again should it ever end while its gate lives. It follows the
+/// route table through a watch: a change starts the links of new routes, a link whose route
+/// left ends by itself.
 pub struct SharedQuotaService {
-    app: Arc<App>,
+    tables: watch::Receiver<Arc<RouteTable>>,
     shared: Arc<SharedQuota>,
 }
 
 impl SharedQuotaService {
-    pub fn new(app: Arc<App>, shared: Arc<SharedQuota>) -> Self {
-        SharedQuotaService { app, shared }
+    pub fn new(tables: watch::Receiver<Arc<RouteTable>>, shared: Arc<SharedQuota>) -> Self {
+        SharedQuotaService { tables, shared }
     }
 
-    fn start_links(&self, linked: &mut HashMap<String, Link>) {
-        linked.retain(|_, link| link.gate.strong_count() > 0);
-        let table = self.app.table();
+    fn start_links(
+        &self,
+        table: &RouteTable,
+        linked: &mut HashMap<String, Weak<AdmissionGate>>,
+        tasks: &mut JoinSet<()>,
+        names: &mut HashMap<tokio::task::Id, String>,
+    ) {
         let keys = &table.settings.upstream.keys;
         for route in table.all() {
             let Some(gate) = &route.gate else { continue };
+            if !gate.is_shared() {
+                continue;
+            }
             for lane in 0..gate.key_count() {
                 // One bucket in Redis per route and key; a single key keeps the route's name.
                 let name = match keys.get(lane) {
                     Some(key) if keys.len() > 1 => format!("{}@{}", route.name(), key.name),
                     _ => route.name().to_string(),
                 };
-                let running = linked.get(&name).is_some_and(|link| {
-                    link.gate.upgrade().is_some_and(|g| Arc::ptr_eq(&g, gate))
-                        && !link.task.is_finished()
-                });
-                if running || !gate.is_shared() {
+                let running = linked
+                    .get(&name)
+                    .and_then(Weak::upgrade)
+                    .is_some_and(|g| Arc::ptr_eq(&g, gate));
+                if running {
                     continue;
                 }
-                let task = tokio::spawn(link::run(
+                let handle = tasks.spawn(link::run(
                     self.shared.clone(),
                     name.clone(),
                     Arc::downgrade(gate),
                     lane,
-                    gate.link_wake(lane),
+                    gate.lease(lane).link_wake(),
                 ));
-                linked.insert(
-                    name,
-                    Link {
-                        gate: Arc::downgrade(gate),
-                        task,
-                    },
-                );
+                names.insert(handle.id(), name.clone());
+                linked.insert(name, Arc::downgrade(gate));
             }
         }
     }
-}
-
-/// A running link and the gate it serves.
-struct Link {
-    gate: Weak<crate::admission::AdmissionGate>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 #[async_trait]
 impl BackgroundService for SharedQuotaService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         crate::lifecycle::supervise("shared quota", async {
+            let mut tables = self.tables.clone();
             let mut linked = HashMap::new();
+            let mut names = HashMap::new();
+            let mut tasks = JoinSet::new();
             loop {
-                self.start_links(&mut linked);
+                let table = tables.borrow_and_update().clone();
+                self.start_links(&table, &mut linked, &mut tasks, &mut names);
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    changed = tables.changed() => if changed.is_err() { break },
+                    Some(ended) = tasks.join_next_with_id() => {
+                        // Its route left (the link ended by itself) or it failed: forget it,
+                        // and start it again if its gate still lives.
+                        let id = match ended {
+                            Ok((id, ())) => id,
+                            Err(e) => e.id(),
+                        };
+                        if let Some(name) = names.remove(&id) {
+                            linked.remove(&name);
+                        }
+                    }
                     _ = shutdown.changed() => break,
                 }
             }

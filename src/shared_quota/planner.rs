@@ -224,7 +224,7 @@ impl Planner {
         let first_contact = self.agreed.is_none();
         let remote = reply.rate.map(|rate| SharedControl {
             effective_rpm: rate,
-            state: RetreatState::from_gauge(reply.state),
+            state: reply.state,
             ceiling_rpm: (reply.ceiling > 0.0).then_some(reply.ceiling),
             pause_until: (!reply.pause.is_zero()).then(|| now + reply.pause),
         });
@@ -291,7 +291,7 @@ mod tests {
         LeaseReply {
             live: 2,
             rate,
-            state: 0,
+            state: RetreatState::Normal,
             pause: Duration::ZERO,
             ceiling: 0.0,
             version,

@@ -13,9 +13,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
+mod lease;
+
+pub use lease::LeasePlan;
+
 use crate::limiter::{
     Admission, Ask, Grant, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority,
-    Rejection, Resolution, SharedControl, Supply, UpstreamSignal, WaiterId,
+    Rejection, Resolution, Supply, UpstreamSignal, WaiterId,
 };
 
 /// The final answer for a waiting request.
@@ -34,8 +38,8 @@ pub fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-struct GateState {
-    limiter: Limiter,
+pub(super) struct GateState {
+    pub(super) limiter: Limiter,
     waiting: HashMap<WaiterId, oneshot::Sender<Verdict>>,
 }
 
@@ -55,30 +59,13 @@ impl GateState {
 pub struct AdmissionGate {
     state: Mutex<GateState>,
     /// Wakes the clock when the next thing to do may have moved earlier.
-    wake: Notify,
+    pub(super) wake: Notify,
     clock_started: AtomicBool,
     /// Set when the bucket is shared with other sidecars (`shared_quota`).
     shared: AtomicBool,
     /// Wakes the links to the shared bucket (one per key): more waiters, or a controller
     /// change to publish.
-    link_wakes: Vec<Arc<Notify>>,
-}
-
-/// What the link to the shared bucket needs from this gate for its next round trip.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LeasePlan {
-    /// Slots the waiters need beyond those held (0 while paused).
-    pub wanted: usize,
-    /// Leased slots in hand, open or ahead.
-    pub held: usize,
-    /// Requests waiting here.
-    pub waiting: usize,
-    pub own_rpm: f64,
-    pub margin: f64,
-    /// The upstream's window as configured (`adaptive.window`).
-    pub window: Duration,
-    pub capacity: u32,
-    pub control: SharedControl,
+    pub(super) link_wakes: Vec<Arc<Notify>>,
 }
 
 /// A request's place in the queue (or its immediate verdict).
@@ -131,71 +118,7 @@ impl AdmissionGate {
         self.is_shared() && self.lock().limiter.any_refilling()
     }
 
-    /// The alarm clock of key `lane`'s link (held apart from the gate so that a sleeping link
-    /// does not keep a retired gate alive).
-    pub fn link_wake(&self, lane: usize) -> Arc<Notify> {
-        self.link_wakes[lane.min(self.link_wakes.len() - 1)].clone()
-    }
-
-    /// What to ask the shared bucket of key `lane` for.
-    pub fn lease_plan(&self, lane: usize) -> LeasePlan {
-        let t = now();
-        let mut state = self.lock();
-        let limiter = &mut state.limiter;
-        let control = limiter.shared_control(lane, t);
-        let controller = limiter.controller_of(lane);
-        LeasePlan {
-            wanted: if controller.is_paused(t) {
-                0
-            } else {
-                limiter.slots_wanted(lane)
-            },
-            held: limiter.slots_held(lane),
-            waiting: limiter.queue_len(),
-            own_rpm: controller.effective_rpm(),
-            margin: controller.settings().safety_margin,
-            window: controller.settings().window,
-            capacity: limiter.capacity(),
-            control,
-        }
-    }
-
-    /// Key `lane`'s controller state as other sidecars should see it.
-    pub fn shared_control(&self, lane: usize) -> SharedControl {
-        self.lock().limiter.shared_control(lane, now())
-    }
-
-    /// Takes slots leased for key `lane` (their starts on this host's clock).
-    pub fn take_slots(&self, lane: usize, starts: &[Instant], grace: Duration) {
-        if starts.is_empty() {
-            return;
-        }
-        self.lock().limiter.add_slots(lane, starts, grace, now());
-        self.wake.notify_one();
-    }
-
-    /// Takes over the controller state the sidecars agreed on for key `lane`.
-    pub fn adopt_shared(&self, lane: usize, control: &SharedControl) {
-        self.lock().limiter.adopt_shared(lane, control, now());
-        self.wake.notify_one();
-    }
-
-    /// The share of key `lane`'s rate this gate takes on its own when `instances` sidecars
-    /// share it.
-    pub fn fallback_share(&self, lane: usize, instances: Option<u32>) -> f64 {
-        self.lock().limiter.fallback_share(lane, instances)
-    }
-
-    /// Switches key `lane` between leased slots and the local share; a local bucket earns
-    /// nothing before `refill_from`.
-    pub fn set_supply(&self, lane: usize, supply: Supply, refill_from: Instant) {
-        self.lock()
-            .limiter
-            .set_supply(lane, supply, now(), refill_from);
-        self.wake.notify_one();
-    }
-
-    fn lock(&self) -> MutexGuard<'_, GateState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, GateState> {
         // A panic while holding the lock leaves plain data behind; keep serving with it.
         self.state
             .lock()
