@@ -132,7 +132,8 @@ async fn precision() {
                     "rate_rpm: {QUOTA_RPM}\nrequest_timeout: 60\n{}",
                     margin_override()
                 ),
-            );
+            )
+            .await;
             let start = Instant::now();
             let report = loadgen::run(load(
                 sidecar.url("/v1/chat/completions"),
@@ -174,7 +175,8 @@ async fn adaptive() {
                 "rate_rpm: {}\nrequest_timeout: 60\n{SCALED_ADAPTIVE}",
                 QUOTA_RPM * 1.5
             ),
-        );
+        )
+        .await;
         let start = Instant::now();
         let state = mock.state.clone();
         let halve = tokio::spawn(async move {
@@ -278,12 +280,19 @@ async fn fairness() {
         for _ in 0..repeats() {
             let mock =
                 MockUpstream::start(Some(Quota::sliding(LIMIT, WINDOW)), LimitStyle::Nvidia).await;
-            let sidecar = through_sidecar.then(|| {
-                Sidecar::start(
-                    &mock.url(),
-                    &format!("rate_rpm: {QUOTA_RPM}\nrequest_timeout: 120\nqueue_max_size: 200\n"),
+            let sidecar = if through_sidecar {
+                Some(
+                    Sidecar::start(
+                        &mock.url(),
+                        &format!(
+                            "rate_rpm: {QUOTA_RPM}\nrequest_timeout: 120\nqueue_max_size: 200\n"
+                        ),
+                    )
+                    .await,
                 )
-            });
+            } else {
+                None
+            };
             let url = match &sidecar {
                 Some(s) => s.url("/v1/chat/completions"),
                 None => format!("{}/v1/chat/completions", mock.url()),
@@ -326,7 +335,8 @@ async fn overhead() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 10000000\nbucket_capacity: 100000\nqueue_max_size: 100000\n",
-    );
+    )
+    .await;
     let direct_ttfb = ttfb(&format!("{}/v1/chat/completions", mock.url()), 200).await;
     let sidecar_ttfb = ttfb(&sidecar.url("/v1/chat/completions"), 200).await;
     println!(
@@ -383,7 +393,8 @@ async fn scale_with(body_bytes: usize) {
         &mock.url(),
         // A budget for every body: 10,000 of 200 KiB are 2 GiB, which the sidecar holds.
         "rate_rpm: 0.5\nqueue_max_size: 20000\nrequest_timeout: 600\nlog_level: warn\nadaptive:\n  replay_body_budget: 4GiB\n",
-    );
+    )
+    .await;
     let pid = sidecar.pid();
     let idle_rss = rss_kib(pid);
     let idle_cpu = cpu_percent(pid, Duration::from_secs(5)).await;
@@ -494,7 +505,7 @@ async fn shared() {
     // Added latency: one request at a time, far below the rate, with and without Redis.
     let redis = RedisServer::start();
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let local = Sidecar::start(&mock.url(), "rate_rpm: 6000");
+    let local = Sidecar::start(&mock.url(), "rate_rpm: 6000").await;
     let shared = Sidecar::start(
         &mock.url(),
         &format!(
@@ -505,7 +516,8 @@ shared_quota:
 ",
             redis.url()
         ),
-    );
+    )
+    .await;
     let (mut local50, mut local99, mut shared50, mut shared99, mut trips) =
         (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..repeats() {
@@ -555,8 +567,9 @@ shared_quota:
     for run in 0..repeats() {
         let mock =
             MockUpstream::start(Some(Quota::sliding(LIMIT, WINDOW)), LimitStyle::Nvidia).await;
-        let sidecars: Vec<Sidecar> = (0..3)
-            .map(|_| {
+        let mut sidecars: Vec<Sidecar> = Vec::new();
+        for _ in 0..3 {
+            sidecars.push(
                 Sidecar::start(
                     &mock.url(),
                     &format!(
@@ -572,8 +585,9 @@ shared_quota:
                         redis.url()
                     ),
                 )
-            })
-            .collect();
+                .await,
+            );
+        }
         tokio::time::sleep(Duration::from_millis(1500)).await;
         mock.state.reset();
         let start = Instant::now();
@@ -624,8 +638,9 @@ async fn shared_minute() {
     let redis = RedisServer::start();
     let quota = Quota::sliding(40, Duration::from_secs(60));
     let mock = MockUpstream::start(Some(quota), LimitStyle::Nvidia).await;
-    let sidecars: Vec<Sidecar> = (0..3)
-        .map(|_| {
+    let mut sidecars: Vec<Sidecar> = Vec::new();
+    for _ in 0..3 {
+        sidecars.push(
             Sidecar::start(
                 &mock.url(),
                 &format!(
@@ -633,8 +648,9 @@ async fn shared_minute() {
                     redis.url()
                 ),
             )
-        })
-        .collect();
+            .await,
+        );
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mock.state.reset();
     let run = Duration::from_secs(180);
@@ -704,7 +720,7 @@ async fn pool() {
             mock.state
                 .set_key_quota(key, Some(Quota::sliding(LIMIT, WINDOW)));
         }
-        let sidecar = Sidecar::start_with_env(&mock.url(), &yaml, &env_refs);
+        let sidecar = Sidecar::start_with_env(&mock.url(), &yaml, &env_refs).await;
         let spec: Vec<ClientSpec> = client_keys
             .iter()
             .enumerate()

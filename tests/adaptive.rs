@@ -61,7 +61,7 @@ async fn an_upstream_429_is_absorbed_whatever_its_framing() {
     ];
     for framing in framings {
         let mock = MockUpstream::start_framed(None, LimitStyle::Nvidia, framing).await;
-        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
+        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30").await;
         mock.state.fail_next(2);
         let started = Instant::now();
         let response = chat(&sidecar).await;
@@ -101,7 +101,8 @@ async fn an_upstream_429_over_tls_is_absorbed() {
     let sidecar = Sidecar::start(
         &format!("https://localhost:{}", mock.addr.port()),
         &format!("rate_rpm: 600\nupstream:\n  ca_file: {}", ca.display()),
-    );
+    )
+    .await;
     mock.state.fail_next(1);
     let response = chat(&sidecar).await;
     assert_eq!(response.status(), 200);
@@ -114,7 +115,7 @@ async fn an_upstream_429_over_tls_is_absorbed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_one_mebibyte_body_is_replayed_byte_for_byte() {
     let mock = split_mock(100).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30").await;
     mock.state.fail_next(1);
     let body = long_prompt(1 << 20);
     let checksum = fnv1a64(&body);
@@ -144,7 +145,8 @@ async fn a_body_over_the_limit_is_forwarded_but_not_replayed() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\nadaptive:\n  max_replay_body: 256KiB\n  replay_body_budget: 1MiB",
-    );
+    )
+    .await;
     let url = sidecar.url("/v1/chat/completions");
     let large = long_prompt(300 << 10);
     let response = post(&url, "a", large.clone()).await;
@@ -172,7 +174,8 @@ async fn held_bodies_stay_within_the_budget() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 30\nadaptive:\n  replay_body_budget: 300KiB",
-    );
+    )
+    .await;
     let url = sidecar.url("/v1/chat/completions");
     assert_eq!(post(&url, "first", long_prompt(1000)).await.status(), 200);
     let waiting = {
@@ -225,7 +228,8 @@ async fn one_incident_is_bounded_and_recovery_stays_below_what_was_accepted() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 450\nrequest_timeout: 60\nadaptive:\n  window: 4\n  quiet_period: 2\n  recover_interval: 0.5",
-    );
+    )
+    .await;
     let url = sidecar.url("/v1/chat/completions");
     let run = Duration::from_secs(16);
     let stop = Instant::now() + run;
@@ -296,7 +300,8 @@ async fn the_worker_capacity_error_is_counted_apart_and_does_not_cut_the_rate() 
         Framing::Chunked { delay: late },
     ] {
         let mock = MockUpstream::start_framed(None, LimitStyle::Nvidia, framing).await;
-        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 0");
+        let sidecar =
+            Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 0").await;
         mock.state.worker_busy_next(1);
         let response = chat(&sidecar).await;
         assert_eq!(response.status(), 429, "{framing:?}");
@@ -325,7 +330,7 @@ async fn the_worker_capacity_error_is_counted_apart_and_does_not_cut_the_rate() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_worker_503_is_replayed_after_a_back_off_without_a_cut() {
     let mock = split_mock(50).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 30").await;
     mock.state.unavailable_next(2);
     let response = chat(&sidecar).await;
     assert_eq!(response.status(), 200);

@@ -36,7 +36,8 @@ async fn health_status_and_config_answer_in_the_documented_shape() {
         &mock.url(),
         "rate_rpm: 40\nupstream:\n  api_key_env: ADMIN_TEST_KEY",
         &[("ADMIN_TEST_KEY", "nvapi-very-secret")],
-    );
+    )
+    .await;
     assert_eq!(
         get_json(&sidecar.admin("/health")).await,
         (200, json!({"status": "ok"}))
@@ -103,7 +104,7 @@ async fn health_status_and_config_answer_in_the_documented_shape() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_patches_are_rejected_and_change_nothing() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 40");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 40").await;
     for (body, needle) in [
         (json!({"rate_rpm": 0}), "rate_rpm must be > 0"),
         (json!({"rate_rpm": -5}), "rate_rpm must be > 0, got -5"),
@@ -153,7 +154,7 @@ async fn bad_patches_are_rejected_and_change_nothing() {
 async fn a_valid_patch_changes_the_rate_for_the_very_next_admission() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     // One token every 10 s.
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nrequest_timeout: 30");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nrequest_timeout: 30").await;
     let url = sidecar.url("/v1/chat/completions");
     let http = client();
     assert_eq!(sidecar.chat().await, 200);
@@ -205,7 +206,8 @@ async fn mutations_need_the_admin_token_when_one_is_configured() {
         &mock.url(),
         "rate_rpm: 40\nadmin:\n  token_env: ADMIN_TEST_TOKEN",
         &[("ADMIN_TEST_TOKEN", "let-me-in")],
-    );
+    )
+    .await;
     let http = client();
     let patch = json!({"rate_rpm": 20});
     let anonymous = http
@@ -267,7 +269,7 @@ fn the_admin_plane_refuses_a_public_address_without_a_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_pass_promtool_and_cover_the_spec() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let http = client();
     for _ in 0..3 {
         http.post(sidecar.url("/v1/chat/completions"))
@@ -276,7 +278,9 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
             .await
             .unwrap();
     }
-    sidecar.wait_for_access_line(|l| l.contains("outcome=forwarded"));
+    sidecar
+        .wait_for_access_line(|l| l.contains("outcome=forwarded"))
+        .await;
     let metrics = sidecar.metrics_text().await;
     for name in [
         "nvidia_sidecar_requests_total{outcome=\"forwarded\",route=\"default\"}",
@@ -334,7 +338,7 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_stream_sends_a_snapshot_every_second_and_counters_move() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let response = client()
         .get(sidecar.admin("/api/dashboard/stream"))
         .send()
@@ -400,7 +404,11 @@ async fn the_dashboard_stream_sends_a_snapshot_every_second_and_counters_move() 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_turns_503_while_draining_and_streams_end() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar = Sidecar::start_full(&mock.url(), "rate_rpm: 600", &[], 3);
+    let mut sidecar = Sidecar::builder(&mock.url())
+        .extra("rate_rpm: 600")
+        .grace_period(3)
+        .start()
+        .await;
     // A monitor with a kept-alive connection, as a load balancer's health checker has.
     let monitor = client();
     assert_eq!(
@@ -446,7 +454,7 @@ async fn readiness_turns_503_while_draining_and_streams_end() {
     assert_eq!((status, body["reason"].as_str()), (503, Some("draining")));
     // (That no new connection is accepted is checked in tests/operations.rs, where no other
     // sidecar can start on the port meanwhile.)
-    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)).await, Some(0));
 }
 
 /// Scripts written for the earlier Python service read `GET /api/admin/config` flat:
@@ -455,7 +463,7 @@ async fn readiness_turns_503_while_draining_and_streams_end() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_config_answer_keeps_the_python_service_s_flat_keys() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60\nbucket_capacity: 2");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60\nbucket_capacity: 2").await;
     let python_fields = [
         "listen_host",
         "listen_port",
@@ -534,7 +542,7 @@ async fn read_events(response: reqwest::Response, count: usize) -> Vec<(Option<S
 #[tokio::test(flavor = "multi_thread")]
 async fn status_lists_the_clients_with_their_shares_of_the_quota() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000").await;
     for (id, count) in [("light", 10), ("heavy", 30)] {
         for _ in 0..count {
             assert_eq!(chat_as(&sidecar, id).await, 200);
@@ -568,7 +576,7 @@ async fn status_lists_the_clients_with_their_shares_of_the_quota() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_history_is_served_on_connect_one_sample_a_second() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000").await;
     let history = |sidecar: &Sidecar| {
         let url = sidecar.admin("/api/dashboard/history");
         async move { get_json(&url).await.1 }

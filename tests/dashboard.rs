@@ -74,7 +74,7 @@ async fn the_dashboard_follows_the_stream_and_its_form_changes_the_rate() {
         return;
     }
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nrequest_timeout: 20");
+    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nrequest_timeout: 20").await;
 
     // Traffic: four clients, bounded in count, until the test says stop.
     let stop = Arc::new(AtomicBool::new(false));
@@ -147,7 +147,7 @@ async fn the_dashboard_follows_the_stream_and_its_form_changes_the_rate() {
         })
         .await;
     assert_eq!(state, "disconnected");
-    sidecar.restart();
+    sidecar.restart().await;
     let state = browser
         .wait_text("conn-state", Duration::from_secs(20), |t| t == "live")
         .await;
@@ -169,7 +169,7 @@ async fn a_late_dashboard_opens_on_the_history_with_the_retreat_and_the_clients(
         LimitStyle::Nvidia,
     )
     .await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nrequest_timeout: 30");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nrequest_timeout: 30").await;
     let stop = Arc::new(AtomicBool::new(false));
     let clients = ["agent-0", "agent-1", "agent-2"];
     let traffic = send_traffic(&sidecar, &clients, 1000, &stop);
@@ -264,7 +264,7 @@ async fn dashboard_screenshot() {
         LimitStyle::Nvidia,
     )
     .await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 90\nrequest_timeout: 60");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 90\nrequest_timeout: 60").await;
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = send_traffic(
         &sidecar,
@@ -304,7 +304,7 @@ async fn a_page_on_another_origin_cannot_change_the_config() {
         return;
     }
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state").await;
     let target = sidecar.admin("");
     let page = format!(
         r#"<!doctype html><html><body><p id="done">running</p><script>

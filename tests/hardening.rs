@@ -49,7 +49,8 @@ async fn a_passthrough_route_cannot_be_used_to_reach_a_counted_endpoint() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 1\nrequest_timeout: 1\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}",
-    );
+    )
+    .await;
     assert_eq!(
         raw_request(sidecar.port, &post("/v1/chat/completions")).await,
         200
@@ -133,7 +134,7 @@ async fn absurd_upstream_durations_clamp_and_leave_no_request_stuck() {
         "RateLimit: remaining=0, reset=1e300",
     ] {
         let (port, upstream) = hostile_upstream(header).await;
-        let sidecar = Sidecar::start(&format!("http://127.0.0.1:{port}"), "rate_rpm: 600");
+        let sidecar = Sidecar::start(&format!("http://127.0.0.1:{port}"), "rate_rpm: 600").await;
         let status = raw_request(sidecar.port, &post("/v1/chat/completions")).await;
         // An hour-long pause is longer than the request's deadline: the upstream's 429 is
         // passed on rather than replayed.
@@ -156,9 +157,9 @@ async fn absurd_upstream_durations_clamp_and_leave_no_request_stuck() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(
-            !sidecar.log_text().contains("panicked"),
+            !sidecar.log_text().await.contains("panicked"),
             "{header}:\n{}",
-            sidecar.log_text()
+            sidecar.log_text().await
         );
         upstream.abort();
     }
@@ -188,7 +189,8 @@ async fn only_hosts_the_sidecar_serves_reach_it() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\naccess:\n  allowed_hosts: [sidecar.internal]",
-    );
+    )
+    .await;
     let chat = |host: &str| {
         format!(
             "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
@@ -299,7 +301,8 @@ async fn a_reload_cannot_remove_the_token_of_an_admin_plane_off_loopback() {
         &mock.url(),
         "rate_rpm: 60\nadmin:\n  listen_host: 0.0.0.0\n  token_env: SIDECAR_TEST_ADMIN_TOKEN",
         &[("SIDECAR_TEST_ADMIN_TOKEN", "s3cret-admin")],
-    );
+    )
+    .await;
     let path = sidecar.config_path();
     let text = std::fs::read_to_string(&path).unwrap();
     let without_token: String = text
@@ -322,7 +325,7 @@ async fn a_reload_cannot_remove_the_token_of_an_admin_plane_off_loopback() {
         assert!(
             std::time::Instant::now() < deadline,
             "{}",
-            sidecar.log_text()
+            sidecar.log_text().await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -334,7 +337,7 @@ async fn a_reload_cannot_remove_the_token_of_an_admin_plane_off_loopback() {
         .unwrap();
     assert_eq!(denied.status(), 401);
     assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 60.0);
-    assert!(sidecar.log_text().contains("a token is required"));
+    assert!(sidecar.log_text().await.contains("a token is required"));
 }
 
 /// Runs `nvidia-sidecar -t` on `text`; its exit code and output.
@@ -384,7 +387,7 @@ fn rates_outside_a_sane_range_are_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_with_two_content_lengths_is_refused() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 2, 2\r\nConnection: close\r\n\r\n{}";
     assert_eq!(raw_request(sidecar.port, request).await, 400);
     assert!(mock.state.arrivals().is_empty());
@@ -405,13 +408,16 @@ async fn trace_logging_keeps_the_key_out_unless_told_otherwise() {
             &mock.url(),
             "rate_rpm: 600\nlog_level: trace\nupstream:\n  api_key_env: SIDECAR_TEST_KEY",
             &env,
-        );
+        )
+        .await;
         assert_eq!(
             raw_request(sidecar.port, &post("/v1/chat/completions")).await,
             200
         );
-        sidecar.wait_for_access_line(|l| l.contains("status=200"));
-        let log = sidecar.log_text();
+        sidecar
+            .wait_for_access_line(|l| l.contains("status=200"))
+            .await;
+        let log = sidecar.log_text().await;
         assert_eq!(log.contains(key), expect_key, "secrets flag {secrets:?}");
         if !expect_key {
             assert!(
@@ -427,7 +433,7 @@ async fn trace_logging_keeps_the_key_out_unless_told_otherwise() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_request_body_is_a_client_error() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n{}\r\n0\r\n\r\n";
     let mut stream = TcpStream::connect(("127.0.0.1", sidecar.port))
         .await
@@ -435,11 +441,13 @@ async fn a_broken_request_body_is_a_client_error() {
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
-    sidecar.wait_for_access_line(|l| l.contains("outcome="));
+    sidecar
+        .wait_for_access_line(|l| l.contains("outcome="))
+        .await;
     let counted = sidecar
         .metric("nvidia_sidecar_requests_total{outcome=\"client_error\",route=\"default\"}")
         .await;
-    assert_eq!(counted, 1.0, "{}", sidecar.log_text());
+    assert_eq!(counted, 1.0, "{}", sidecar.log_text().await);
     assert_eq!(
         sidecar
             .metric("nvidia_sidecar_requests_total{outcome=\"upstream_error\"")
@@ -447,9 +455,9 @@ async fn a_broken_request_body_is_a_client_error() {
         0.0
     );
     assert!(
-        !sidecar.log_text().contains(" ERROR "),
+        !sidecar.log_text().await.contains(" ERROR "),
         "{}",
-        sidecar.log_text()
+        sidecar.log_text().await
     );
 }
 
@@ -460,21 +468,26 @@ async fn a_client_cannot_claim_more_priority_than_the_operator_allows() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\naccess:\n  max_priority: normal\n  client_max_priority: {ci-deploy: high}",
-    );
+    )
+    .await;
     for client in ["agent", "ci-deploy"] {
         let request = format!(
             "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Client-Id: {client}\r\nX-Priority: high\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
         );
         assert_eq!(raw_request(sidecar.port, &request).await, 200);
     }
-    let agent = sidecar.wait_for_access_line(|l| l.contains("client=agent "));
+    let agent = sidecar
+        .wait_for_access_line(|l| l.contains("client=agent "))
+        .await;
     assert!(
         agent
             .as_deref()
             .is_some_and(|l| l.contains("priority=normal")),
         "{agent:?}"
     );
-    let ci = sidecar.wait_for_access_line(|l| l.contains("client=ci-deploy "));
+    let ci = sidecar
+        .wait_for_access_line(|l| l.contains("client=ci-deploy "))
+        .await;
     assert!(
         ci.as_deref().is_some_and(|l| l.contains("priority=high")),
         "{ci:?}"
@@ -486,7 +499,7 @@ async fn a_client_cannot_claim_more_priority_than_the_operator_allows() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_and_slow_admin_connections_are_closed() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60").await;
     let admin = sidecar.metrics_port;
     let idle = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
     let mut slow = TcpStream::connect(("127.0.0.1", admin)).await.unwrap();
@@ -529,7 +542,7 @@ async fn idle_and_slow_admin_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_request_header_on_the_proxy_is_cut_off_at_the_deadline() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let mut slow = TcpStream::connect(("127.0.0.1", sidecar.port))
         .await
         .unwrap();
@@ -582,7 +595,11 @@ async fn a_slow_request_header_on_the_proxy_is_cut_off_at_the_deadline() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_beyond_the_cap_are_closed_and_room_comes_back() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start_with_server(&mock.url(), "rate_rpm: 600", "max_connections: 3");
+    let sidecar = Sidecar::builder(&mock.url())
+        .extra("rate_rpm: 600")
+        .server("max_connections: 3")
+        .start()
+        .await;
     let mut open = Vec::new();
     for _ in 0..3 {
         open.push(
@@ -606,6 +623,7 @@ async fn connections_beyond_the_cap_are_closed_and_room_comes_back() {
     );
     assert!(sidecar
         .log_text()
+        .await
         .contains("3 connections open (server.max_connections)"));
     // One of the three is served, and once two leave, new ones are served again.
     let status = raw_request_on(
@@ -641,7 +659,7 @@ async fn raw_request_on(stream: &mut TcpStream, request: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60").await;
     let path = sidecar.config_path();
     let good = std::fs::read_to_string(&path).unwrap();
     let wait_for = |result: &'static str, count: f64| {
@@ -655,7 +673,7 @@ async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "{}",
-                    sidecar.log_text()
+                    sidecar.log_text().await
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -664,12 +682,12 @@ async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
     std::fs::write(&path, format!("{good}request_timeout: \"1e300\"\n")).unwrap();
     sidecar.signal("HUP");
     wait_for("error", 1.0).await;
-    assert!(sidecar.log_text().contains("request_timeout"));
+    assert!(sidecar.log_text().await.contains("request_timeout"));
     std::fs::write(&path, good.replace("rate_rpm: 60", "rate_rpm: 75")).unwrap();
     sidecar.signal("HUP");
     wait_for("ok", 1.0).await;
     assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 75.0);
-    assert!(!sidecar.log_text().contains("panicked"));
+    assert!(!sidecar.log_text().await.contains("panicked"));
 }
 
 /// A client that sends a new `X-Client-Id` with every request cannot grow the per-client table
@@ -678,7 +696,7 @@ async fn a_reload_of_an_absurd_duration_is_refused_and_reloads_go_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_client_id_per_request_is_folded_into_other_beyond_the_cap() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60000\nbucket_capacity: 50");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 60000\nbucket_capacity: 50").await;
     let http = support::client();
     let url = sidecar.url("/v1/models");
     for batch in 0..15 {

@@ -82,7 +82,8 @@ async fn sighup_changes_the_rate_under_load_without_failing_a_request() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 120\nrequest_timeout: 60\nqueue_max_size: 50",
-    );
+    )
+    .await;
     let (stop, done, failed) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicUsize::new(0)),
@@ -148,7 +149,7 @@ async fn sighup_changes_the_rate_under_load_without_failing_a_request() {
 async fn a_broken_file_keeps_the_running_config_and_says_why() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120").await;
     let path = sidecar.config_path();
     let good = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
@@ -173,11 +174,17 @@ async fn a_broken_file_keeps_the_running_config_and_says_why() {
     assert_eq!(errors, Some(1.0));
     assert_eq!(sidecar.status().await["token_bucket"]["rate_rpm"], 120.0);
     assert!(
-        sidecar.log_text().contains("rate_rpm must be > 0, got -3")
-            || sidecar.log_text().contains("rate_rpm: must be > 0, got -3")
+        sidecar
+            .log_text()
+            .await
+            .contains("rate_rpm must be > 0, got -3")
+            || sidecar
+                .log_text()
+                .await
+                .contains("rate_rpm: must be > 0, got -3")
     );
     assert!(
-        sidecar.log_text().contains("bogus_key"),
+        sidecar.log_text().await.contains("bogus_key"),
         "every error is logged at once"
     );
 
@@ -198,7 +205,7 @@ async fn a_broken_file_keeps_the_running_config_and_says_why() {
 async fn admin_overrides_survive_sighup_and_restart_until_removed() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state");
+    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state").await;
     let patch = client()
         .post(sidecar.admin("/api/admin/config"))
         .json(&json!({"rate_rpm": 321}))
@@ -217,7 +224,7 @@ async fn admin_overrides_survive_sighup_and_restart_until_removed() {
         "SIGHUP kept the override"
     );
 
-    sidecar.restart();
+    sidecar.restart().await;
     assert_eq!(
         sidecar.status().await["token_bucket"]["rate_rpm"],
         321.0,
@@ -243,7 +250,8 @@ async fn the_retreat_state_survives_a_restart() {
     let mut sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\nrequest_timeout: 2\nstate_dir: {dir}/state",
-    );
+    )
+    .await;
     mock.state.fail_next(1);
     // The upstream says "retry after 30 s": the replay would wait past the deadline, so the
     // 429 reaches the client, and the sidecar retreats and pauses.
@@ -258,14 +266,14 @@ async fn the_retreat_state_survives_a_restart() {
     );
 
     sidecar.signal("TERM");
-    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
-    sidecar.start_again();
+    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)).await, Some(0));
+    sidecar.start_again().await;
     let after = sidecar.status().await;
     assert_eq!(
         after["retreat"]["state"],
         "retreat",
         "{after}\n{}",
-        sidecar.log_text()
+        sidecar.log_text().await
     );
     assert_eq!(after["retreat"]["effective_rpm"], 300.0);
     let pause = after["retreat"]["pause_remaining_seconds"]
@@ -290,7 +298,8 @@ async fn a_restart_does_not_burst_into_the_upstream() {
     let mut sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 60\nbucket_capacity: 4\nrequest_timeout: 30\nstate_dir: {dir}/state\nadaptive:\n  safety_margin: 0.05\n  max_replays: 0",
-    );
+    )
+    .await;
     let url = sidecar.url("/v1/chat/completions");
     let burst = |n: usize| {
         let url = url.clone();
@@ -319,8 +328,8 @@ async fn a_restart_does_not_burst_into_the_upstream() {
     assert!(first.iter().all(|s| *s == 200), "{first:?}");
     let burst_at = Instant::now();
     sidecar.signal("TERM");
-    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
-    sidecar.start_again();
+    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)).await, Some(0));
+    sidecar.start_again().await;
     let restarted_after = burst_at.elapsed();
     assert!(
         restarted_after < Duration::from_millis(1900),
@@ -344,8 +353,11 @@ async fn sigterm_lets_in_flight_and_queued_requests_finish() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     // 2 per second; 8 requests take 3.5 s, inside a 10 s grace period.
-    let mut sidecar =
-        Sidecar::start_full(&mock.url(), "rate_rpm: 120\nrequest_timeout: 30", &[], 10);
+    let mut sidecar = Sidecar::builder(&mock.url())
+        .extra("rate_rpm: 120\nrequest_timeout: 30")
+        .grace_period(10)
+        .start()
+        .await;
     let url = sidecar.url("/v1/chat/completions");
     let tasks: Vec<_> = (0..8)
         .map(|i| {
@@ -388,14 +400,18 @@ async fn sigterm_lets_in_flight_and_queued_requests_finish() {
         refused.is_err(),
         "a new admin connection after SIGTERM was accepted"
     );
-    assert_eq!(sidecar.wait_exit(Duration::from_secs(20)), Some(0));
+    assert_eq!(sidecar.wait_exit(Duration::from_secs(20)).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_upgrade_hands_over_without_a_refused_connection() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar = Sidecar::start_full(&mock.url(), "rate_rpm: 6000", &[], 2);
+    let mut sidecar = Sidecar::builder(&mock.url())
+        .extra("rate_rpm: 6000")
+        .grace_period(2)
+        .start()
+        .await;
     let (port, admin) = (sidecar.port, sidecar.metrics_port);
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicUsize::new(0));
@@ -502,9 +518,9 @@ async fn graceful_upgrade_hands_over_without_a_refused_connection() {
 async fn corrupt_state_files_are_logged_and_ignored() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state");
+    let mut sidecar = Sidecar::start(&mock.url(), "rate_rpm: 120\nstate_dir: {dir}/state").await;
     sidecar.signal("TERM");
-    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)), Some(0));
+    assert_eq!(sidecar.wait_exit(Duration::from_secs(15)).await, Some(0));
     let state = sidecar.dir.path().join("state");
     std::fs::write(
         state.join("limiter-state.json"),
@@ -513,14 +529,14 @@ async fn corrupt_state_files_are_logged_and_ignored() {
     .unwrap();
     std::fs::write(state.join("overrides.yaml"), "rate_rpm: [not a number").unwrap();
 
-    sidecar.start_again();
+    sidecar.start_again().await;
     let status = sidecar.status().await;
     assert_eq!(
         status["token_bucket"]["rate_rpm"], 120.0,
         "the file's rate applies"
     );
     assert_eq!(status["retreat"]["state"], "normal");
-    let log = sidecar.log_text();
+    let log = sidecar.log_text().await;
     assert!(log.contains("ignoring limiter state"), "{log}");
     assert!(log.contains("ignoring unreadable overrides"), "{log}");
     assert_eq!(sidecar.chat().await, 200);
@@ -532,12 +548,15 @@ async fn corrupt_state_files_are_logged_and_ignored() {
 async fn an_idle_sidecar_stops_at_once_on_sigterm() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let mut sidecar =
-        Sidecar::start_full(&mock.url(), "rate_rpm: 60\nstate_dir: {dir}/state", &[], 30);
+    let mut sidecar = Sidecar::builder(&mock.url())
+        .extra("rate_rpm: 60\nstate_dir: {dir}/state")
+        .grace_period(30)
+        .start()
+        .await;
     assert_eq!(sidecar.chat().await, 200);
     let started = std::time::Instant::now();
     sidecar.signal("TERM");
-    let code = sidecar.wait_exit(Duration::from_secs(10));
+    let code = sidecar.wait_exit(Duration::from_secs(10)).await;
     let took = started.elapsed();
     println!("idle SIGTERM: exit {code:?} after {took:?}");
     assert_eq!(code, Some(0), "still running after {took:?}");

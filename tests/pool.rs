@@ -270,7 +270,8 @@ async fn two_keys_give_twice_the_goodput_without_a_violation() {
             "rate_rpm: 120\nrequest_timeout: 30\nadaptive:\n  window: 2\n  safety_margin: 0.05\n{TWO_KEYS}"
         ),
         ENV,
-    );
+    )
+    .await;
     let start = Instant::now();
     let run = Duration::from_secs(8);
     let (_, errors) = closed_loop(&chat_url(&sidecar), None, 8, start + run).await;
@@ -344,7 +345,8 @@ async fn a_revoked_key_leaves_the_pool_and_the_other_keeps_serving() {
         &mock.url(),
         &format!("rate_rpm: 120\nrequest_timeout: 30\n{TWO_KEYS}"),
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     for i in 0..4 {
         assert_eq!(
@@ -392,12 +394,14 @@ async fn a_revoked_key_leaves_the_pool_and_the_other_keeps_serving() {
     assert!(
         sidecar
             .wait_for_access_line(|l| l.contains("replays=1") && l.contains("key=b"))
+            .await
             .is_some(),
         "the access log names the key the replay went out on"
     );
     assert_eq!(
         sidecar
             .log_text()
+            .await
             .matches("upstream key a was refused with 401")
             .count(),
         1,
@@ -471,7 +475,7 @@ async fn a_revoked_key_leaves_the_pool_and_the_other_keeps_serving() {
 
     let status = sidecar.admin_text("/status").await;
     let metrics = sidecar.metrics_text().await;
-    let log = sidecar.log_text();
+    let log = sidecar.log_text().await;
     for secret in [KEY_A, KEY_B] {
         assert!(!status.contains(secret), "a key value in /status");
         assert!(!metrics.contains(secret), "a key value in /metrics");
@@ -492,7 +496,8 @@ async fn a_model_at_its_concurrency_limit_does_not_slow_another_model() {
         &mock.url(),
         "rate_rpm: 600\nrequest_timeout: 30\nmodels:\n  \"slow-model\": {max_concurrency: 2}\n",
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     let start = Instant::now();
     let slow: Vec<_> = (0..6)
@@ -584,7 +589,8 @@ async fn client_weights_share_the_grants_two_to_one() {
             "rate_rpm: 600\nrequest_timeout: 30\n{ONE_KEY}clients:\n  - {{id: alice, key_env: ALICE_KEY, weight: 2}}\n  - {{id: bob, key_env: BOB_KEY}}\n"
         ),
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     let start = Instant::now();
     let stop = start + Duration::from_secs(12);
@@ -625,7 +631,8 @@ async fn a_capped_clients_high_priority_waits_as_normal() {
             "rate_rpm: 30\nrequest_timeout: 30\n{ONE_KEY}clients:\n  - {{id: alice, key_env: ALICE_KEY, max_priority: normal}}\n  - {{id: bob, key_env: BOB_KEY}}\n  - {{id: carol, key_env: CAROL_KEY}}\n"
         ),
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     // Carol takes the token in the bucket; everything after waits.
     assert_eq!(chat(&url, Some(CAROL_KEY)).await, 200);
@@ -683,6 +690,7 @@ async fn a_capped_clients_high_priority_waits_as_normal() {
     );
     let alice_lines: Vec<String> = sidecar
         .access_log()
+        .await
         .into_iter()
         .filter(|l| l.contains("client=alice "))
         .collect();
@@ -705,7 +713,8 @@ async fn a_client_rate_caps_that_client_below_the_shared_rate() {
             "rate_rpm: 600\nrequest_timeout: 30\n{ONE_KEY}clients:\n  - {{id: alice, key_env: ALICE_KEY, rate_rpm: 60}}\n  - {{id: bob, key_env: BOB_KEY}}\n"
         ),
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     let start = Instant::now();
     let run = Duration::from_secs(6);
@@ -739,7 +748,8 @@ async fn a_missing_or_wrong_client_key_gets_401_and_nothing_goes_upstream() {
         &mock.url(),
         &format!("rate_rpm: 600\n{ONE_KEY}clients:\n  - {{id: alice, key_env: ALICE_KEY}}\n"),
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     let attempts: [(&str, Option<&str>, Headers); 4] = [
         ("no key", None, &[]),
@@ -783,7 +793,8 @@ async fn the_client_key_is_never_forwarded_upstream() {
             "rate_rpm: 600\n{ONE_KEY}clients:\n  - {{id: alice, key_env: ALICE_KEY}}\n  - {{id: bob, key_env: BOB_KEY}}\n"
         ),
         ENV,
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     let response = post(
         &url,
@@ -804,19 +815,24 @@ async fn the_client_key_is_never_forwarded_upstream() {
             "the upstream sees the pool key, not the client's"
         );
     }
-    let alice = sidecar.wait_for_access_line(|l| l.contains("client=alice "));
-    assert!(alice.is_some(), "{:?}", sidecar.access_log());
-    let bob = sidecar.wait_for_access_line(|l| l.contains("client=bob "));
-    assert!(bob.is_some(), "{:?}", sidecar.access_log());
+    let alice = sidecar
+        .wait_for_access_line(|l| l.contains("client=alice "))
+        .await;
+    assert!(alice.is_some(), "{:?}", sidecar.access_log().await);
+    let bob = sidecar
+        .wait_for_access_line(|l| l.contains("client=bob "))
+        .await;
+    assert!(bob.is_some(), "{:?}", sidecar.access_log().await);
     assert!(
         !sidecar
             .access_log()
+            .await
             .iter()
             .any(|l| l.contains("client=mallory")),
         "X-Client-Id overrode the client key: {:?}",
-        sidecar.access_log()
+        sidecar.access_log().await
     );
-    let log = sidecar.log_text();
+    let log = sidecar.log_text().await;
     for secret in [ALICE_KEY, BOB_KEY, KEY_A] {
         assert!(!log.contains(secret), "a key value in the log");
     }
@@ -827,7 +843,7 @@ async fn the_client_key_is_never_forwarded_upstream() {
 /// and is never sent: a third request gets that token, and the upstream sees two requests.
 async fn a_client_deadline_bounds_the_wait(header: &str, value: &str) {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 12\nrequest_timeout: 30");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 12\nrequest_timeout: 30").await;
     let url = chat_url(&sidecar);
     let start = Instant::now();
     assert_eq!(chat(&url, None).await, 200);
@@ -885,7 +901,7 @@ async fn x_stainless_timeout_bounds_the_wait_and_an_expired_request_is_never_sen
 async fn a_client_deadline_longer_than_request_timeout_is_cut_to_it() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     // One token every 10 s; the configured budget is 2 s.
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nrequest_timeout: 2");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6\nrequest_timeout: 2").await;
     let url = chat_url(&sidecar);
     assert_eq!(chat(&url, None).await, 200);
     let sent = Instant::now();
@@ -915,7 +931,8 @@ async fn a_queued_stream_gets_its_headers_before_the_upstream_is_reached() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 12\nrequest_timeout: 30\nroutes:\n  - {path_prefix: /v1/chat, rate_rpm: 12, keepalive_while_queued: true}\n",
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     let stream_body = || {
         serde_json::to_vec(&serde_json::json!({
@@ -999,7 +1016,8 @@ async fn a_kept_alive_stream_gets_comments_every_15_s_while_it_waits_then_the_to
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 3\nrequest_timeout: 60\nroutes:\n  - {path_prefix: /v1/chat, rate_rpm: 3, keepalive_while_queued: true}\n",
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     assert_eq!(post(&url, None, &[], stream_body()).await.status(), 200);
     let sent = Instant::now();
@@ -1044,7 +1062,8 @@ async fn a_kept_alive_stream_that_fails_ends_with_an_error_event() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 12\nrequest_timeout: 60\nadaptive: {max_replays: 0}\nroutes:\n  - {path_prefix: /v1/chat, rate_rpm: 12, keepalive_while_queued: true}\n",
-    );
+    )
+    .await;
     let url = chat_url(&sidecar);
     assert_eq!(post(&url, None, &[], stream_body()).await.status(), 200);
 

@@ -48,9 +48,10 @@ async fn closed_loop(url: String, clients: usize, run: Duration) -> Load {
 }
 
 /// Queue waits (ms) from the access log, sorted.
-fn queue_waits(sidecar: &Sidecar) -> Vec<u64> {
+async fn queue_waits(sidecar: &Sidecar) -> Vec<u64> {
     let mut waits: Vec<u64> = sidecar
         .access_log()
+        .await
         .iter()
         .filter_map(|l| {
             l.split("queue_wait_ms=")
@@ -83,7 +84,8 @@ async fn configured_right_uses_the_quota_without_a_single_violation() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\nrequest_timeout: 30\nadaptive:\n  safety_margin: 0.03",
-    );
+    )
+    .await;
     let start = Instant::now();
     let run = Duration::from_secs(8);
     let load = closed_loop(sidecar.url("/v1/chat/completions"), 30, run).await;
@@ -93,7 +95,7 @@ async fn configured_right_uses_the_quota_without_a_single_violation() {
     let quota_in_run = run.as_secs_f64() / quota.window.as_secs_f64() * quota.limit as f64;
     let goodput = accepted as f64 / quota_in_run;
     let client_errors = load.statuses.iter().filter(|s| **s != 200).count();
-    let waits = queue_waits(&sidecar);
+    let waits = queue_waits(&sidecar).await;
     println!(
         "configured right: goodput/quota {goodput:.3} ({accepted} of {quota_in_run}), upstream violations {violations}, client errors {client_errors} of {}, queue wait p50 {} ms p99 {} ms",
         load.statuses.len(),
@@ -117,7 +119,8 @@ async fn configured_too_high_the_sidecar_retreats_and_converges() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 900\nrequest_timeout: 30\nadaptive:\n  window: 2\n  quiet_period: 1\n  recover_interval: 0.5\n  probe_interval: 120\n  max_replays: 10",
-    );
+    )
+    .await;
     let start = Instant::now();
     let run = Duration::from_secs(16);
     let load = closed_loop(sidecar.url("/v1/chat/completions"), 30, run).await;
@@ -130,7 +133,7 @@ async fn configured_too_high_the_sidecar_retreats_and_converges() {
     let late_accepted = mock.state.accepted_between(settled, start + run);
     let late_quota = (run.as_secs_f64() - 8.0) / quota.window.as_secs_f64() * quota.limit as f64;
     let client_429s = load.statuses.iter().filter(|s| **s == 429).count();
-    let waits = queue_waits(&sidecar);
+    let waits = queue_waits(&sidecar).await;
     println!(
         "configured 50% high: violations total {} / after 8 s {late_violations}, goodput/quota after 8 s {:.3}, client 429s {client_429s} of {}, queue wait p50 {} ms p99 {} ms",
         mock.state.violations(),
@@ -164,7 +167,8 @@ async fn a_greedy_client_does_not_starve_a_polite_one() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\nrequest_timeout: 60\nqueue_max_size: 200",
-    );
+    )
+    .await;
     let url = sidecar.url("/v1/chat/completions");
     let http = client();
     // 40 parallel requests from one client fill the queue first.

@@ -22,7 +22,7 @@ async fn post_chat(url: &str, client_id: &str) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread")]
 async fn forwards_and_rewrites_host() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -33,11 +33,13 @@ async fn forwards_and_rewrites_host() {
         arrivals[0].host.as_deref(),
         Some(mock.addr.to_string().as_str())
     );
-    let line = sidecar.wait_for_access_line(|l| {
-        l.contains("client=a route=default method=POST path=/v1/chat/completions status=200")
-            && l.contains("outcome=forwarded")
-    });
-    assert!(line.is_some(), "{:?}", sidecar.access_log());
+    let line = sidecar
+        .wait_for_access_line(|l| {
+            l.contains("client=a route=default method=POST path=/v1/chat/completions status=200")
+                && l.contains("outcome=forwarded")
+        })
+        .await;
+    assert!(line.is_some(), "{:?}", sidecar.access_log().await);
 }
 
 /// The injected key replaces the client's credential: named in the config, or, with no
@@ -60,7 +62,7 @@ async fn the_upstream_key_replaces_the_clients_credential() {
             .map(|name| (name, "nvapi-test-secret"))
             .into_iter()
             .collect();
-        let sidecar = Sidecar::start_with_env(&mock.url(), extra, &env);
+        let sidecar = Sidecar::start_with_env(&mock.url(), extra, &env).await;
         let response = client()
             .post(sidecar.url("/v1/chat/completions"))
             .bearer_auth("client-own-key")
@@ -72,7 +74,7 @@ async fn the_upstream_key_replaces_the_clients_credential() {
         let seen = mock.state.arrivals()[0].authorization.clone();
         assert_eq!(seen.as_deref(), expected, "{env:?}");
         assert!(
-            !sidecar.log_text().contains("nvapi-test-secret"),
+            !sidecar.log_text().await.contains("nvapi-test-secret"),
             "the key must never be logged"
         );
     }
@@ -85,7 +87,8 @@ async fn a_full_queue_answers_429_with_retry_after_and_openai_json() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 6\nqueue_max_size: 2\nrequest_timeout: 2",
-    );
+    )
+    .await;
     let url = sidecar.url("/v1/chat/completions");
     assert_eq!(post_chat(&url, "a").await.status(), 200);
     let waiting: Vec<_> = (0..2)
@@ -133,7 +136,7 @@ async fn a_waiter_that_disconnects_consumes_no_token() {
     ] {
         let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
         // One token every 2 s.
-        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30");
+        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30").await;
         let url = sidecar.url("/v1/chat/completions");
         let start = Instant::now();
         assert_eq!(post_chat(&url, "a").await.status(), 200);
@@ -168,14 +171,14 @@ async fn a_waiter_that_disconnects_consumes_no_token() {
             2,
             "{size} B: B never reached the upstream"
         );
-        let line = sidecar.wait_for_access_line(|l| {
-            l.contains("client=b") && l.contains("outcome=client_closed")
-        });
-        assert!(line.is_some(), "{size} B: {:?}", sidecar.access_log());
+        let line = sidecar
+            .wait_for_access_line(|l| l.contains("client=b") && l.contains("outcome=client_closed"))
+            .await;
+        assert!(line.is_some(), "{size} B: {:?}", sidecar.access_log().await);
         assert!(
-            !sidecar.log_text().contains(" ERROR "),
+            !sidecar.log_text().await.contains(" ERROR "),
             "a client leaving is not an error:\n{}",
-            sidecar.log_text()
+            sidecar.log_text().await
         );
     }
 }
@@ -183,7 +186,7 @@ async fn a_waiter_that_disconnects_consumes_no_token() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_streams_arrive_chunk_by_chunk() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let body =
         serde_json::json!({"model": "mock", "stream": true, "chunks": 5, "chunk_delay_ms": 200});
     let response = client()
@@ -218,7 +221,7 @@ async fn sse_streams_arrive_chunk_by_chunk() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_hanging_up_mid_stream_is_counted_not_logged_as_an_error() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let body =
         serde_json::json!({"model": "mock", "stream": true, "chunks": 20, "chunk_delay_ms": 100});
     let response = client()
@@ -231,23 +234,25 @@ async fn a_client_hanging_up_mid_stream_is_counted_not_logged_as_an_error() {
     let mut stream = response.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    let line = sidecar.wait_for_access_line(|l| l.contains("client=leaver"));
+    let line = sidecar
+        .wait_for_access_line(|l| l.contains("client=leaver"))
+        .await;
     assert!(
         line.is_some_and(|l| l.contains("outcome=client_closed")),
         "{:?}",
-        sidecar.access_log()
+        sidecar.access_log().await
     );
     assert!(
-        !sidecar.log_text().contains(" ERROR "),
+        !sidecar.log_text().await.contains(" ERROR "),
         "{}",
-        sidecar.log_text()
+        sidecar.log_text().await
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_down_is_a_502_and_a_timeout_a_504_in_the_same_json_shape() {
     let closed = format!("http://127.0.0.1:{}", free_port());
-    let sidecar = Sidecar::start(&closed, "rate_rpm: 600");
+    let sidecar = Sidecar::start(&closed, "rate_rpm: 600").await;
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -255,7 +260,8 @@ async fn upstream_down_is_a_502_and_a_timeout_a_504_in_the_same_json_shape() {
     assert_eq!(body["error"]["code"], "upstream_unreachable");
 
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nupstream:\n  read_timeout: 0.5");
+    let sidecar =
+        Sidecar::start(&mock.url(), "rate_rpm: 600\nupstream:\n  read_timeout: 0.5").await;
     let response = client()
         .get(sidecar.url("/slow?ms=3000"))
         .send()
@@ -269,7 +275,7 @@ async fn upstream_down_is_a_502_and_a_timeout_a_504_in_the_same_json_shape() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unresolvable_upstream_is_a_502_not_a_crash() {
-    let sidecar = Sidecar::start("http://no-such-upstream.invalid", "rate_rpm: 600");
+    let sidecar = Sidecar::start("http://no-such-upstream.invalid", "rate_rpm: 600").await;
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 502);
     // Still serving afterwards.
@@ -280,7 +286,7 @@ async fn an_unresolvable_upstream_is_a_502_not_a_crash() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_and_foreign_targets_are_refused() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600").await;
     let raw = |request: String| {
         let port = sidecar.port;
         async move {
@@ -319,7 +325,8 @@ async fn passthrough_routes_take_no_token() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 1\nrequest_timeout: 1\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}",
-    );
+    )
+    .await;
     for _ in 0..5 {
         let response = client()
             .get(sidecar.url("/v1/models"))
@@ -341,8 +348,10 @@ async fn passthrough_routes_take_no_token() {
             .status(),
         429
     );
-    sidecar.wait_for_access_line(|l| l.contains("status=429"));
-    let log = sidecar.access_log();
+    sidecar
+        .wait_for_access_line(|l| l.contains("status=429"))
+        .await;
+    let log = sidecar.access_log().await;
     assert_eq!(
         log.iter()
             .filter(|l| l.contains("outcome=passthrough"))
@@ -358,7 +367,8 @@ async fn fail_open_forwards_instead_of_rejecting() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 1\nrequest_timeout: 0.5\nfallback_enabled_passthrough: true",
-    );
+    )
+    .await;
     for _ in 0..3 {
         assert_eq!(
             post_chat(&sidecar.url("/v1/chat/completions"), "a")
@@ -369,10 +379,10 @@ async fn fail_open_forwards_instead_of_rejecting() {
     }
     assert_eq!(mock.state.arrivals().len(), 3);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while sidecar.access_log().len() < 3 && Instant::now() < deadline {
+    while sidecar.access_log().await.len() < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let log = sidecar.access_log();
+    let log = sidecar.access_log().await;
     assert_eq!(
         log.iter()
             .filter(|l| l.contains("fallback=fail_open"))
@@ -388,7 +398,8 @@ async fn an_upstream_429_is_replayed_not_passed_on() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\nadaptive:\n  quiet_period: 0.2\n  recover_interval: 0.1",
-    );
+    )
+    .await;
     mock.state.fail_next(2);
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 200, "two upstream 429s were absorbed");
@@ -399,9 +410,10 @@ async fn an_upstream_429_is_replayed_not_passed_on() {
         bodies.iter().all(|len| *len == bodies[0] && *len > 0),
         "the body was re-sent each time: {bodies:?}"
     );
-    let line =
-        sidecar.wait_for_access_line(|l| l.contains("replays=2") && l.contains("status=200"));
-    assert!(line.is_some(), "{:?}", sidecar.access_log());
+    let line = sidecar
+        .wait_for_access_line(|l| l.contains("replays=2") && l.contains("status=200"))
+        .await;
+    assert!(line.is_some(), "{:?}", sidecar.access_log().await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -410,7 +422,8 @@ async fn replays_are_bounded_then_the_upstream_429_reaches_the_client() {
     let sidecar = Sidecar::start(
         &mock.url(),
         "rate_rpm: 600\nadaptive:\n  max_replays: 2\n  quiet_period: 0.1\n  recover_interval: 0.1",
-    );
+    )
+    .await;
     mock.state.fail_next(10);
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 429);
@@ -428,7 +441,7 @@ async fn replays_are_bounded_then_the_upstream_429_reaches_the_client() {
 #[tokio::test(flavor = "multi_thread")]
 async fn insufficient_quota_reaches_the_client_and_then_stops_the_replays() {
     let mock = MockUpstream::start(None, LimitStyle::InsufficientQuota).await;
-    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 1");
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nadaptive:\n  max_replays: 1").await;
     mock.state.fail_next(10);
     let url = sidecar.url("/v1/chat/completions");
     let response = post_chat(&url, "a").await;
@@ -466,7 +479,8 @@ async fn tls_upstream_with_a_test_ca() {
     let sidecar = Sidecar::start(
         &url,
         &format!("rate_rpm: 600\nupstream:\n  ca_file: {}", ca_path.display()),
-    );
+    )
+    .await;
     let response = post_chat(&sidecar.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 200);
     assert_eq!(
@@ -475,7 +489,7 @@ async fn tls_upstream_with_a_test_ca() {
     );
 
     // Without our CA the certificate is not trusted: no connection, a 502.
-    let untrusting = Sidecar::start(&url, "rate_rpm: 600");
+    let untrusting = Sidecar::start(&url, "rate_rpm: 600").await;
     let response = post_chat(&untrusting.url("/v1/chat/completions"), "a").await;
     assert_eq!(response.status(), 502);
     assert_eq!(mock.state.arrivals().len(), 1);

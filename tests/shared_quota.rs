@@ -24,7 +24,7 @@ fn quota() -> Quota {
 }
 
 /// A sidecar on the shared quota in `redis`; `extra` adds YAML at the top level.
-fn shared_sidecar(upstream: &str, redis: &RedisServer, key: &str, extra: &str) -> Sidecar {
+async fn shared_sidecar(upstream: &str, redis: &RedisServer, key: &str, extra: &str) -> Sidecar {
     // A 2 s window needs a wider margin on this machine than NVIDIA's minute (tests/quota.rs).
     Sidecar::start(
         upstream,
@@ -33,6 +33,7 @@ fn shared_sidecar(upstream: &str, redis: &RedisServer, key: &str, extra: &str) -
             redis.url()
         ),
     )
+    .await
 }
 
 const MARGIN: &str = "adaptive:\n  safety_margin: 0.03";
@@ -121,9 +122,10 @@ async fn three_on_one_quota(test: &str, extra: &str) -> (RedisServer, MockUpstre
     let redis = RedisServer::start();
     let mock = MockUpstream::start(Some(quota()), LimitStyle::Nvidia).await;
     let key = unique_key(test);
-    let sidecars = (0..3)
-        .map(|_| shared_sidecar(&mock.url(), &redis, &key, extra))
-        .collect();
+    let mut sidecars = Vec::new();
+    for _ in 0..3 {
+        sidecars.push(shared_sidecar(&mock.url(), &redis, &key, extra).await);
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mock.state.reset();
     (redis, mock, sidecars)
@@ -211,10 +213,11 @@ async fn a_429_storm_seen_by_one_sidecar_slows_all_three() {
     let calm = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let key = unique_key("storm");
     let adaptive = "adaptive:\n  window: 2\n  quiet_period: 4\n  recover_interval: 1\n  recover_step: 0.25\n  max_replays: 10";
-    let first = shared_sidecar(&stormy.url(), &redis, &key, adaptive);
-    let others: Vec<Sidecar> = (0..2)
-        .map(|_| shared_sidecar(&calm.url(), &redis, &key, adaptive))
-        .collect();
+    let first = shared_sidecar(&stormy.url(), &redis, &key, adaptive).await;
+    let mut others: Vec<Sidecar> = Vec::new();
+    for _ in 0..2 {
+        others.push(shared_sidecar(&calm.url(), &redis, &key, adaptive).await);
+    }
     let all = [&first, &others[0], &others[1]];
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -340,10 +343,10 @@ async fn a_redis_outage_falls_back_to_the_local_share_and_rejoins() {
     let after_violations = mock.state.violations_between(after_from, end);
     let after_accepted = mock.state.accepted_between(after_from, end);
     let after_quota = (end - after_from).as_secs_f64() / 2.0 * 20.0;
-    let warnings: Vec<usize> = sidecars
-        .iter()
-        .map(|s| s.log_text().matches("cannot be reached").count())
-        .collect();
+    let mut warnings: Vec<usize> = Vec::new();
+    for s in &sidecars {
+        warnings.push(s.log_text().await.matches("cannot be reached").count());
+    }
     println!(
         "Redis outage: all three degraded after {degraded:?}, status {}; accepted per sidecar over {:.0} s of outage {per_sidecar:?} (share {share:.3} of the rate: {share_limit:.1} each), upstream 429s during the outage {outage_violations}; rejoined {rejoined:?} after the restart, then 429s {after_violations}, goodput/quota {:.3}; failed client requests {failed} of {}; fallback warnings per sidecar {warnings:?}",
         during["shared_quota"],
@@ -407,7 +410,7 @@ async fn a_redis_that_stops_answering_is_left_after_the_timeout_and_rejoined() {
     let redis = RedisServer::start();
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     let key = unique_key("frozen");
-    let sidecar = shared_sidecar(&mock.url(), &redis, &key, "");
+    let sidecar = shared_sidecar(&mock.url(), &redis, &key, "").await;
     let (statuses, _) = sequential(&sidecar, 5).await;
     assert_eq!(statuses, vec![200; 5]);
 
@@ -501,13 +504,15 @@ async fn without_redis_from_the_start_a_sidecar_serves_on_its_share_or_fails_ope
     let on_share = Sidecar::start(
         &mock.url(),
         &format!("rate_rpm: 600\nshared_quota:\n  url: {url}\n  instances: 4\n  timeout: 0.2\n"),
-    );
+    )
+    .await;
     let fail_open = Sidecar::start(
         &mock.url(),
         &format!(
             "rate_rpm: 6\nfallback_enabled_passthrough: true\nshared_quota:\n  url: {url}\n  timeout: 0.2\n"
         ),
-    );
+    )
+    .await;
     let degraded = until_all(&[&on_share, &fail_open], Duration::from_secs(5), |s| {
         s["shared_quota"]["state"] == "degraded"
     })
@@ -558,18 +563,18 @@ async fn a_redis_behind_tls_with_a_password_from_the_environment() {
             unique_key("tls")
         )
     };
-    let start = |password_env: &str, password: &str| {
+    let start = async |password_env: &str, password: &str| {
         // The CA file lives in the sidecar's own directory, written before it starts.
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), &identity.ca_pem).unwrap();
         let text = config(password_env).replace("{dir}", &dir.path().display().to_string());
         (
-            Sidecar::start_with_env(&mock.url(), &text, &[(password_env, password)]),
+            Sidecar::start_with_env(&mock.url(), &text, &[(password_env, password)]).await,
             dir,
         )
     };
-    let (right, _ca) = start("REDIS_PASSWORD", PASSWORD);
-    let (wrong, _ca2) = start("REDIS_PASSWORD", "not-the-password");
+    let (right, _ca) = start("REDIS_PASSWORD", PASSWORD).await;
+    let (wrong, _ca2) = start("REDIS_PASSWORD", "not-the-password").await;
 
     let connected = until_all(&[&right], Duration::from_secs(5), |s| {
         s["shared_quota"]["state"] == "connected"
@@ -587,7 +592,7 @@ async fn a_redis_behind_tls_with_a_password_from_the_environment() {
         "TLS and a password: {}; with a wrong password: {}",
         status["shared_quota"], wrong_status["shared_quota"]
     );
-    assert!(connected.is_some(), "{}", right.log_text());
+    assert!(connected.is_some(), "{}", right.log_text().await);
     assert_eq!(statuses, vec![200; 3]);
     assert!(status["shared_quota"]["slots_leased"].as_u64() >= Some(3));
     assert!(
@@ -600,8 +605,8 @@ async fn a_redis_behind_tls_with_a_password_from_the_environment() {
         "the operator is told why: {reason}"
     );
     for text in [
-        right.log_text(),
-        wrong.log_text(),
+        right.log_text().await,
+        wrong.log_text().await,
         status.to_string(),
         wrong_status.to_string(),
         view.clone(),
@@ -630,8 +635,9 @@ async fn a_sentinel_failover_under_load_loses_nothing_and_breaks_no_quota() {
 
     let mock = MockUpstream::start(Some(quota()), LimitStyle::Nvidia).await;
     let key = unique_key("sentinel");
-    let sidecars: Vec<Sidecar> = (0..2)
-        .map(|_| {
+    let mut sidecars: Vec<Sidecar> = Vec::new();
+    for _ in 0..2 {
+        sidecars.push(
             Sidecar::start(
                 &mock.url(),
                 &format!(
@@ -639,8 +645,9 @@ async fn a_sentinel_failover_under_load_loses_nothing_and_breaks_no_quota() {
                     sentinels.yaml_list()
                 ),
             )
-        })
-        .collect();
+            .await,
+        );
+    }
     let all: Vec<&Sidecar> = sidecars.iter().collect();
     let joined = until_all(&all, Duration::from_secs(5), |s| {
         s["shared_quota"]["state"] == "connected" && s["shared_quota"]["instances"] == 2
@@ -678,10 +685,10 @@ async fn a_sentinel_failover_under_load_loses_nothing_and_breaks_no_quota() {
     let after_quota = (end - after_from).as_secs_f64() / 2.0 * 20.0;
     let after_goodput = mock.state.accepted_between(after_from, end) as f64 / after_quota;
     let instances_on_new_primary = replica.command(&["ZCARD", &format!("{{{key}}}:instances")]);
-    let degraded_warnings: Vec<usize> = sidecars
-        .iter()
-        .map(|s| s.log_text().matches("cannot be reached").count())
-        .collect();
+    let mut degraded_warnings: Vec<usize> = Vec::new();
+    for s in &sidecars {
+        degraded_warnings.push(s.log_text().await.matches("cannot be reached").count());
+    }
     println!(
         "Sentinel failover: replica promoted {promoted:?} after the primary was killed, sidecars connected to it {followed:?} after; upstream 429s {violations}; failed client requests {failed} of {}; goodput/quota after the failover {after_goodput:.3}; fallback warnings per sidecar {degraded_warnings:?}",
         statuses.iter().flatten().count()
@@ -724,8 +731,9 @@ async fn two_sidecars_share_a_pool_of_two_keys_without_a_violation() {
     }
     let env = [("SHARED_POOL_A", key_a), ("SHARED_POOL_B", key_b)];
     let name = unique_key("pool");
-    let sidecars: Vec<Sidecar> = (0..2)
-        .map(|_| {
+    let mut sidecars: Vec<Sidecar> = Vec::new();
+    for _ in 0..2 {
+        sidecars.push(
             Sidecar::start_with_env(
                 &mock.url(),
                 &format!(
@@ -734,8 +742,9 @@ async fn two_sidecars_share_a_pool_of_two_keys_without_a_violation() {
                 ),
                 &env,
             )
-        })
-        .collect();
+            .await,
+        );
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mock.state.reset();
     let all: Vec<&Sidecar> = sidecars.iter().collect();

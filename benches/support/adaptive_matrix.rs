@@ -124,7 +124,8 @@ async fn run_cell(cell: Cell) -> Measured {
     let sidecar = Sidecar::start(
         &mock.url(),
         &format!("rate_rpm: {}", quota_rpm * cell.rate_factor),
-    );
+    )
+    .await;
     let start = Instant::now();
     if let Some(at) = cell.halve_at {
         let state = mock.state.clone();

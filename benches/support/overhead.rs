@@ -186,9 +186,16 @@ pub async fn overhead(repeats: usize) {
     let upstream = Nginx::static_upstream();
     let upstream_url = format!("http://127.0.0.1:{}", upstream.port);
     let config = "rate_rpm: 10000000\nbucket_capacity: 100000\nqueue_max_size: 100000\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}\n";
-    let sidecars: Vec<Sidecar> = [1, 2]
-        .map(|threads| Sidecar::start_with_threads(&upstream_url, config, threads))
-        .into();
+    let mut sidecars: Vec<Sidecar> = Vec::new();
+    for threads in [1, 2] {
+        sidecars.push(
+            Sidecar::builder(&upstream_url)
+                .extra(config)
+                .threads(threads)
+                .start()
+                .await,
+        );
+    }
     let nginxes: Vec<Nginx> = [1, 2]
         .map(|workers| Nginx::reverse_proxy(workers, upstream.port))
         .into();

@@ -19,7 +19,8 @@ pub async fn soak() {
     let sidecar = Sidecar::start(
         &format!("http://127.0.0.1:{}", upstream.port),
         "rate_rpm: 10000000\nbucket_capacity: 100000\nlog_level: warn\nroutes:\n  - {path_prefix: /v1/models, passthrough: true}\n",
-    );
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let post = crate::overhead::post_script(dir.path());
     let wrk = |path: &str, script: Option<&std::path::Path>| {
