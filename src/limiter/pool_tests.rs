@@ -2,10 +2,9 @@
 //! caps. Explicit instants, no clock.
 
 use super::*;
-use proptest::prelude::*;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-fn retreat() -> RetreatSettings {
+pub(super) fn retreat() -> RetreatSettings {
     RetreatSettings {
         safety_margin: 0.0,
         window: Duration::from_secs(10),
@@ -15,14 +14,18 @@ fn retreat() -> RetreatSettings {
     }
 }
 
-fn key(name: &str, rpm: Option<f64>) -> KeyRate {
+pub(super) fn key(name: &str, rpm: Option<f64>) -> KeyRate {
     KeyRate {
         name: Arc::from(name),
         rpm,
     }
 }
 
-fn model(pattern: &str, rate_rpm: Option<f64>, max_concurrency: Option<u32>) -> ModelSettings {
+pub(super) fn model(
+    pattern: &str,
+    rate_rpm: Option<f64>,
+    max_concurrency: Option<u32>,
+) -> ModelSettings {
     ModelSettings {
         pattern: pattern.to_string(),
         rate_rpm,
@@ -274,172 +277,6 @@ fn a_client_cap_holds_one_client_below_the_shared_rate() {
     // 5 s: the cap allows ~5 (60 rpm), the key ~50 (600 rpm), the rest goes to `free`.
     assert!(count["capped"] <= 6, "{count:?}");
     assert!(count["free"] >= 40, "{count:?}");
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Arrive {
-        client: u8,
-        model: u8,
-        timeout_ms: u16,
-    },
-    Cancel {
-        nth: u8,
-    },
-    Advance {
-        ms: u16,
-    },
-    Finish {
-        nth: u8,
-    },
-    Drop {
-        nth: u8,
-    },
-    Answer429 {
-        nth: u8,
-    },
-    Capacity {
-        model: u8,
-    },
-    Revoke {
-        lane: u8,
-    },
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        4 => (0u8..4, 0u8..3, 0u16..5000).prop_map(|(client, model, timeout_ms)| Op::Arrive { client, model, timeout_ms }),
-        1 => any::<u8>().prop_map(|nth| Op::Cancel { nth }),
-        4 => (0u16..2000).prop_map(|ms| Op::Advance { ms }),
-        3 => any::<u8>().prop_map(|nth| Op::Finish { nth }),
-        1 => any::<u8>().prop_map(|nth| Op::Drop { nth }),
-        1 => any::<u8>().prop_map(|nth| Op::Answer429 { nth }),
-        1 => (0u8..2).prop_map(|model| Op::Capacity { model }),
-        1 => (0u8..3).prop_map(|lane| Op::Revoke { lane }),
-    ]
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
-
-    /// With three keys, two model limits and a capped client: no grant goes out without a
-    /// key's token and its model's slot, a model never has more in flight than its limit, a
-    /// revoked key grants nothing, every waiter is answered exactly once, and once every
-    /// request is over every slot is free again (no slot is lost).
-    #[test]
-    fn no_grant_without_every_resource_and_nothing_lost(ops in proptest::collection::vec(op(), 1..200)) {
-        let t0 = Instant::now();
-        let settings = LimiterSettings {
-            keys: vec![key("a", None), key("b", Some(30.0)), key("c", None)],
-            models: vec![model("one", None, Some(1)), model("rated", Some(30.0), Some(3))],
-            client_caps: vec![ClientCap { id: Arc::from("0"), rate_rpm: 20.0 }],
-            ..LimiterSettings::single(60.0, 2, 20, retreat())
-        };
-        let mut l = Limiter::new(settings, t0);
-        let mut now = t0;
-        let mut waiting: Vec<WaiterId> = Vec::new();
-        let mut answered: HashSet<WaiterId> = HashSet::new();
-        let mut out: Vec<Grant> = Vec::new();
-        let mut revoked: HashSet<usize> = HashSet::new();
-
-        let settle = |resolutions: Vec<Resolution>, waiting: &mut Vec<WaiterId>, answered: &mut HashSet<WaiterId>, out: &mut Vec<Grant>, revoked: &HashSet<usize>| {
-            for r in resolutions {
-                let id = match r {
-                    Resolution::Granted(id, grant) => {
-                        prop_assert!(!revoked.contains(&grant.lane), "granted on revoked key {}", grant.lane);
-                        out.push(grant);
-                        id
-                    }
-                    Resolution::Expired { id, .. } => id,
-                };
-                prop_assert!(answered.insert(id), "waiter {} answered twice", id);
-                let pos = waiting.iter().position(|w| *w == id);
-                prop_assert!(pos.is_some(), "waiter {} answered but was not waiting", id);
-                waiting.remove(pos.unwrap());
-            }
-            Ok(())
-        };
-
-        for op in ops {
-            match op {
-                Op::Arrive { client, model, timeout_ms } => {
-                    let a = Ask {
-                        model: (model < 2).then_some(usize::from(model)),
-                        weight: u32::from(client) + 1,
-                        ..Ask::new(Arc::from(client.to_string()), Priority::Normal, now + Duration::from_millis(u64::from(timeout_ms)))
-                    };
-                    match l.request_with(a, now) {
-                        Admission::Queued(id) => waiting.push(id),
-                        Admission::Granted => {
-                            let grant = l.last_grant();
-                            prop_assert!(!revoked.contains(&grant.lane));
-                            out.push(grant);
-                        }
-                        Admission::Rejected { .. } => {}
-                    }
-                }
-                Op::Cancel { nth } => {
-                    if !waiting.is_empty() {
-                        let id = waiting[nth as usize % waiting.len()];
-                        prop_assert!(l.cancel(id, now));
-                        waiting.retain(|w| *w != id);
-                        answered.insert(id);
-                    }
-                }
-                Op::Advance { ms } => {
-                    now += Duration::from_millis(u64::from(ms));
-                    settle(l.poll(now), &mut waiting, &mut answered, &mut out, &revoked)?;
-                }
-                Op::Finish { nth } => {
-                    if !out.is_empty() {
-                        let grant = out.remove(nth as usize % out.len());
-                        l.observe_answer(&UpstreamSignal::Accepted { pause: None }, grant, now);
-                        if let Some(m) = grant.model { l.observe_model(m, false, now); }
-                        l.release(grant);
-                    }
-                }
-                Op::Drop { nth } => {
-                    if !out.is_empty() {
-                        let grant = out.remove(nth as usize % out.len());
-                        l.refund(grant, now);
-                    }
-                }
-                Op::Answer429 { nth } => {
-                    if !out.is_empty() {
-                        let grant = out.remove(nth as usize % out.len());
-                        l.observe_answer(&UpstreamSignal::RateLimited { retry_after: None }, grant, now);
-                        l.release(grant);
-                    }
-                }
-                Op::Capacity { model } => l.observe_model(usize::from(model), true, now),
-                Op::Revoke { lane } => {
-                    if l.revoke(usize::from(lane)) {
-                        revoked.insert(usize::from(lane));
-                    }
-                }
-            }
-            settle(l.poll(now), &mut waiting, &mut answered, &mut out, &revoked)?;
-            let s = l.snapshot(now);
-            for (i, m) in s.models.iter().enumerate() {
-                let holding = out.iter().filter(|g| g.model == Some(i)).count();
-                prop_assert_eq!(m.in_flight as usize, holding, "model {} slots in use", i);
-                prop_assert!(m.in_flight <= m.max_concurrency.unwrap_or(u32::MAX));
-            }
-            for k in &s.keys {
-                prop_assert!(k.tokens >= 0.0 && k.tokens <= 2.0 + 1e-9, "tokens {}", k.tokens);
-            }
-            prop_assert!(s.keys.iter().any(|k| k.active), "a key is always left");
-            prop_assert_eq!(l.queue_len(), waiting.len(), "lost or phantom waiters");
-        }
-        // Every request ends; far in the future everyone still waiting has been answered.
-        for grant in out.drain(..) {
-            l.release(grant);
-        }
-        now += Duration::from_secs(3600);
-        settle(l.poll(now), &mut waiting, &mut answered, &mut out, &revoked)?;
-        prop_assert!(waiting.is_empty(), "never answered: {:?}", waiting);
-        prop_assert!(l.snapshot(now).models.iter().all(|m| m.in_flight == 0), "a slot was lost");
-    }
 }
 
 #[test]

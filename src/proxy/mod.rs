@@ -5,6 +5,11 @@
 //! - `body`: holding request bodies for replay and for watching waiting clients;
 //! - `replay`: sending a request again after an upstream 429, and where Pingora allows it;
 //! - `respond`: the sidecar's own answers and error responses;
+//! - `tenant`: client keys, client deadlines, the model of a body;
+//! - `waiting`: waiting for a verdict while watching the client; `keepalive`: headers and
+//!   comments for a waiting stream;
+//! - `observe`: what the upstream's answers tell the limiter;
+//! - `access_log`: the end of a request, its metrics and its access-log line;
 //! - `header_deadline`: a deadline for every request header, and a cap on connections.
 //!
 //! Replaying rides on Pingora's own retry loop: `upstream_response_filter` abandons an
@@ -13,14 +18,17 @@
 //! at the head of its class. Pingora's `max_retries` is set above `adaptive.max_replays`, so
 //! our own bound is the one that counts.
 
+mod access_log;
 mod body;
 mod classify;
 mod context;
 mod header_deadline;
 mod keepalive;
+mod observe;
 mod replay;
 mod respond;
 mod tenant;
+mod waiting;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,9 +40,9 @@ use pingora_core::prelude::HttpPeer;
 use pingora_core::{Error, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
-use crate::admission::{now, AdmissionGate, Ticket, Verdict};
+use crate::admission::{now, Verdict};
 use crate::app::App;
-use crate::limiter::{model_index, Grant, NonRateLimitReason, Priority, UpstreamSignal};
+use crate::limiter::{model_index, Priority};
 
 pub use classify::{ambiguous_path, log_value};
 pub use context::{RequestCtx, Stage};
@@ -43,7 +51,8 @@ pub use respond::error_body;
 
 use body::{BodyBudget, BodyHold};
 use context::{ModelSlot, RefusalBody};
-use respond::{client_gone, Answer};
+use respond::Answer;
+use waiting::{client_left, wait_for_token, wait_verdict, wait_watching_client};
 
 /// The sidecar's `ProxyHttp` implementation.
 pub struct SidecarProxy {
@@ -56,162 +65,6 @@ impl SidecarProxy {
         let bodies = BodyBudget::new(app.metrics.held_body_bytes.clone());
         SidecarProxy { app, bodies }
     }
-
-    /// Feeds the current attempt's answer to the route's controller, once.
-    fn observe(&self, ctx: &mut RequestCtx, gate: &AdmissionGate, signal: &UpstreamSignal) {
-        if let Some(reason) = signal.refusal_reason() {
-            self.app
-                .metrics
-                .upstream_refusals
-                .with_label_values(&[ctx.route_name(), reason])
-                .inc();
-        }
-        if ctx.answer_observed {
-            return;
-        }
-        ctx.answer_observed = true;
-        let grant = match ctx.stage {
-            Stage::Admitted { grant } => grant,
-            // Answers to requests sent without a token still tell about the quota.
-            _ => gate.current_grant(),
-        };
-        if let Some(model) = grant.model {
-            // Full workers are the model's limit, not the key's: they never cut the rate.
-            match signal {
-                UpstreamSignal::NotRateLimit(
-                    NonRateLimitReason::WorkerConcurrency | NonRateLimitReason::Unavailable,
-                ) => gate.observe_model(model, true),
-                UpstreamSignal::Accepted { .. } => gate.observe_model(model, false),
-                _ => {}
-            }
-        }
-        gate.observe(signal, grant);
-    }
-
-    /// An upstream 401/403 on a key of a pool: the key is taken out (logged once). True when
-    /// the key is out of the pool now, so that the request may go again on another.
-    fn refused_key(
-        &self,
-        ctx: &RequestCtx,
-        gate: &AdmissionGate,
-        grant: Grant,
-        status: u16,
-    ) -> bool {
-        if gate.key_count() < 2 {
-            return false;
-        }
-        let settings = ctx.settings.clone();
-        let name = settings
-            .upstream
-            .keys
-            .get(grant.lane)
-            .map_or("?", |k| &*k.name);
-        if gate.revoke(grant.lane) {
-            log::warn!(
-                "upstream key {name} was refused with {status} on route {}: it is out of the pool until a restart",
-                ctx.route_name()
-            );
-        }
-        !gate.is_key_active(grant.lane)
-    }
-
-    /// On a kept-alive stream: marks the upstream's events as started, or swallows an error
-    /// answer's body and puts an error event in its place at its end.
-    fn stream_error_event(
-        &self,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) {
-        if !ctx.keepalive_started {
-            return;
-        }
-        let Some((status, kept)) = ctx.stream_error.as_mut() else {
-            ctx.streaming |= body.as_ref().is_some_and(|b| !b.is_empty());
-            return;
-        };
-        if let Some(chunk) = body.take() {
-            let room = replay::REFUSAL_BODY_LIMIT.saturating_sub(kept.len());
-            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-        if end_of_stream {
-            let text = String::from_utf8_lossy(kept);
-            let message = format!(
-                "the upstream answered {status}: {}",
-                text.trim().chars().take(512).collect::<String>()
-            );
-            let event = error_body(&message, "upstream_error", &format!("upstream_{status}"));
-            *body = Some(keepalive::error_event(&event));
-        }
-    }
-
-    /// Classifies a passed-on refusal once its body (or its first KiB) is in.
-    fn settle_refusal(&self, ctx: &mut RequestCtx) {
-        let Some(refusal) = ctx.refusal.take() else {
-            return;
-        };
-        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
-            return;
-        };
-        let signal = refusal
-            .from_headers
-            .clone()
-            .with_body(refusal.status, &refusal.body);
-        self.observe(ctx, &gate, &signal);
-    }
-}
-
-/// Waits for a ticket's verdict while watching the client; `None` means the client left.
-/// `watch_client` is only safe once the request body has been read completely.
-async fn wait_for_token(
-    session: &mut Session,
-    ticket: &mut Ticket,
-    watch_client: bool,
-) -> Option<Verdict> {
-    if let Some(verdict) = ticket.immediate() {
-        return Some(verdict);
-    }
-    if !watch_client {
-        return Some(ticket.verdict().await);
-    }
-    tokio::select! {
-        verdict = ticket.verdict() => Some(verdict),
-        read = session.downstream_session.read_body_or_idle(true) => match read {
-            Err(e) if matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError) => None,
-            // Anything else (pipelined bytes): stop watching, keep waiting.
-            _ => Some(ticket.verdict().await),
-        },
-    }
-}
-
-/// `wait_for_token`, keeping a waiting stream alive when the request is one (see `keepalive`).
-async fn wait_verdict(
-    session: &mut Session,
-    ticket: &mut Ticket,
-    watch_client: bool,
-    ctx: &mut RequestCtx,
-) -> Result<Option<Verdict>> {
-    if ctx.keepalive {
-        keepalive::wait_keeping_alive(session, ticket, watch_client, &mut ctx.keepalive_started)
-            .await
-    } else {
-        Ok(wait_for_token(session, ticket, watch_client).await)
-    }
-}
-
-/// Sleeps for `wait` unless the client leaves first; false when it left.
-async fn wait_watching_client(session: &mut Session, wait: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => true,
-        read = session.downstream_session.read_body_or_idle(true) => !matches!(
-            read,
-            Err(e) if matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError)
-        ),
-    }
-}
-
-fn client_left(context: &'static str) -> Result<Box<HttpPeer>> {
-    Error::e_explain(ErrorType::ConnectionClosed, context).map_err(|e| e.into_down())
 }
 
 #[async_trait]
@@ -422,22 +275,7 @@ impl ProxyHttp for SidecarProxy {
             route.settings.upstream.authority.as_str(),
         )?;
         let settings = ctx.settings.clone();
-        // The key of the grant; requests sent without one (passthrough, fail-open) use the
-        // first key.
-        let key = match ctx.grant() {
-            Some(grant) => settings.upstream.keys.get(grant.lane),
-            None => settings.upstream.keys.first(),
-        };
-        match key.and_then(|k| k.authorization.as_ref()) {
-            Some(authorization) => {
-                request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
-            }
-            // A client key is the sidecar's, never the upstream's.
-            None if settings.clients.is_enabled() => {
-                request.remove_header(&http::header::AUTHORIZATION);
-            }
-            None => {}
-        }
+        let key = tenant::put_upstream_key(request, &settings, ctx.grant())?;
         if let (Some(key), Some(_)) = (key, ctx.grant()) {
             self.app
                 .metrics
@@ -627,62 +465,8 @@ impl ProxyHttp for SidecarProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let answer = if ctx.stage == Stage::ClientLeft
-            || client_gone(e)
-            || session.response_written().is_some()
-        {
-            None
-        } else if let Stage::Rejected {
-            why,
-            retry_after,
-            after_upstream_429,
-        } = ctx.stage
-        {
-            Some(Answer::rejected(why, retry_after, after_upstream_429))
-        } else {
-            let upstream = ctx
-                .route
-                .as_ref()
-                .map_or("?".to_string(), |r| r.settings.upstream.to_string());
-            Some(Answer::for_failure(e, &upstream))
-        };
-        if ctx.keepalive_started && !ctx.streaming && ctx.stage != Stage::ClientLeft {
-            // A kept-alive stream that failed before the upstream's events began.
-            let answer = match ctx.stage {
-                Stage::Rejected {
-                    why,
-                    retry_after,
-                    after_upstream_429,
-                } => Answer::rejected(why, retry_after, after_upstream_429),
-                _ => {
-                    let upstream = ctx
-                        .route
-                        .as_ref()
-                        .map_or("?".to_string(), |r| r.settings.upstream.to_string());
-                    Answer::for_failure(e, &upstream)
-                }
-            };
-            let code = match keepalive::end_with_error(session, &answer.body).await {
-                Ok(()) => answer.status,
-                Err(_) => 0,
-            };
-            return FailToProxy {
-                error_code: code,
-                can_reuse_downstream: false,
-            };
-        }
-        let code = match answer {
-            Some(answer) => {
-                let status = answer.status;
-                match answer.send(session).await {
-                    Ok(()) => status,
-                    Err(_) => 0,
-                }
-            }
-            None => 0,
-        };
         FailToProxy {
-            error_code: code,
+            error_code: respond::answer_failure(session, e, ctx).await,
             can_reuse_downstream: false,
         }
     }
@@ -706,60 +490,6 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
-        let metrics = &self.app.metrics;
-        if let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) {
-            // A refusal whose body never completed is judged by its headers; an attempt that
-            // got no answer at all frees its probe, if it was one.
-            if let Some(refusal) = ctx.refusal.take() {
-                self.observe(ctx, &gate, &refusal.from_headers);
-            } else if matches!(ctx.stage, Stage::Admitted { .. }) && !ctx.answer_observed {
-                self.observe(ctx, &gate, &UpstreamSignal::NoAnswer);
-            }
-        }
-        // The attempt is over: its model slot goes to the next waiter.
-        ctx.model_slot = None;
-        let outcome = ctx.outcome(error);
-        let route = ctx.route_name().to_string();
-        metrics
-            .requests
-            .with_label_values(&[route.as_str(), outcome.as_str()])
-            .inc();
-        let queue_wait = ctx
-            .admitted_at
-            .map(|at| at.saturating_duration_since(ctx.started));
-        if let Some(wait) = queue_wait {
-            metrics
-                .queue_wait
-                .with_label_values(&[ctx.priority.as_str()])
-                .observe(wait.as_secs_f64());
-        }
-        let upstream_time = ctx
-            .upstream_sent_at
-            .map(|at| now().saturating_duration_since(at));
-        if let (Some(time), Some(_)) = (upstream_time, ctx.upstream_status) {
-            metrics
-                .upstream_duration
-                .with_label_values(&[route.as_str()])
-                .observe(time.as_secs_f64());
-        }
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let req = session.req_header();
-        log::info!(
-            target: "access",
-            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}{}{}",
-            classify::log_value(&ctx.client),
-            route,
-            req.method,
-            classify::log_value(req.uri.path()),
-            status,
-            ctx.priority,
-            queue_wait.map_or(0, |w| w.as_millis()),
-            upstream_time.map_or(0, |t| t.as_millis()),
-            ctx.replays,
-            outcome.as_str(),
-            if ctx.stage == Stage::FailOpen { " fallback=fail_open" } else { "" },
-            if ctx.key.is_some() { " key=" } else { "" },
-            ctx.key.as_deref().unwrap_or(""),
-        );
+        self.finish(session, error, ctx);
     }
 }

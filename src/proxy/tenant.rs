@@ -4,11 +4,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use pingora::http::RequestHeader;
 use pingora_proxy::Session;
 use serde::Deserialize;
 
 use super::body::BodyHold;
-use crate::config::{ClientSettings, Clients};
+use crate::config::{ClientSettings, Clients, Settings, UpstreamKey};
+use crate::limiter::Grant;
 
 use super::respond::Answer;
 
@@ -66,6 +68,31 @@ pub fn client_timeout(session: &Session) -> Option<Duration> {
         .filter(|secs| secs.is_finite() && *secs > 0.0)
         .map(|secs| Duration::from_secs_f64(secs.min(MAX_CLIENT_TIMEOUT)))
         .min()
+}
+
+/// Puts the key of the attempt in place of the client's credential: the key of its grant, or
+/// the first key for a request sent without one (passthrough, fail-open). Without a key the
+/// client's own `Authorization` goes on, unless it is a client key of this sidecar, which
+/// never leaves it. Returns the key used.
+pub fn put_upstream_key<'a>(
+    request: &mut RequestHeader,
+    settings: &'a Settings,
+    grant: Option<Grant>,
+) -> pingora_core::Result<Option<&'a UpstreamKey>> {
+    let key = match grant {
+        Some(grant) => settings.upstream.keys.get(grant.lane),
+        None => settings.upstream.keys.first(),
+    };
+    match key.and_then(|k| k.authorization.as_ref()) {
+        Some(authorization) => {
+            request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
+        }
+        None if settings.clients.is_enabled() => {
+            request.remove_header(&http::header::AUTHORIZATION);
+        }
+        None => {}
+    }
+    Ok(key)
 }
 
 /// The held body's bytes, when the whole body is in hand.

@@ -16,6 +16,9 @@ pub fn fuzz_reply(items: &[Result<i64, Vec<u8>>]) {
 mod client;
 mod link;
 mod planner;
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick their own instants
+mod planner_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};

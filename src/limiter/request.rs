@@ -1,0 +1,68 @@
+//! What a request asks the limiter for (`Ask`), and the answers it gets: at once
+//! (`Admission`), or later while it waits (`Resolution`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Grant, Priority, WaiterId};
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The queue already holds `queue_max_size` waiters.
+    QueueFull,
+    /// The deadline passed before a token was free.
+    QueueTimeout,
+}
+
+impl Rejection {
+    /// The `code` of the OpenAI-style error body.
+    pub fn code(self) -> &'static str {
+        match self {
+            Rejection::QueueFull => "queue_full",
+            Rejection::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+/// The immediate answer to a request for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Granted,
+    Queued(WaiterId),
+    Rejected {
+        why: Rejection,
+        retry_after: Duration,
+    },
+}
+
+/// What happened to a waiter while time passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    Granted(WaiterId, Grant),
+    Expired { id: WaiterId, retry_after: Duration },
+}
+
+/// One request for admission.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub client: Arc<str>,
+    pub priority: Priority,
+    pub deadline: Instant,
+    /// The client's weight among the waiters of its class.
+    pub weight: u32,
+    /// The model limit the request falls under.
+    pub model: Option<usize>,
+}
+
+impl Ask {
+    pub fn new(client: Arc<str>, priority: Priority, deadline: Instant) -> Ask {
+        Ask {
+            client,
+            priority,
+            deadline,
+            weight: 1,
+            model: None,
+        }
+    }
+}

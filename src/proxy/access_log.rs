@@ -1,0 +1,71 @@
+//! The end of a request: what is still owed to the controller and the model limit, the
+//! request metrics, and one access-log line.
+
+use pingora_core::Error;
+use pingora_proxy::Session;
+
+use super::{classify, RequestCtx, SidecarProxy, Stage};
+use crate::admission::now;
+use crate::limiter::UpstreamSignal;
+
+impl SidecarProxy {
+    /// The request is over: its last answer goes to the controller, its slot back, and it is
+    /// counted and written to the access log.
+    pub(super) fn finish(&self, session: &Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        let metrics = &self.app.metrics;
+        if let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) {
+            // A refusal whose body never completed is judged by its headers; an attempt that
+            // got no answer at all frees its probe, if it was one.
+            if let Some(refusal) = ctx.refusal.take() {
+                self.observe(ctx, &gate, &refusal.from_headers);
+            } else if matches!(ctx.stage, Stage::Admitted { .. }) && !ctx.answer_observed {
+                self.observe(ctx, &gate, &UpstreamSignal::NoAnswer);
+            }
+        }
+        // The attempt is over: its model slot goes to the next waiter.
+        ctx.model_slot = None;
+        let outcome = ctx.outcome(error);
+        let route = ctx.route_name().to_string();
+        metrics
+            .requests
+            .with_label_values(&[route.as_str(), outcome.as_str()])
+            .inc();
+        let queue_wait = ctx
+            .admitted_at
+            .map(|at| at.saturating_duration_since(ctx.started));
+        if let Some(wait) = queue_wait {
+            metrics
+                .queue_wait
+                .with_label_values(&[ctx.priority.as_str()])
+                .observe(wait.as_secs_f64());
+        }
+        let upstream_time = ctx
+            .upstream_sent_at
+            .map(|at| now().saturating_duration_since(at));
+        if let (Some(time), Some(_)) = (upstream_time, ctx.upstream_status) {
+            metrics
+                .upstream_duration
+                .with_label_values(&[route.as_str()])
+                .observe(time.as_secs_f64());
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let req = session.req_header();
+        log::info!(
+            target: "access",
+            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}{}{}",
+            classify::log_value(&ctx.client),
+            route,
+            req.method,
+            classify::log_value(req.uri.path()),
+            status,
+            ctx.priority,
+            queue_wait.map_or(0, |w| w.as_millis()),
+            upstream_time.map_or(0, |t| t.as_millis()),
+            ctx.replays,
+            outcome.as_str(),
+            if ctx.stage == Stage::FailOpen { " fallback=fail_open" } else { "" },
+            if ctx.key.is_some() { " key=" } else { "" },
+            ctx.key.as_deref().unwrap_or(""),
+        );
+    }
+}

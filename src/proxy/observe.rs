@@ -1,0 +1,118 @@
+//! What the upstream's answers tell the limiter: the key's controller, the model's
+//! concurrency, a key the upstream refused; and the error event that ends a kept-alive stream.
+
+use bytes::Bytes;
+
+use super::{error_body, keepalive, replay, RequestCtx, SidecarProxy, Stage};
+use crate::admission::AdmissionGate;
+use crate::limiter::{Grant, NonRateLimitReason, UpstreamSignal};
+
+impl SidecarProxy {
+    /// Feeds the current attempt's answer to the route's controller, once.
+    pub(super) fn observe(
+        &self,
+        ctx: &mut RequestCtx,
+        gate: &AdmissionGate,
+        signal: &UpstreamSignal,
+    ) {
+        if let Some(reason) = signal.refusal_reason() {
+            self.app
+                .metrics
+                .upstream_refusals
+                .with_label_values(&[ctx.route_name(), reason])
+                .inc();
+        }
+        if ctx.answer_observed {
+            return;
+        }
+        ctx.answer_observed = true;
+        let grant = match ctx.stage {
+            Stage::Admitted { grant } => grant,
+            // Answers to requests sent without a token still tell about the quota.
+            _ => gate.current_grant(),
+        };
+        if let Some(model) = grant.model {
+            // Full workers are the model's limit, not the key's: they never cut the rate.
+            match signal {
+                UpstreamSignal::NotRateLimit(
+                    NonRateLimitReason::WorkerConcurrency | NonRateLimitReason::Unavailable,
+                ) => gate.observe_model(model, true),
+                UpstreamSignal::Accepted { .. } => gate.observe_model(model, false),
+                _ => {}
+            }
+        }
+        gate.observe(signal, grant);
+    }
+
+    /// An upstream 401/403 on a key of a pool: the key is taken out (logged once). True when
+    /// the key is out of the pool now, so that the request may go again on another.
+    pub(super) fn refused_key(
+        &self,
+        ctx: &RequestCtx,
+        gate: &AdmissionGate,
+        grant: Grant,
+        status: u16,
+    ) -> bool {
+        if gate.key_count() < 2 {
+            return false;
+        }
+        let settings = ctx.settings.clone();
+        let name = settings
+            .upstream
+            .keys
+            .get(grant.lane)
+            .map_or("?", |k| &*k.name);
+        if gate.revoke(grant.lane) {
+            log::warn!(
+                "upstream key {name} was refused with {status} on route {}: it is out of the pool until a restart",
+                ctx.route_name()
+            );
+        }
+        !gate.is_key_active(grant.lane)
+    }
+
+    /// On a kept-alive stream: marks the upstream's events as started, or swallows an error
+    /// answer's body and puts an error event in its place at its end.
+    pub(super) fn stream_error_event(
+        &self,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) {
+        if !ctx.keepalive_started {
+            return;
+        }
+        let Some((status, kept)) = ctx.stream_error.as_mut() else {
+            ctx.streaming |= body.as_ref().is_some_and(|b| !b.is_empty());
+            return;
+        };
+        if let Some(chunk) = body.take() {
+            let room = replay::REFUSAL_BODY_LIMIT.saturating_sub(kept.len());
+            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        if end_of_stream {
+            let text = String::from_utf8_lossy(kept);
+            let message = format!(
+                "the upstream answered {status}: {}",
+                text.trim().chars().take(512).collect::<String>()
+            );
+            let event = error_body(&message, "upstream_error", &format!("upstream_{status}"));
+            *body = Some(keepalive::error_event(&event));
+        }
+    }
+
+    /// Classifies a passed-on refusal once its body (or its first KiB) is in.
+    pub(super) fn settle_refusal(&self, ctx: &mut RequestCtx) {
+        let Some(refusal) = ctx.refusal.take() else {
+            return;
+        };
+        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+            return;
+        };
+        let signal = refusal
+            .from_headers
+            .clone()
+            .with_body(refusal.status, &refusal.body);
+        self.observe(ctx, &gate, &signal);
+    }
+}
