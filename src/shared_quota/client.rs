@@ -115,13 +115,24 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// Why the client of the shared quota could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("shared_quota.url: {0}")]
+    Url(redis::RedisError),
+    #[error("shared_quota: {0}")]
+    Client(redis::RedisError),
+    #[error("shared_quota.sentinels: {0}")]
+    Sentinels(redis::RedisError),
+}
+
 /// The client of a Redis at `settings.url`.
-fn direct_client(settings: &SharedQuotaSettings) -> Result<redis::Client, String> {
+fn direct_client(settings: &SharedQuotaSettings) -> Result<redis::Client, SetupError> {
     let mut info = settings
         .url
         .as_str()
         .into_connection_info()
-        .map_err(|e| format!("shared_quota.url: {e}"))?;
+        .map_err(SetupError::Url)?;
     if let Some(user) = &settings.username {
         info.redis.username = Some(user.clone());
     }
@@ -138,12 +149,12 @@ fn direct_client(settings: &SharedQuotaSettings) -> Result<redis::Client, String
         ),
         None => redis::Client::open(info),
     }
-    .map_err(|e| format!("shared_quota: {e}"))
+    .map_err(SetupError::Client)
 }
 
 impl RedisQuota {
     /// Prepares the client; nothing connects until the first call.
-    pub fn new(settings: &SharedQuotaSettings, instance: String) -> Result<Self, String> {
+    pub fn new(settings: &SharedQuotaSettings, instance: String) -> Result<Self, SetupError> {
         let source = if settings.sentinels.is_empty() {
             Source::Direct(direct_client(settings)?)
         } else {
@@ -161,7 +172,7 @@ impl RedisQuota {
                 Some(primary),
                 SentinelServerType::Master,
             )
-            .map_err(|e| format!("shared_quota.sentinels: {e}"))?;
+            .map_err(SetupError::Sentinels)?;
             Source::Sentinel(Mutex::new(client))
         };
         Ok(RedisQuota {

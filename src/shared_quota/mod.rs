@@ -75,7 +75,10 @@ pub struct SharedQuota {
 }
 
 impl SharedQuota {
-    pub fn new(settings: SharedQuotaSettings, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub fn new(
+        settings: SharedQuotaSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, client::SetupError> {
         let redis = RedisQuota::new(&settings, instance_id())?;
         Ok(SharedQuota {
             settings,
