@@ -8,41 +8,26 @@
 //! readiness, state saving), `admin` (the admin plane: metrics, health, status, dashboard,
 //! config API), `shared_quota` (one quota for several sidecars, kept in Redis).
 #![forbid(unsafe_code)]
-// Every module but `limiter` may read the clock (see clippy.toml).
+// Every module but `limiter` may read the clock (see clippy.toml); `limiter` denies it.
+#![allow(clippy::disallowed_methods)]
 
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod activity;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod admin;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod admission;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod app;
-#[allow(clippy::disallowed_methods)]
 pub mod cli;
-#[allow(clippy::disallowed_methods)]
 pub mod config;
-#[allow(clippy::disallowed_methods)]
 #[doc(hidden)]
 pub mod fuzzing;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod lifecycle;
 pub mod limiter;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod logging;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod metrics;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod proxy;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod routes;
-#[allow(clippy::disallowed_methods)]
 pub mod server;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod shared_quota;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod state;
-#[allow(clippy::disallowed_methods)]
 pub(crate) mod upstream;
 
 pub use app::App;

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use super::history::{History, HistorySample};
 use crate::activity::ClientsView;
 use crate::app::App;
-use crate::limiter::{LimiterSnapshot, Priority};
+use crate::limiter::{LimiterSnapshot, ModelSnapshot, Priority};
 use crate::metrics::Outcome;
 use crate::shared_quota::SharedQuotaStatus;
 
@@ -37,7 +37,7 @@ pub struct Snapshot {
     /// The keys themselves never appear, only their names.
     pub keys: Vec<KeyView>,
     /// The model limits of the default route, in match order.
-    pub models: Vec<ModelView>,
+    pub models: Vec<ModelSnapshot>,
     /// Present when the quota is shared with other sidecars through Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_quota: Option<SharedQuotaStatus>,
@@ -110,18 +110,6 @@ pub struct KeyView {
     pub pause_remaining_seconds: f64,
 }
 
-#[derive(Debug, Serialize)]
-pub struct ModelView {
-    pub pattern: String,
-    pub in_flight: u32,
-    /// Requests allowed in flight now; `null` while unlimited.
-    pub concurrency_limit: Option<u32>,
-    pub max_concurrency: Option<u32>,
-    pub rate_rpm: Option<f64>,
-    /// The upstream's "worker limit reached" answers seen for this model.
-    pub capacity_errors: u64,
-}
-
 fn key_views(s: &LimiterSnapshot) -> Vec<KeyView> {
     s.keys
         .iter()
@@ -134,20 +122,6 @@ fn key_views(s: &LimiterSnapshot) -> Vec<KeyView> {
             state: k.state.as_str(),
             probing: k.probing,
             pause_remaining_seconds: round3(k.paused_for.map_or(0.0, |d| d.as_secs_f64())),
-        })
-        .collect()
-}
-
-fn model_views(s: &LimiterSnapshot) -> Vec<ModelView> {
-    s.models
-        .iter()
-        .map(|m| ModelView {
-            pattern: m.pattern.clone(),
-            in_flight: m.in_flight,
-            concurrency_limit: m.concurrency_limit,
-            max_concurrency: m.max_concurrency,
-            rate_rpm: m.rate_rpm,
-            capacity_errors: m.capacity_errors,
         })
         .collect()
 }
@@ -394,7 +368,7 @@ impl StatusBuilder {
             upstream_429_total: upstream_429,
             routes,
             keys: key_views(&main),
-            models: model_views(&main),
+            models: main.models.clone(),
             shared_quota: app.shared.as_ref().map(|q| q.status()),
             clients: app.activity.clients(crate::admission::now()),
             history_sample: self.history.latest().cloned(),

@@ -13,6 +13,9 @@
 //! another model's requests; it is served first once its limit frees, because the order only
 //! moves on by serving. Keys are never passed over for a waiter: any key serves any request.
 
+// The limiter is handed `now`: reading the clock here fails the lint (see clippy.toml).
+#![deny(clippy::disallowed_methods)]
+
 mod bucket;
 mod clients;
 mod lane;
@@ -188,54 +191,41 @@ impl Limiter {
 
     /// `request`, with a weight and a model.
     pub fn request_with(&mut self, ask: Ask, now: Instant) -> Admission {
-        self.advance(now);
-        if self.queue.waiting_at_or_above(ask.priority) == 0
-            && self.take_all(&ask.client, ask.model, now).is_some()
-        {
-            return Admission::Granted;
-        }
-        if self.queue.len() >= self.queue_max {
-            return Admission::Rejected {
-                why: Rejection::QueueFull,
-                retry_after: self.estimated_wait(ask.priority, now),
-            };
-        }
-        if ask.deadline <= now {
-            return Admission::Rejected {
-                why: Rejection::QueueTimeout,
-                retry_after: self.estimated_wait(ask.priority, now),
-            };
-        }
-        self.enqueue(ask, now, false)
+        self.admit(ask, now, false)
     }
 
     /// Queues a request that already had a token and must be sent again (the upstream answered
     /// 429): ahead of its class, and never refused for a full queue, since it was admitted once.
-    pub fn request_again(
-        &mut self,
-        client: Arc<str>,
-        priority: Priority,
-        deadline: Instant,
-        now: Instant,
-    ) -> Admission {
-        self.request_again_with(Ask::new(client, priority, deadline), now)
+    pub fn request_again_with(&mut self, ask: Ask, now: Instant) -> Admission {
+        self.admit(ask, now, true)
     }
 
-    /// `request_again`, with a weight and a model.
-    pub fn request_again_with(&mut self, ask: Ask, now: Instant) -> Admission {
+    /// Grants at once when nobody of equal or higher priority waits and every resource is
+    /// free; else rejects (a full queue, unless `again`; a passed deadline) or queues (ahead
+    /// of its class when `again`). A request sent `again` past its deadline is not granted.
+    fn admit(&mut self, ask: Ask, now: Instant, again: bool) -> Admission {
         self.advance(now);
-        if ask.deadline <= now {
-            return Admission::Rejected {
-                why: Rejection::QueueTimeout,
-                retry_after: self.estimated_wait(ask.priority, now),
-            };
-        }
-        if self.queue.waiting_at_or_above(ask.priority) == 0
+        let expired = ask.deadline <= now;
+        if !(again && expired)
+            && self.queue.waiting_at_or_above(ask.priority) == 0
             && self.take_all(&ask.client, ask.model, now).is_some()
         {
             return Admission::Granted;
         }
-        self.enqueue(ask, now, true)
+        let why = if !again && self.queue.len() >= self.queue_max {
+            Some(Rejection::QueueFull)
+        } else if expired {
+            Some(Rejection::QueueTimeout)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Admission::Rejected {
+                why,
+                retry_after: self.estimated_wait(ask.priority, now),
+            };
+        }
+        self.enqueue(ask, now, again)
     }
 
     fn enqueue(&mut self, ask: Ask, now: Instant, front: bool) -> Admission {

@@ -91,7 +91,7 @@ mod one_key {
                         }
                     }
                     Op::Replay { client: c } => {
-                        if let Admission::Queued(id) = limiter.request_again(client(&c.to_string()), Priority::Normal, now + Duration::from_secs(3), now) {
+                        if let Admission::Queued(id) = limiter.request_again_with(Ask::new(client(&c.to_string()), Priority::Normal, now + Duration::from_secs(3)), now) {
                             waiting.push(id);
                         }
                     }

@@ -196,7 +196,7 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
         let admission = if replays == 0 {
             limiter.request(client.clone(), Priority::Normal, deadline, now)
         } else {
-            limiter.request_again(client.clone(), Priority::Normal, deadline, now)
+            limiter.request_again_with(Ask::new(client.clone(), Priority::Normal, deadline), now)
         };
         match admission {
             Admission::Granted => sending.push((replays, limiter.last_grant())),

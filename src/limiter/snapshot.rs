@@ -19,8 +19,8 @@ pub struct KeySnapshot {
     pub paused_for: Option<Duration>,
 }
 
-/// A read-only picture of one model limit.
-#[derive(Debug, Clone, PartialEq)]
+/// A read-only picture of one model limit (`/status` shows it as it is).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelSnapshot {
     pub pattern: String,
     pub in_flight: u32,

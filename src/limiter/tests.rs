@@ -407,7 +407,8 @@ fn a_replay_goes_ahead_of_its_class() {
     );
     let first = queued(limiter.request(client("b"), Priority::Normal, far, t0));
     // The queue is full, yet a replay is not refused, and it is served first.
-    let replay = queued(limiter.request_again(client("a"), Priority::Normal, far, t0));
+    let replay =
+        queued(limiter.request_again_with(Ask::new(client("a"), Priority::Normal, far), t0));
     assert_eq!(granted(&limiter.poll(t0 + ms(1000))), vec![replay]);
     assert_eq!(granted(&limiter.poll(t0 + ms(2000))), vec![first]);
 }

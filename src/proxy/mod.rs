@@ -327,17 +327,7 @@ impl ProxyHttp for SidecarProxy {
             {
                 // The key was refused, not the request: it goes again on another key.
                 ctx.answer_observed = true;
-                ctx.model_slot = None;
-                ctx.replays += 1;
-                ctx.stage = Stage::ReplayPending {
-                    backoff: Duration::ZERO,
-                };
-                self.app
-                    .metrics
-                    .replays
-                    .with_label_values(&[ctx.route_name()])
-                    .inc();
-                return Err(replay::replay_error());
+                return Err(self.send_again(ctx, Duration::ZERO));
             }
         }
         if let Some(backoff) =
@@ -346,15 +336,7 @@ impl ProxyHttp for SidecarProxy {
             // Decided here, from the status line and headers, before anything of this answer
             // can reach the client (see `replay`).
             self.observe(ctx, &gate, &signal);
-            ctx.model_slot = None;
-            ctx.replays += 1;
-            ctx.stage = Stage::ReplayPending { backoff };
-            self.app
-                .metrics
-                .replays
-                .with_label_values(&[ctx.route_name()])
-                .inc();
-            return Err(replay::replay_error());
+            return Err(self.send_again(ctx, backoff));
         }
         if ctx.keepalive_started && !(200..300).contains(&status) {
             // The client has its 200 already: the error goes out as an event at the end.

@@ -115,4 +115,22 @@ impl SidecarProxy {
             .with_body(refusal.status, &refusal.body);
         self.observe(ctx, &gate, &signal);
     }
+
+    /// Abandons the attempt under way: the request gives back its model slot and waits
+    /// `backoff`, then for a new token (see `replay`). Returns the error that does it.
+    pub(super) fn send_again(
+        &self,
+        ctx: &mut RequestCtx,
+        backoff: std::time::Duration,
+    ) -> Box<pingora_core::Error> {
+        ctx.model_slot = None;
+        ctx.replays += 1;
+        ctx.stage = Stage::ReplayPending { backoff };
+        self.app
+            .metrics
+            .replays
+            .with_label_values(&[ctx.route_name()])
+            .inc();
+        replay::replay_error()
+    }
 }

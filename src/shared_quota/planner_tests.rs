@@ -50,6 +50,19 @@ fn planner(t0: Instant) -> Planner {
     Planner::new(SECOND, 4, Duration::from_millis(500), t0)
 }
 
+/// One round trip at `t` that Redis answers at once: the call the planner asks for, and its
+/// answer taken in.
+fn round(
+    p: &mut Planner,
+    plan: LeasePlan,
+    reply: LeaseReply,
+    local: SharedControl,
+    t: Instant,
+) -> Answered {
+    let c = call(p.next(&plan, t));
+    p.answered(&c, &plan, &reply, local, t, t)
+}
+
 fn call(next: Next) -> Call {
     match next {
         Next::Call(call) => call,
@@ -83,13 +96,11 @@ fn waiters_without_slots_lease_at_once_and_at_most_max_lease() {
 fn with_slots_in_hand_the_next_lease_waits_half_the_reach() {
     let t0 = Instant::now();
     let mut p = planner(t0);
-    let c = call(p.next(&plan(2, 0, 60.0), t0));
-    let a = p.answered(
-        &c,
-        &plan(2, 0, 60.0),
-        &reply(&[0, 100], 0, 1, Some(60.0)),
+    let a = round(
+        &mut p,
+        plan(2, 0, 60.0),
+        reply(&[0, 100], 0, 1, Some(60.0)),
         control(60.0),
-        t0,
         t0,
     );
     p.agree(control(60.0));
@@ -191,13 +202,11 @@ fn an_outage_falls_back_once_retries_and_rejoins_with_a_hold() {
 fn local_cuts_are_published_as_slow_and_steps_as_step() {
     let t0 = Instant::now();
     let mut p = planner(t0);
-    let c = call(p.next(&plan(0, 0, 60.0), t0));
-    let a = p.answered(
-        &c,
-        &plan(0, 0, 60.0),
-        &reply(&[], 0, 1, Some(60.0)),
+    let a = round(
+        &mut p,
+        plan(0, 0, 60.0),
+        reply(&[], 0, 1, Some(60.0)),
         control(60.0),
-        t0,
         t0,
     );
     assert_eq!(
@@ -220,13 +229,11 @@ fn local_cuts_are_published_as_slow_and_steps_as_step() {
 fn a_slower_local_state_at_first_contact_is_published_not_dropped() {
     let t0 = Instant::now();
     let mut p = planner(t0);
-    let c = call(p.next(&plan(0, 0, 30.0), t0));
-    let a = p.answered(
-        &c,
-        &plan(0, 0, 30.0),
-        &reply(&[], 0, 1, Some(60.0)),
+    let a = round(
+        &mut p,
+        plan(0, 0, 30.0),
+        reply(&[], 0, 1, Some(60.0)),
         control(30.0),
-        t0,
         t0,
     );
     assert_eq!(a.adopt, None, "the restored retreat is kept");
@@ -260,35 +267,29 @@ fn a_local_change_during_the_call_is_not_overwritten_by_the_answer() {
 fn news_from_the_others_is_adopted_and_no_news_is_not() {
     let t0 = Instant::now();
     let mut p = planner(t0);
-    let c = call(p.next(&plan(0, 0, 60.0), t0));
-    p.answered(
-        &c,
-        &plan(0, 0, 60.0),
-        &reply(&[], 0, 1, Some(60.0)),
+    round(
+        &mut p,
+        plan(0, 0, 60.0),
+        reply(&[], 0, 1, Some(60.0)),
         control(60.0),
-        t0,
         t0,
     );
     p.agree(control(60.0));
     let t1 = t0 + HEARTBEAT;
-    let c = call(p.next(&plan(0, 0, 60.0), t1));
-    let same = p.answered(
-        &c,
-        &plan(0, 0, 60.0),
-        &reply(&[], 0, 1, Some(60.0)),
+    let same = round(
+        &mut p,
+        plan(0, 0, 60.0),
+        reply(&[], 0, 1, Some(60.0)),
         control(60.0),
-        t1,
         t1,
     );
     assert_eq!(same.adopt, None, "version 1 again: nothing new");
     let t2 = t1 + HEARTBEAT;
-    let c = call(p.next(&plan(0, 0, 60.0), t2));
-    let cut = p.answered(
-        &c,
-        &plan(0, 0, 60.0),
-        &reply(&[], 0, 2, Some(30.0)),
+    let cut = round(
+        &mut p,
+        plan(0, 0, 60.0),
+        reply(&[], 0, 2, Some(30.0)),
         control(60.0),
-        t2,
         t2,
     );
     assert_eq!(
