@@ -247,7 +247,15 @@ impl App {
         .into_iter()
         .filter(|k| !restart_required.contains(k))
         .collect();
+        let rotated = rotated_keys(&current, &settings);
         self.apply(settings);
+        for route in self.table().all() {
+            for lane in &rotated {
+                if let Some(gate) = &route.gate {
+                    gate.reinstate(*lane);
+                }
+            }
+        }
         *layers = next;
         Ok(ChangeReport {
             changed,
@@ -291,8 +299,9 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
     keep!("upstream.ca_file", upstream.ca_file);
     keep!("state_dir", state_dir);
     keep!("shared_quota", shared_quota);
-    // Keys are matched to the limiter's lanes by position: their names wait for a restart
-    // (their values, a rotated key, do not).
+    // Keys and models are matched to the limiter's lanes and model limits by position (grants
+    // in flight carry those positions): their names and order wait for a restart. Their
+    // values do not: a rotated key, a new rate or concurrency apply at once.
     let names = |s: &Settings| -> Vec<std::sync::Arc<str>> {
         s.upstream.keys.iter().map(|k| k.name.clone()).collect()
     };
@@ -301,7 +310,42 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
         next.upstream.keys = running.upstream.keys.clone();
         next.upstream.authorization = running.upstream.authorization.clone();
     }
+    let patterns =
+        |s: &Settings| -> Vec<String> { s.models.iter().map(|m| m.pattern.clone()).collect() };
+    if patterns(running) != patterns(next) {
+        keys.push("models".to_string());
+        next.models = running.models.clone();
+    }
+    // Every route's limiter takes the key pool and the model list in force.
+    let key_rates: Vec<crate::limiter::KeyRate> = next
+        .upstream
+        .keys
+        .iter()
+        .map(|k| crate::limiter::KeyRate {
+            name: k.name.clone(),
+            rpm: k.rate_rpm,
+        })
+        .collect();
+    let routes = std::iter::once(&mut next.default_route).chain(next.routes.iter_mut());
+    for bucket in routes.filter_map(|r| r.bucket.as_mut()) {
+        bucket.keys = key_rates.clone();
+        bucket.models = next.models.clone();
+    }
     keys
+}
+
+/// The keys (by position) whose value a change replaces: a rotated key comes back into the
+/// pool if the upstream had refused the old one.
+fn rotated_keys(running: &Settings, next: &Settings) -> Vec<usize> {
+    running
+        .upstream
+        .keys
+        .iter()
+        .zip(&next.upstream.keys)
+        .enumerate()
+        .filter(|(_, (old, new))| old.name == new.name && old.authorization != new.authorization)
+        .map(|(lane, _)| lane)
+        .collect()
 }
 
 /// Keys (`rate_rpm`, `adaptive.window`, …) whose value differs between two configurations.

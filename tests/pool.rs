@@ -1111,3 +1111,63 @@ async fn a_kept_alive_stream_that_fails_ends_with_an_error_event() {
     );
     assert_eq!(mock.state.arrivals().len(), 3);
 }
+
+/// A key the upstream refused comes back into the pool when a reload gives it a new value
+/// (a rotated key in its file), and passthrough requests meanwhile use a key still in the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_key_comes_back_on_reload_and_passthrough_avoids_a_refused_key() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key-a");
+    std::fs::write(&key_file, KEY_A).unwrap();
+    let sidecar = Sidecar::start_with_env(
+        &mock.url(),
+        &format!(
+            "rate_rpm: 600\nrequest_timeout: 30\nroutes:\n  - {{path_prefix: /v1/models, passthrough: true}}\nupstream:\n  keys:\n    - {{name: a, key_file: {}}}\n    - {{name: b, key_env: POOL_KEY_B}}\n",
+            key_file.display()
+        ),
+        ENV,
+    )
+    .await;
+    let url = chat_url(&sidecar);
+    mock.state.revoke_key(KEY_A);
+    // Requests until key a has been met (and refused) once.
+    for _ in 0..4 {
+        assert_eq!(chat(&url, None).await, 200);
+    }
+    let out = eventually(Duration::from_secs(5), || async {
+        key_status(&sidecar, "a")
+            .await
+            .filter(|a| a["active"] == false)
+    })
+    .await;
+    assert!(out.is_some(), "key a is out after its 401");
+    // A passthrough request goes out on key b, the first key left.
+    let models = client()
+        .get(sidecar.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    let last = mock.state.arrivals().last().cloned().unwrap();
+    assert_eq!(last.key(), Some(KEY_B), "passthrough used a refused key");
+
+    // The key is rotated in its file and the config reloaded.
+    const NEW_KEY_A: &str = "nvapi-pool-secret-a-rotated-77aa";
+    std::fs::write(&key_file, NEW_KEY_A).unwrap();
+    sidecar.signal("HUP");
+    let back = eventually(Duration::from_secs(5), || async {
+        key_status(&sidecar, "a")
+            .await
+            .filter(|a| a["active"] == true)
+    })
+    .await;
+    assert!(back.is_some(), "key a did not come back after the reload");
+    for _ in 0..4 {
+        assert_eq!(chat(&url, None).await, 200);
+    }
+    assert!(
+        !mock.state.arrivals_for_key(NEW_KEY_A).is_empty(),
+        "the rotated key a serves again"
+    );
+}

@@ -177,12 +177,26 @@ impl AdmissionGate {
         self.wake.notify_one();
     }
 
-    /// Takes a key the upstream refused (401/403) out of the pool; false when it was out
-    /// already, or is the last key.
-    pub fn revoke(&self, lane: usize) -> bool {
-        let revoked = self.lock().limiter.revoke(lane);
+    /// The upstream refused a request on key `lane` (401, or a 403); true when the key left
+    /// the pool now (see `Limiter::key_refused`).
+    pub fn key_refused(&self, lane: usize, unauthorized: bool) -> bool {
+        let revoked = self.lock().limiter.key_refused(lane, unauthorized);
         self.wake.notify_one();
         revoked
+    }
+
+    /// Brings key `lane` back into the pool: a reload gave it a new value.
+    pub fn reinstate(&self, lane: usize) {
+        self.lock().limiter.reinstate(lane);
+        self.wake.notify_one();
+    }
+
+    /// The first key still in the pool: the one requests sent without a token use.
+    pub fn first_active_key(&self) -> usize {
+        let state = self.lock();
+        (0..state.limiter.key_count())
+            .find(|lane| state.limiter.key_active(*lane))
+            .unwrap_or(0)
     }
 
     /// Whether the key of lane `lane` is still in the pool.
@@ -253,13 +267,14 @@ impl AdmissionGate {
     pub fn reconfigure(&self, settings: &LimiterSettings) {
         let t = now();
         let mut state = self.lock();
+        // The keys' own rates first: a key that lost its own rate follows the route's next.
+        state.limiter.set_limits(settings, t);
         state.limiter.set_base_rpm(settings.base_rpm, t);
         state.limiter.set_capacity(settings.capacity, t);
         state.limiter.set_queue_max(settings.queue_max);
         state
             .limiter
             .set_retreat_settings(settings.retreat.clone(), t);
-        state.limiter.set_limits(settings, t);
         drop(state);
         self.wake.notify_one();
     }

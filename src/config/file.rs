@@ -171,8 +171,9 @@ pub struct UpstreamSection {
     /// A pool of upstream keys, used in place of `api_key_env` / `api_key_file`, e.g.
     /// `[{name: team-a, key_env: KEY_A}, {name: team-b, key_file: /run/keys/b, rate_rpm: 30}]`.
     /// Each key has its own bucket and retreat, since the upstream counts per key; a request
-    /// goes out on the key that can serve it soonest; a key the upstream refuses (401/403) is
-    /// taken out of the pool until a restart. Key names are fixed until a restart.
+    /// goes out on the key that can serve it soonest; a key the upstream refuses (a 401, or
+    /// three 403s in a row) is taken out of the pool until a restart or a reload that changes
+    /// its value. Key names are fixed until a restart.
     pub keys: Vec<KeySection>,
 }
 

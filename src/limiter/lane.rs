@@ -18,6 +18,9 @@ pub struct Lane {
     pub controller: RetreatController,
     /// False once the upstream refused the key itself (401/403): it gets no more requests.
     pub active: bool,
+    /// 403s in a row on this key: one may be about a model the key may not use, several
+    /// in a row are about the key.
+    pub forbidden_in_a_row: u32,
     /// How the last token of this lane was granted.
     pub last_grant: Grant,
 }
@@ -39,6 +42,7 @@ impl Lane {
             supply: Supply::Refill { share: 1.0 },
             controller: RetreatController::new(own_rpm.unwrap_or(base_rpm), retreat, now),
             active: true,
+            forbidden_in_a_row: 0,
             last_grant: Grant::default(),
         }
     }
@@ -125,7 +129,15 @@ impl Lane {
         }
         match self.controller.pause_until().filter(|p| *p > now) {
             Some(resume) => Some(resume),
-            None if self.controller.is_probing() => self.controller.next_probe_event(),
+            // A shared key probes with a leased slot: not before one is open.
+            None if self.controller.is_probing() => match self.supply {
+                Supply::Leased => self
+                    .controller
+                    .next_probe_event()
+                    .zip(self.slots.next_open(now))
+                    .map(|(probe, slot)| probe.max(slot)),
+                Supply::Refill { .. } => self.controller.next_probe_event(),
+            },
             None => {
                 let refill = self.bucket.next_token_at(self.refill_rate(now), now);
                 let slot = self.slots.next_open(now);

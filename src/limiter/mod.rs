@@ -51,6 +51,9 @@ use std::time::{Duration, Instant};
 
 use lane::Lane;
 
+/// 403s in a row after which a key leaves the pool (see `Limiter::key_refused`).
+pub const FORBIDDEN_IN_A_ROW: u32 = 3;
+
 /// One shared quota: the keys' buckets and controllers, the model and client limits, and the
 /// queue, together.
 #[derive(Debug)]
@@ -102,7 +105,10 @@ impl Limiter {
 
     /// Brings the buckets and the controllers up to `now`.
     fn advance(&mut self, now: Instant) {
-        let idle = self.queue.is_empty();
+        // Tokens are owed only to waiters that could use them: while every waiter is held by
+        // its model or client limit, a bucket saves no more than its capacity, so that the
+        // wait does not end in a burst.
+        let idle = self.queue.is_empty() || self.stalled;
         for lane in &mut self.lanes {
             lane.advance(now, idle);
         }
@@ -352,6 +358,9 @@ impl Limiter {
     pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
         self.advance(now);
         let lane = self.lane_mut(grant.lane);
+        if matches!(signal, UpstreamSignal::Accepted { .. }) {
+            lane.forbidden_in_a_row = 0;
+        }
         let probing_before = lane.controller.is_probing();
         lane.controller.observe_answer(signal, grant, now);
         if lane.controller.is_paused(now) {
@@ -371,6 +380,30 @@ impl Limiter {
             } else {
                 m.answered();
             }
+        }
+    }
+
+    /// The upstream refused a request on key `lane` with 401 (`unauthorized`) or 403. A 401
+    /// is about the key: it leaves the pool. A 403 may be about what the request asked for (a
+    /// model this key may not use): the key leaves only after `FORBIDDEN_IN_A_ROW` of them with
+    /// nothing accepted between. Returns true when the key left the pool now.
+    pub fn key_refused(&mut self, lane: usize, unauthorized: bool) -> bool {
+        let Some(l) = self.lanes.get_mut(lane) else {
+            return false;
+        };
+        l.forbidden_in_a_row += u32::from(!unauthorized);
+        if unauthorized || l.forbidden_in_a_row >= FORBIDDEN_IN_A_ROW {
+            self.revoke(lane)
+        } else {
+            false
+        }
+    }
+
+    /// Brings a key back into the pool (its value was replaced by a reload).
+    pub fn reinstate(&mut self, lane: usize) {
+        if let Some(l) = self.lanes.get_mut(lane) {
+            l.active = true;
+            l.forbidden_in_a_row = 0;
         }
     }
 

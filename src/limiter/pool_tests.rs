@@ -345,3 +345,87 @@ fn a_shared_pool_asks_each_key_for_its_part_of_the_waiters() {
     let g = grants(&l.poll(t0 + Duration::from_millis(1500)));
     assert!(g.is_empty(), "slots of a revoked key are not used: {g:?}");
 }
+
+#[test]
+fn tokens_saved_while_every_waiter_is_held_by_its_model_do_not_burst_out() {
+    let (mut l, t0) = limiter(60.0, vec![], vec![model("busy", None, Some(1))]);
+    let far = t0 + Duration::from_secs(3600);
+    assert_eq!(
+        l.request_with(ask_model("x", 0, far), t0),
+        Admission::Granted
+    );
+    for i in 0..50 {
+        let _ = l.request_with(ask_model(&format!("b{i}"), 0, far), t0);
+    }
+    // Ten minutes with every waiter held by the busy model: 600 tokens' worth of time.
+    let mut now = t0;
+    for _ in 0..600 {
+        now += Duration::from_secs(1);
+        assert!(grants(&l.poll(now)).is_empty());
+    }
+    for i in 0..20 {
+        let _ = l.request_with(ask(&format!("other{i}"), far), now);
+    }
+    let burst = grants(&l.poll(now + Duration::from_millis(1))).len();
+    assert!(
+        burst <= 1,
+        "{burst} grants at once after the stall (capacity 1)"
+    );
+}
+
+#[test]
+fn a_shared_key_that_probes_without_a_slot_does_not_wake_the_clock_in_a_loop() {
+    let (mut l, t0) = limiter(60.0, vec![], vec![]);
+    l.set_supply(0, Supply::Leased, t0, t0);
+    l.add_slots(0, &[t0], Duration::from_secs(1), t0);
+    assert_eq!(
+        l.request_with(ask("x", t0 + Duration::from_secs(600)), t0),
+        Admission::Granted
+    );
+    let grant = l.last_grant();
+    l.observe_answer(
+        &UpstreamSignal::RateLimited { retry_after: None },
+        grant,
+        t0,
+    );
+    assert!(l.controller().is_probing());
+    let deadline = t0 + Duration::from_secs(120);
+    let _ = l.request_with(ask("y", deadline), t0);
+    let late = t0 + Duration::from_secs(30);
+    assert!(grants(&l.poll(late)).is_empty(), "no slot: no probe");
+    let wake = l.next_wakeup(late).unwrap();
+    assert!(wake > late, "woken again at once: {:?}", wake - late);
+    l.add_slots(
+        0,
+        &[late + Duration::from_secs(1)],
+        Duration::from_secs(1),
+        late,
+    );
+    assert_eq!(l.next_wakeup(late), Some(late + Duration::from_secs(1)));
+}
+
+#[test]
+fn a_401_takes_a_key_out_at_once_and_403s_only_in_a_row() {
+    let (mut l, t0) = limiter(
+        60.0,
+        vec![key("a", None), key("b", None), key("c", None)],
+        vec![],
+    );
+    assert!(l.key_refused(0, true), "401: the key itself is refused");
+    // A 403 may be about the model asked for: one, or two with an accepted answer between,
+    // leave the key in the pool.
+    assert!(!l.key_refused(1, false));
+    let accepted = Grant {
+        lane: 1,
+        ..Grant::default()
+    };
+    l.observe_answer(&UpstreamSignal::Accepted { pause: None }, accepted, t0);
+    assert!(!l.key_refused(1, false));
+    assert!(!l.key_refused(1, false));
+    assert!(l.key_active(1));
+    assert!(l.key_refused(1, false), "the third in a row takes it out");
+    assert!(!l.key_active(1));
+    assert!(!l.key_refused(2, true), "the last key stays");
+    l.reinstate(0);
+    assert!(l.key_active(0), "a new value brings it back");
+}

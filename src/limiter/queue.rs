@@ -78,6 +78,9 @@ pub struct Waiter {
 /// advances by `STRIDE / w`, so that while both wait it is served `w` times as often.
 const STRIDE: u64 = 1 << 20;
 
+/// Most clients whose pass is remembered after their line ran empty.
+const LEFT_AT_MAX: usize = 4096;
+
 /// One priority class: replays first, then clients in order of their pass (stride scheduling,
 /// a form of weighted fair queueing), each client with its own first-come line.
 #[derive(Debug, Default)]
@@ -225,6 +228,10 @@ impl ClassQueue {
             if self.left_at.len() > 2 * self.lines.len() + 64 {
                 let pass = self.pass;
                 self.left_at.retain(|_, at| *at > pass);
+                if self.left_at.len() > LEFT_AT_MAX {
+                    // Many clients that came once: their credit is not worth the memory.
+                    self.left_at = HashMap::new();
+                }
             }
         }
         Some(id)
@@ -446,6 +453,21 @@ mod tests {
         let order: Vec<_> = std::iter::from_fn(|| q.pop_next().map(|(id, _)| id)).collect();
         assert_eq!(order, vec![1, 3, 2]);
         assert_eq!(q.waiting_at_or_above(Priority::Low), 0);
+    }
+
+    #[test]
+    fn clients_that_come_once_leave_no_lasting_trace() {
+        let t0 = Instant::now();
+        let mut q = AdmissionQueue::new();
+        for id in 0..50_000 {
+            q.push_back(id, waiter(&format!("once-{id}"), Priority::Normal, t0, 10));
+            assert_eq!(q.pop_next().map(|(i, _)| i), Some(id));
+        }
+        let remembered = q.classes[Priority::Normal as usize].left_at.len();
+        assert!(
+            remembered <= LEFT_AT_MAX + 64,
+            "{remembered} departed clients remembered"
+        );
     }
 
     #[test]

@@ -66,7 +66,16 @@ impl Limiter {
         let active = self.lanes.iter().filter(|l| l.active);
         let held: usize = active.clone().map(|l| l.slots.held()).sum();
         let keys = active.count().max(1);
-        self.queue.len().saturating_sub(held).div_ceil(keys)
+        // Waiters held by their model or client limit would let a leased slot lapse.
+        let ready = if self.models.is_empty() && self.clients.is_empty() {
+            self.queue.len()
+        } else {
+            self.queue
+                .iter()
+                .filter(|w| self.limits_allow(&w.client, w.model))
+                .count()
+        };
+        ready.saturating_sub(held).div_ceil(keys)
     }
 
     /// The share of the rate one of `instances` sidecars takes while the shared bucket is out

@@ -59,13 +59,17 @@ pub async fn wait_keeping_alive(
                     .await?;
                 wait = KEEPALIVE_INTERVAL;
             }
-            Err(_) => {
-                session
-                    .write_response_body(Some(Bytes::from_static(COMMENT)), false)
-                    .await?;
-            }
+            Err(_) => comment(session).await?,
         }
     }
+}
+
+/// Writes one comment line; a failure means the client left.
+async fn comment(session: &mut Session) -> Result<()> {
+    session
+        .write_response_body(Some(Bytes::from_static(COMMENT)), false)
+        .await
+        .map_err(|e| e.into_down())
 }
 
 /// The event that ends a kept-alive stream whose request failed: the error body the client

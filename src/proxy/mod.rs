@@ -275,7 +275,18 @@ impl ProxyHttp for SidecarProxy {
             route.settings.upstream.authority.as_str(),
         )?;
         let settings = ctx.settings.clone();
-        let key = tenant::put_upstream_key(request, &settings, ctx.grant())?;
+        let lane = match (ctx.grant(), route.gate.as_ref()) {
+            (Some(grant), _) => grant.lane,
+            (None, Some(gate)) => gate.first_active_key(),
+            (None, None) => self
+                .app
+                .table()
+                .default
+                .gate
+                .as_ref()
+                .map_or(0, |gate| gate.first_active_key()),
+        };
+        let key = tenant::put_upstream_key(request, &settings, lane)?;
         if let (Some(key), Some(_)) = (key, ctx.grant()) {
             self.app
                 .metrics

@@ -44,8 +44,9 @@ impl SidecarProxy {
         gate.observe(signal, grant);
     }
 
-    /// An upstream 401/403 on a key of a pool: the key is taken out (logged once). True when
-    /// the key is out of the pool now, so that the request may go again on another.
+    /// An upstream 401 (or repeated 403s) on a key of a pool: the key is taken out (logged
+    /// once). True when the key is out of the pool now, so that the request may go again on
+    /// another.
     pub(super) fn refused_key(
         &self,
         ctx: &RequestCtx,
@@ -62,9 +63,9 @@ impl SidecarProxy {
             .keys
             .get(grant.lane)
             .map_or("?", |k| &*k.name);
-        if gate.revoke(grant.lane) {
+        if gate.key_refused(grant.lane, status == 401) {
             log::warn!(
-                "upstream key {name} was refused with {status} on route {}: it is out of the pool until a restart",
+                "upstream key {name} was refused with {status} on route {}: it is out of the pool until a restart or a reload that changes its value",
                 ctx.route_name()
             );
         }

@@ -10,7 +10,6 @@ use serde::Deserialize;
 
 use super::body::BodyHold;
 use crate::config::{ClientSettings, Clients, Settings, UpstreamKey};
-use crate::limiter::Grant;
 
 use super::respond::Answer;
 
@@ -70,19 +69,16 @@ pub fn client_timeout(session: &Session) -> Option<Duration> {
         .min()
 }
 
-/// Puts the key of the attempt in place of the client's credential: the key of its grant, or
-/// the first key for a request sent without one (passthrough, fail-open). Without a key the
-/// client's own `Authorization` goes on, unless it is a client key of this sidecar, which
-/// never leaves it. Returns the key used.
+/// Puts the key of lane `lane` in place of the client's credential: the key of the attempt's
+/// grant, or for a request sent without one (passthrough, fail-open) the first key still in
+/// the pool. Without a key the client's own `Authorization` goes on, unless it is a client key
+/// of this sidecar, which never leaves it. Returns the key used.
 pub fn put_upstream_key<'a>(
     request: &mut RequestHeader,
     settings: &'a Settings,
-    grant: Option<Grant>,
+    lane: usize,
 ) -> pingora_core::Result<Option<&'a UpstreamKey>> {
-    let key = match grant {
-        Some(grant) => settings.upstream.keys.get(grant.lane),
-        None => settings.upstream.keys.first(),
-    };
+    let key = settings.upstream.keys.get(lane);
     match key.and_then(|k| k.authorization.as_ref()) {
         Some(authorization) => {
             request.insert_header(http::header::AUTHORIZATION, authorization.clone())?;
