@@ -50,9 +50,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lane::Lane;
-
-/// 403s in a row after which a key leaves the pool (see `Limiter::key_refused`).
-pub const FORBIDDEN_IN_A_ROW: u32 = 3;
+pub use lane::FORBIDDEN_IN_A_ROW;
 
 /// One shared quota: the keys' buckets and controllers, the model and client limits, and the
 /// queue, together.
@@ -380,43 +378,6 @@ impl Limiter {
             } else {
                 m.answered();
             }
-        }
-    }
-
-    /// The upstream refused a request on key `lane` with 401 (`unauthorized`) or 403. A 401
-    /// is about the key: it leaves the pool. A 403 may be about what the request asked for (a
-    /// model this key may not use): the key leaves only after `FORBIDDEN_IN_A_ROW` of them with
-    /// nothing accepted between. Returns true when the key left the pool now.
-    pub fn key_refused(&mut self, lane: usize, unauthorized: bool) -> bool {
-        let Some(l) = self.lanes.get_mut(lane) else {
-            return false;
-        };
-        l.forbidden_in_a_row += u32::from(!unauthorized);
-        if unauthorized || l.forbidden_in_a_row >= FORBIDDEN_IN_A_ROW {
-            self.revoke(lane)
-        } else {
-            false
-        }
-    }
-
-    /// Brings a key back into the pool (its value was replaced by a reload).
-    pub fn reinstate(&mut self, lane: usize) {
-        if let Some(l) = self.lanes.get_mut(lane) {
-            l.active = true;
-            l.forbidden_in_a_row = 0;
-        }
-    }
-
-    /// Takes a key out of the pool: the upstream refused the key itself. The last active key
-    /// is kept, since with no key at all nothing could be sent; false when nothing changed.
-    pub fn revoke(&mut self, lane: usize) -> bool {
-        let active = self.lanes.iter().filter(|l| l.active).count();
-        match self.lanes.get_mut(lane) {
-            Some(l) if l.active && active > 1 => {
-                l.active = false;
-                true
-            }
-            _ => false,
         }
     }
 
