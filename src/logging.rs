@@ -71,6 +71,10 @@ pub fn init_logging(level: &str, writer_thread: bool) {
         // A kept-alive stream has its headers before the upstream answers, and Pingora warns
         // each time it then drops the upstream's (see `proxy::keepalive`).
         spec.push_str(",pingora_core::protocols::http::v1::server=error");
+        // Pingora's connection pool logs an error when a pooled connection is still held by
+        // its idle watcher at the moment it is reused; it then simply opens a new one. Nothing
+        // failed, and an operator should not see an error for it.
+        spec.push_str(",pingora_core::connectors=off");
     }
     let filter = env_filter::Builder::new().parse(&spec).build();
     let max_level = filter.filter();
