@@ -119,12 +119,51 @@ struct SavedLimiters {
     routes: BTreeMap<String, SavedLimiter>,
 }
 
+/// A route's limiter: its first key at the top level (as before key pools), and with a pool,
+/// every key by name.
 #[derive(Debug, Serialize, Deserialize)]
 struct SavedLimiter {
     tokens: f64,
     effective_rpm: f64,
     state: String,
     pause_remaining_seconds: f64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    keys: BTreeMap<String, SavedLimiter>,
+}
+
+impl SavedLimiter {
+    fn new(saved: &LimiterState) -> SavedLimiter {
+        SavedLimiter {
+            tokens: saved.tokens,
+            effective_rpm: saved.effective_rpm,
+            state: saved.state.as_str().to_string(),
+            pause_remaining_seconds: saved.pause_remaining.map_or(0.0, |d| d.as_secs_f64()),
+            keys: BTreeMap::new(),
+        }
+    }
+
+    /// The saved state, or why it cannot be taken.
+    fn state(&self) -> Result<LimiterState, String> {
+        let state = match self.state.as_str() {
+            "normal" => RetreatState::Normal,
+            "retreat" => RetreatState::Retreat,
+            "recover" => RetreatState::Recover,
+            other => return Err(format!("unknown state {other:?}")),
+        };
+        if !(self.tokens.is_finite()
+            && self.effective_rpm.is_finite()
+            && self.pause_remaining_seconds.is_finite())
+        {
+            return Err("not a number".to_string());
+        }
+        Ok(LimiterState {
+            tokens: self.tokens,
+            effective_rpm: self.effective_rpm,
+            state,
+            pause_remaining: (self.pause_remaining_seconds > 0.0)
+                .then(|| Duration::from_secs_f64(self.pause_remaining_seconds.min(3600.0))),
+        })
+    }
 }
 
 fn unix_now() -> f64 {
@@ -138,16 +177,16 @@ pub fn save_limiters(dir: &Path, table: &RouteTable) -> std::io::Result<()> {
     let routes = table
         .all()
         .filter_map(|route| {
-            let saved = route.gate.as_ref()?.export();
-            Some((
-                route.name().to_string(),
-                SavedLimiter {
-                    tokens: saved.tokens,
-                    effective_rpm: saved.effective_rpm,
-                    state: saved.state.as_str().to_string(),
-                    pause_remaining_seconds: saved.pause_remaining.map_or(0.0, |d| d.as_secs_f64()),
-                },
-            ))
+            let gate = route.gate.as_ref()?;
+            let mut saved = SavedLimiter::new(&gate.export());
+            if gate.key_count() > 1 {
+                saved.keys = gate
+                    .export_keys()
+                    .iter()
+                    .map(|(name, state)| (name.to_string(), SavedLimiter::new(state)))
+                    .collect();
+            }
+            Some((route.name().to_string(), saved))
         })
         .collect();
     let saved = SavedLimiters {
@@ -190,39 +229,25 @@ pub fn restore_limiters(dir: &Path, table: &RouteTable) {
         let (Some(gate), Some(s)) = (route.gate.as_ref(), saved.routes.get(route.name())) else {
             continue;
         };
-        let state = match s.state.as_str() {
-            "normal" => RetreatState::Normal,
-            "retreat" => RetreatState::Retreat,
-            "recover" => RetreatState::Recover,
-            other => {
-                log::warn!(
-                    "ignoring saved state of route {}: unknown state {other:?}",
-                    route.name()
-                );
+        let state = match s.state() {
+            Ok(state) => state,
+            Err(why) => {
+                log::warn!("ignoring saved state of route {}: {why}", route.name());
                 continue;
             }
         };
-        if !(s.tokens.is_finite()
-            && s.effective_rpm.is_finite()
-            && s.pause_remaining_seconds.is_finite())
-        {
-            log::warn!(
-                "ignoring saved state of route {}: not a number",
-                route.name()
-            );
-            continue;
+        gate.restore(&state, age);
+        for (name, key) in &s.keys {
+            match key.state() {
+                Ok(state) => {
+                    gate.restore_key(name, &state, age);
+                }
+                Err(why) => log::warn!(
+                    "ignoring saved state of key {name} of route {}: {why}",
+                    route.name()
+                ),
+            }
         }
-        let pause = (s.pause_remaining_seconds > 0.0)
-            .then(|| Duration::from_secs_f64(s.pause_remaining_seconds.min(3600.0)));
-        gate.restore(
-            &LimiterState {
-                tokens: s.tokens,
-                effective_rpm: s.effective_rpm,
-                state,
-                pause_remaining: pause,
-            },
-            age,
-        );
         log::info!(
             "restored limiter state of route {} ({}, {:.1} rpm, saved {:.0} s ago)",
             route.name(),
@@ -236,6 +261,47 @@ pub fn restore_limiters(dir: &Path, table: &RouteTable) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A route table on a pool of two keys read from files in `dir`.
+    fn pool_table(dir: &Path) -> RouteTable {
+        for (name, key) in [("a", "nvapi-state-a"), ("b", "nvapi-state-b")] {
+            fs::write(dir.join(name), key).unwrap();
+        }
+        let text = format!(
+            "rate_rpm: 60\nupstream:\n  keys:\n    - {{name: a, key_file: {a}}}\n    - {{name: b, key_file: {b}}}\n",
+            a = dir.join("a").display(),
+            b = dir.join("b").display()
+        );
+        let settings = crate::config::load_str(&text).unwrap();
+        RouteTable::build(std::sync::Arc::new(settings), None)
+    }
+
+    #[tokio::test]
+    async fn every_key_of_a_pool_keeps_its_retreat_and_pause_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = pool_table(dir.path());
+        let gate = before.default.gate.clone().unwrap();
+        let on_b = crate::limiter::Grant {
+            lane: 1,
+            ..gate.current_grant()
+        };
+        gate.observe(
+            &crate::limiter::UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(30)),
+            },
+            on_b,
+        );
+        save_limiters(dir.path(), &before).unwrap();
+
+        let after = pool_table(dir.path());
+        restore_limiters(dir.path(), &after);
+        let keys = after.default.gate.as_ref().unwrap().snapshot().keys;
+        assert_eq!(keys[0].state, RetreatState::Normal, "{keys:?}");
+        assert_eq!(keys[1].state, RetreatState::Retreat, "{keys:?}");
+        let paused = keys[1].paused_for.expect("key b is still paused");
+        assert!(paused > Duration::from_secs(25), "{paused:?}");
+        assert_eq!(keys[0].paused_for, None);
+    }
 
     #[test]
     fn overrides_round_trip_and_an_empty_set_removes_the_file() {

@@ -195,6 +195,11 @@ impl Limiter {
         }
     }
 
+    /// The names of the keys, in lane order.
+    pub fn key_names(&self) -> Vec<Arc<str>> {
+        self.lanes.iter().map(|l| l.name.clone()).collect()
+    }
+
     /// Brings a key back into the pool (its value was replaced by a reload).
     pub fn reinstate(&mut self, lane: usize) {
         if let Some(l) = self.lanes.get_mut(lane) {

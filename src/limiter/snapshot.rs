@@ -118,10 +118,15 @@ impl Limiter {
         }
     }
 
-    /// The state to save for a restart.
+    /// The state of the first key, to save for a restart.
     pub fn export(&mut self, now: Instant) -> LimiterState {
+        self.export_key(0, now)
+    }
+
+    /// The state of key `lane`, to save for a restart.
+    pub fn export_key(&mut self, lane: usize, now: Instant) -> LimiterState {
         self.advance(now);
-        let lane = self.lane(0);
+        let lane = self.lane(lane);
         LimiterState {
             tokens: lane.bucket.tokens().min(lane.bucket.capacity()),
             effective_rpm: lane.controller.effective_rpm(),
@@ -134,7 +139,12 @@ impl Limiter {
     /// bucket earns what it would have earned meanwhile at the saved rate, never more than its
     /// capacity — so a restart neither forgets a retreat nor bursts into the upstream.
     pub fn restore(&mut self, saved: &LimiterState, age: Duration, now: Instant) {
-        let lane = self.lane_mut(0);
+        self.restore_key(0, saved, age, now);
+    }
+
+    /// `restore` for key `lane`.
+    pub fn restore_key(&mut self, lane: usize, saved: &LimiterState, age: Duration, now: Instant) {
+        let lane = self.lane_mut(lane);
         let pause_until = saved
             .pause_remaining
             .and_then(|p| p.checked_sub(age))
