@@ -1171,3 +1171,40 @@ async fn a_rotated_key_comes_back_on_reload_and_passthrough_avoids_a_refused_key
         "the rotated key a serves again"
     );
 }
+
+/// NVIDIA's "workers are busy" answer for a model lowers that model's concurrency limit and
+/// leaves the key's rate alone: the model is full, the quota is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_model_lowers_its_concurrency_and_never_the_keys_rate() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let sidecar = Sidecar::start(
+        &mock.url(),
+        "rate_rpm: 600\nrequest_timeout: 30\nadaptive: {max_replays: 0}\nmodels:\n  busy-model: {max_concurrency: 4}\n",
+    )
+    .await;
+    let url = chat_url(&sidecar);
+    mock.state.unavailable_next(1);
+    let refused = post(&url, None, &[], tagged_body("busy-model", "1")).await;
+    assert_eq!(refused.status(), 503, "passed on (max_replays: 0)");
+    let _ = refused.text().await;
+    let status = eventually(Duration::from_secs(5), || async {
+        let status = sidecar.status().await;
+        (status["models"][0]["capacity_errors"] == 1).then_some(status)
+    })
+    .await
+    .expect("/status counts the model's capacity error");
+    assert_eq!(status["models"][0]["pattern"], "busy-model");
+    assert_eq!(status["models"][0]["concurrency_limit"], 2, "4 halved");
+    assert_eq!(
+        status["keys"][0]["effective_rpm"], 600.0,
+        "the key's rate is not cut"
+    );
+    assert_eq!(status["retreat"]["state"], "normal");
+    // The model keeps serving, within its lowered limit.
+    assert_eq!(
+        post(&url, None, &[], tagged_body("busy-model", "2"))
+            .await
+            .status(),
+        200
+    );
+}
