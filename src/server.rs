@@ -11,6 +11,9 @@ use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUF
 use crate::app::App;
 use crate::proxy::{ProxyApp, SidecarProxy};
 
+/// The longest timeout, in seconds, that Pingora's coarse timer keeps (see `server_conf`).
+pub const FAST_TIMEOUT_LIMIT_SECS: u64 = 10;
+
 /// How the process was asked to run (from the command line).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunMode {
@@ -38,6 +41,12 @@ pub fn server_conf(app: &App, mode: RunMode) -> ServerConf {
         // One runtime per thread, as nginx has one event loop per worker: measured, the same
         // throughput with a third lower p99 at two threads (BENCHMARKS.md, scenario 5).
         work_stealing: false,
+        // Pingora's own timer keeps every timeout it registers until the timeout's deadline,
+        // even when the read it guarded ended long before: with `upstream.read_timeout` at
+        // 300 s, that is 100 entries a second per thread for five minutes, memory that grows
+        // with uptime under load (BENCHMARKS.md, soak). Longer timeouts go to tokio's timer,
+        // which forgets a timeout when it is dropped.
+        fast_timeout_to_tokio_threshold_seconds: Some(FAST_TIMEOUT_LIMIT_SECS),
         ..ServerConf::default()
     }
 }
