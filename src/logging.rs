@@ -156,29 +156,59 @@ impl log::Log for Logger {
 fn format_line(line: &mut Vec<u8>, record: &log::Record<'_>, now: SystemTime) {
     line.push(b'[');
     write_timestamp(line, now);
-    let _ = writeln!(
-        line,
-        " {:<5} {}] {}",
-        record.level(),
-        record.target(),
-        record.args()
-    );
+    line.push(b' ');
+    let level = record.level().as_str();
+    line.extend_from_slice(level.as_bytes());
+    line.resize(line.len() + 5usize.saturating_sub(level.len()), b' ');
+    line.push(b' ');
+    line.extend_from_slice(record.target().as_bytes());
+    line.extend_from_slice(b"] ");
+    match record.args().as_str() {
+        Some(text) => line.extend_from_slice(text.as_bytes()),
+        None => {
+            let _ = write!(line, "{}", record.args());
+        }
+    }
+    line.push(b'\n');
 }
 
-/// RFC 3339 in UTC with milliseconds.
+/// RFC 3339 in UTC with milliseconds, written digit by digit (a line is written for every
+/// request, and `write!` with widths costs more than the rest of the line).
 fn write_timestamp(line: &mut Vec<u8>, now: SystemTime) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let of_day = secs % 86_400;
-    let _ = write!(
-        line,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        of_day / 3600,
-        of_day / 60 % 60,
-        of_day % 60,
-        since.subsec_millis()
-    );
+    push_padded(line, year.max(0) as u64, 4);
+    line.push(b'-');
+    push_padded(line, u64::from(month), 2);
+    line.push(b'-');
+    push_padded(line, u64::from(day), 2);
+    line.push(b'T');
+    push_padded(line, of_day / 3600, 2);
+    line.push(b':');
+    push_padded(line, of_day / 60 % 60, 2);
+    line.push(b':');
+    push_padded(line, of_day % 60, 2);
+    line.push(b'.');
+    push_padded(line, u64::from(since.subsec_millis()), 3);
+    line.push(b'Z');
+}
+
+/// `value` in decimal, with leading zeros up to `width` digits.
+fn push_padded(line: &mut Vec<u8>, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let start = start.min(digits.len().saturating_sub(width));
+    line.extend_from_slice(&digits[start..]);
 }
 
 /// The proleptic Gregorian date of a day counted from 1970-01-01.
@@ -382,6 +412,21 @@ mod tests {
         assert_eq!(
             String::from_utf8(line).unwrap(),
             "[2026-11-26T18:41:05.981Z INFO  access] client=a status=200\n"
+        );
+        // A message with values, and the widest level.
+        let (mut line, status) = (Vec::new(), 503);
+        format_line(
+            &mut line,
+            &log::Record::builder()
+                .level(log::Level::Error)
+                .target("nvidia_sidecar::proxy")
+                .args(format_args!("status={status} of {}", "route"))
+                .build(),
+            UNIX_EPOCH + Duration::from_millis(7),
+        );
+        assert_eq!(
+            String::from_utf8(line).unwrap(),
+            "[1970-01-01T00:00:00.007Z ERROR nvidia_sidecar::proxy] status=503 of route\n"
         );
     }
 

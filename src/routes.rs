@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::admission::AdmissionGate;
 use crate::config::{RouteSettings, Settings};
+use crate::metrics::RouteMetrics;
 use crate::upstream::Upstream;
 
 /// One route at run time.
@@ -14,6 +15,8 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
     /// The bucket this route draws on; `None` for passthrough routes.
     pub gate: Option<Arc<AdmissionGate>>,
+    /// The metric series this route's requests update.
+    pub metrics: RouteMetrics,
 }
 
 impl Route {
@@ -57,6 +60,7 @@ impl RouteTable {
                     }
                 });
             Arc::new(Route {
+                metrics: RouteMetrics::new(&rs.name, settings.upstream.keys.len()),
                 settings: rs.clone(),
                 upstream,
                 gate,

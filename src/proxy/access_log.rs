@@ -25,28 +25,30 @@ impl SidecarProxy {
         // The attempt is over: its model slot goes to the next waiter.
         ctx.model_slot = None;
         let outcome = ctx.outcome(error);
-        let route = ctx.route_name().to_string();
-        metrics
-            .requests
-            .with_label_values(&[route.as_str(), outcome.as_str()])
-            .inc();
+        let route = ctx.route.clone();
+        let route_name = route.as_ref().map_or("none", |r| r.name());
         let queue_wait = ctx
             .admitted_at
             .map(|at| at.saturating_duration_since(ctx.started));
-        if let Some(wait) = queue_wait {
-            metrics
-                .queue_wait
-                .with_label_values(&[ctx.priority.as_str()])
-                .observe(wait.as_secs_f64());
-        }
         let upstream_time = ctx
             .upstream_sent_at
             .map(|at| now().saturating_duration_since(at));
-        if let (Some(time), Some(_)) = (upstream_time, ctx.upstream_status) {
-            metrics
-                .upstream_duration
-                .with_label_values(&[route.as_str()])
-                .observe(time.as_secs_f64());
+        match route.as_ref() {
+            Some(route) => {
+                let series = &route.metrics;
+                series.request(metrics, outcome);
+                if let Some(wait) = queue_wait {
+                    series.queue_wait(metrics, ctx.priority, wait.as_secs_f64());
+                }
+                if let (Some(time), Some(_)) = (upstream_time, ctx.upstream_status) {
+                    series.upstream_duration(metrics, time.as_secs_f64());
+                }
+            }
+            // Refused before it had a route.
+            None => metrics
+                .requests
+                .with_label_values(&[route_name, outcome.as_str()])
+                .inc(),
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
@@ -54,7 +56,7 @@ impl SidecarProxy {
             target: "access",
             "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}{}{}",
             classify::log_value(&ctx.client),
-            route,
+            route_name,
             req.method,
             classify::log_value(req.uri.path()),
             status,

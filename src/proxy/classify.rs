@@ -1,9 +1,11 @@
 //! Who is asking and for what: the client id, the priority, and the requests an egress proxy
 //! for configured upstreams refuses outright.
 
+use std::cell::RefCell;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::Method;
+use http::{HeaderName, Method};
 use pingora_proxy::Session;
 
 use crate::app::RouteTable;
@@ -14,13 +16,16 @@ use super::respond::Answer;
 /// Longest client id kept from `X-Client-Id`.
 const CLIENT_ID_MAX: usize = 64;
 
+pub static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
+pub static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
+
 /// The client id: `X-Client-Id` (control characters dropped, at most 64 characters), else the
 /// peer's address.
 pub fn client_id(session: &Session) -> Arc<str> {
     let header = session
         .req_header()
         .headers
-        .get("x-client-id")
+        .get(&X_CLIENT_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty());
@@ -32,10 +37,30 @@ pub fn client_id(session: &Session) -> Arc<str> {
                 .collect::<String>(),
         ),
         None => match session.client_addr().and_then(|a| a.as_inet()) {
-            Some(inet) => Arc::from(inet.ip().to_string()),
+            Some(inet) => peer_id(inet.ip()),
             None => Arc::from("unknown"),
         },
     }
+}
+
+/// The id of a client known by its address alone. Clients of a sidecar are mostly one or a
+/// few local processes: each thread keeps the last address's id, not to format and allocate
+/// it again for every request.
+fn peer_id(ip: IpAddr) -> Arc<str> {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, Arc<str>)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match last.as_ref() {
+            Some((known, id)) if *known == ip => id.clone(),
+            _ => {
+                let id: Arc<str> = Arc::from(ip.to_string());
+                *last = Some((ip, id.clone()));
+                id
+            }
+        }
+    })
 }
 
 /// The priority from `X-Priority`; normal when absent or unreadable.
@@ -43,7 +68,7 @@ pub fn priority(session: &Session) -> Priority {
     session
         .req_header()
         .headers
-        .get("x-priority")
+        .get(&X_PRIORITY)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(Priority::Normal)
@@ -81,6 +106,11 @@ pub fn log_value(value: &str) -> std::borrow::Cow<'_, str> {
 /// encoded or back slashes (`..%2F`). No API client needs them; an upstream that normalises
 /// them would otherwise serve a counted endpoint through a passthrough route.
 pub fn ambiguous_path(target: &[u8]) -> bool {
+    let path_end = memchr::memchr2(b'?', b'#', target).unwrap_or(target.len());
+    if memchr::memchr3(b'.', b'%', b'\\', &target[..path_end]).is_none() {
+        // No dot, escape or back slash: the usual path, plain as it is.
+        return false;
+    }
     let lower = target.to_ascii_lowercase();
     let end = lower
         .iter()
@@ -106,12 +136,9 @@ pub fn ambiguous_path(target: &[u8]) -> bool {
 /// configured upstreams.
 pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
     let req = session.req_header();
-    let lengths: Vec<&http::HeaderValue> = req
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter()
-        .collect();
-    if lengths.len() > 1 || lengths.iter().any(|v| v.as_bytes().contains(&b',')) {
+    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = lengths.next();
+    if lengths.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b',')) {
         // Two framings for one body: what the upstream reads may differ from what we held.
         return Some(Answer::refused(
             400,
@@ -140,7 +167,7 @@ pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
         let host = req
             .headers
             .get(http::header::HOST)
-            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+            .map(|h| String::from_utf8_lossy(h.as_bytes()));
         if host.is_some_and(|h| !table.settings.access.allows_host(&h)) {
             return Some(Answer::refused(
                 403,

@@ -41,8 +41,11 @@ pub const HEADER_DEADLINE: Duration = Duration::from_secs(15);
 pub struct HeaderDeadline {
     inner: Stream,
     deadline: Duration,
-    /// `Some` while a request header is being received: it fires at the deadline.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// Fires at the deadline of the request header being received, when `armed`; one timer
+    /// for the whole connection, set again for each header.
+    timer: Pin<Box<Sleep>>,
+    /// A request header is being received.
+    armed: bool,
     /// The last three bytes read, to find `\r\n\r\n` across reads.
     tail: [u8; 3],
     /// A final response head was written since the last header ended: the next bytes read
@@ -55,7 +58,8 @@ impl HeaderDeadline {
         HeaderDeadline {
             inner,
             deadline,
-            timer: Some(Box::pin(tokio::time::sleep(deadline))),
+            timer: Box::pin(tokio::time::sleep(deadline)),
+            armed: true,
             tail: [0; 3],
             answered: false,
         }
@@ -71,8 +75,8 @@ fn ends_header(tail: &mut [u8; 3], read: &[u8]) -> bool {
     seam[..3].copy_from_slice(tail);
     seam[3..3 + head].copy_from_slice(&read[..head]);
     let seam = &seam[..3 + head];
-    let found =
-        seam.windows(4).any(|w| w == b"\r\n\r\n") || read.windows(4).any(|w| w == b"\r\n\r\n");
+    let found = seam.windows(4).any(|w| w == b"\r\n\r\n")
+        || memchr::memmem::find(read, b"\r\n\r\n").is_some();
     let last = if read.len() >= 3 { read } else { seam };
     tail.copy_from_slice(&last[last.len() - 3..]);
     found
@@ -101,19 +105,18 @@ impl AsyncRead for HeaderDeadline {
                     // The first bytes of the next request: its header's deadline starts now.
                     this.answered = false;
                     this.tail = [0; 3];
-                    this.timer = Some(Box::pin(tokio::time::sleep(this.deadline)));
+                    let deadline = tokio::time::Instant::now() + this.deadline;
+                    this.timer.as_mut().reset(deadline);
+                    this.armed = true;
                 }
-                if this.timer.is_some() && ends_header(&mut this.tail, read) {
-                    this.timer = None;
+                if this.armed && ends_header(&mut this.tail, read) {
+                    this.armed = false;
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let expired = this
-                    .timer
-                    .as_mut()
-                    .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+                let expired = this.armed && this.timer.as_mut().poll(cx).is_ready();
                 if expired {
                     Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
@@ -133,7 +136,7 @@ impl AsyncWrite for HeaderDeadline {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if self.timer.is_none() && final_response_head(buf) {
+        if !self.armed && final_response_head(buf) {
             self.answered = true;
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
@@ -216,7 +219,7 @@ impl fmt::Debug for HeaderDeadline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HeaderDeadline")
             .field("inner", &self.inner)
-            .field("awaiting_header", &self.timer.is_some())
+            .field("awaiting_header", &self.armed)
             .finish()
     }
 }

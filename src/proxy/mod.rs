@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora_core::modules::http::HttpModules;
 use pingora_core::prelude::HttpPeer;
 use pingora_core::{Error, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
@@ -53,6 +55,14 @@ use body::{BodyBudget, BodyHold};
 use context::{ModelSlot, RefusalBody};
 use respond::Answer;
 use waiting::{client_left, wait_for_token, wait_verdict, wait_watching_client};
+
+/// Request headers meant for the sidecar (or for a proxy), never sent upstream.
+static FOR_THE_SIDECAR_ONLY: [HeaderName; 4] = [
+    HeaderName::from_static("x-client-id"),
+    HeaderName::from_static("x-priority"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// The sidecar's `ProxyHttp` implementation.
 pub struct SidecarProxy {
@@ -73,6 +83,11 @@ impl ProxyHttp for SidecarProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new(self.app.settings())
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
+        // None: Pingora's default is a response compression module, switched off, that would
+        // still be built and called for every request. Answers pass through as they came.
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -288,21 +303,14 @@ impl ProxyHttp for SidecarProxy {
         };
         let key = tenant::put_upstream_key(request, &settings, lane)?;
         if let (Some(key), Some(_)) = (key, ctx.grant()) {
-            self.app
+            route
                 .metrics
-                .key_requests
-                .with_label_values(&[ctx.route_name(), &key.name])
-                .inc();
+                .key_request(&self.app.metrics, lane, &key.name);
             if settings.upstream.keys.len() > 1 {
                 ctx.key = Some(key.name.clone());
             }
         }
-        for name in [
-            "x-client-id",
-            "x-priority",
-            "proxy-authorization",
-            "proxy-connection",
-        ] {
+        for name in &FOR_THE_SIDECAR_ONLY {
             request.remove_header(name);
         }
         for (name, value) in &settings.upstream.headers {
@@ -319,12 +327,11 @@ impl ProxyHttp for SidecarProxy {
     ) -> Result<()> {
         let status = response.status.as_u16();
         ctx.upstream_status = Some(status);
-        self.app
-            .metrics
-            .upstream_responses
-            .with_label_values(&[ctx.route_name(), status.to_string().as_str()])
-            .inc();
-        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+        let Some(route) = ctx.route.as_ref() else {
+            return Ok(());
+        };
+        route.metrics.upstream_response(&self.app.metrics, status);
+        let Some(gate) = route.gate.clone() else {
             return Ok(());
         };
         let signal = replay::read_header(response);
@@ -375,10 +382,11 @@ impl ProxyHttp for SidecarProxy {
         // Tell the client how long it queued and how often it was replayed.
         if let Some(admitted) = ctx.admitted_at {
             let wait = admitted.saturating_duration_since(ctx.started).as_millis();
-            response.insert_header("x-sidecar-queue-wait-ms", wait.to_string())?;
+            let wait = u64::try_from(wait).unwrap_or(u64::MAX);
+            response.insert_header("x-sidecar-queue-wait-ms", HeaderValue::from(wait))?;
         }
         if ctx.replays > 0 {
-            response.insert_header("x-sidecar-replays", ctx.replays.to_string())?;
+            response.insert_header("x-sidecar-replays", HeaderValue::from(ctx.replays))?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderName;
 use pingora::http::RequestHeader;
 use pingora_proxy::Session;
 use serde::Deserialize;
@@ -52,18 +53,14 @@ pub fn client_by_key<'a>(
 /// `X-Stainless-Timeout` the OpenAI SDKs send with their own timeout (whole seconds); the
 /// shorter when both are there. Values that are not a positive number of seconds are ignored.
 pub fn client_timeout(session: &Session) -> Option<Duration> {
+    static TIMEOUTS: [HeaderName; 2] = [
+        HeaderName::from_static("x-request-timeout"),
+        HeaderName::from_static("x-stainless-timeout"),
+    ];
     let headers = &session.req_header().headers;
-    ["x-request-timeout", "x-stainless-timeout"]
+    TIMEOUTS
         .iter()
-        .filter_map(|name| {
-            headers
-                .get(*name)?
-                .to_str()
-                .ok()?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
+        .filter_map(|name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok())
         .filter(|secs| secs.is_finite() && *secs > 0.0)
         .map(|secs| Duration::from_secs_f64(secs.min(MAX_CLIENT_TIMEOUT)))
         .min()
