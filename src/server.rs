@@ -63,10 +63,12 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     };
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&app, mode));
     server.bootstrap();
-    let proxy = pingora::proxy::http_proxy(&server.configuration, SidecarProxy::new(app.clone()));
+    let sidecar = SidecarProxy::new(app.clone());
+    let bodies = sidecar.bodies();
+    let proxy = pingora::proxy::http_proxy(&server.configuration, sidecar);
     let mut proxy = pingora::services::listening::Service::new(
         "nvidia-sidecar proxy".to_string(),
-        ProxyApp::new(proxy, settings.server.max_connections),
+        ProxyApp::new(proxy, app.clone(), bodies, settings.server.max_connections),
     );
     // No read buffer in front of the socket: Pingora's HTTP parser reads into buffers of its
     // own, sized to the header and to Content-Length, and a 64 KiB one per connection would be

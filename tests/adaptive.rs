@@ -137,6 +137,49 @@ async fn a_one_mebibyte_body_is_replayed_byte_for_byte() {
     assert_eq!(sidecar.metric("nvidia_sidecar_held_body_bytes").await, 0.0);
 }
 
+/// A request that waits for its token is parked before Pingora reads it (the connection
+/// loop reads it ahead, see `proxy::parking`); Pingora then reads it as sent, and a 1 MiB body
+/// refused once with a split 429 reaches the upstream whole, twice, with the client's wait
+/// counted from its arrival.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parked_request_is_forwarded_and_replayed_byte_for_byte() {
+    let mock = split_mock(100).await;
+    // One token every 2 s: the second request waits.
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30\nrequest_timeout: 30").await;
+    let url = sidecar.url("/v1/chat/completions");
+    assert_eq!(post(&url, "first", long_prompt(1000)).await.status(), 200);
+    mock.state.fail_next(1);
+    let body = long_prompt(1 << 20);
+    let checksum = fnv1a64(&body);
+    let response = post(&url, "agent", body.clone()).await;
+    assert_eq!(response.status(), 200);
+    let waited: u64 = response.headers()["x-sidecar-queue-wait-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(waited >= 1000, "it waited for the next token: {waited} ms");
+    let arrivals = mock.state.arrivals();
+    assert_eq!(arrivals.len(), 3);
+    for a in &arrivals[1..] {
+        assert_eq!(a.body_len, body.len(), "status {}", a.status);
+        assert_eq!(a.body_checksum, checksum, "status {}", a.status);
+    }
+    let line = sidecar
+        .wait_for_access_line(|l| l.contains("client=agent"))
+        .await
+        .expect("an access line");
+    assert!(
+        line.contains("replays=1") && line.contains("outcome=forwarded"),
+        "{line}"
+    );
+    assert_eq!(sidecar.metric("nvidia_sidecar_held_body_bytes").await, 0.0);
+    assert_eq!(
+        sidecar.metric("nvidia_sidecar_inflight_requests").await,
+        0.0
+    );
+}
+
 /// A body over `max_replay_body` (or beyond the budget) is forwarded when its turn comes, is
 /// not replayable, and is counted.
 #[tokio::test(flavor = "multi_thread")]

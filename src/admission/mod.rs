@@ -163,6 +163,19 @@ impl AdmissionGate {
         self.ask(|limiter, now| limiter.request_again_with(ask, now))
     }
 
+    /// Whether a request arriving now would wait: someone waits already, or no token is in
+    /// hand.
+    pub fn would_queue(&self) -> bool {
+        let state = self.lock();
+        state.limiter.queue_len() > 0 || state.limiter.tokens() < 1.0
+    }
+
+    /// Gives back a grant whose request never went out: its token, and its model slot.
+    pub fn refund(&self, grant: Grant) {
+        self.lock().limiter.refund(grant, now());
+        self.wake.notify_one();
+    }
+
     /// The request granted as `grant` is over: its model slot goes to the next waiter.
     pub fn release(&self, grant: Grant) {
         if grant.model.is_some() {

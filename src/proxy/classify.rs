@@ -4,14 +4,18 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::{HeaderName, Method};
+use pingora::http::RequestHeader;
 use pingora_proxy::Session;
 
 use crate::app::RouteTable;
+use crate::config::Settings;
 use crate::limiter::Priority;
 
 use super::respond::Answer;
+use super::tenant;
 
 /// Longest client id kept from `X-Client-Id`.
 const CLIENT_ID_MAX: usize = 64;
@@ -19,11 +23,62 @@ const CLIENT_ID_MAX: usize = 64;
 pub static X_CLIENT_ID: HeaderName = HeaderName::from_static("x-client-id");
 pub static X_PRIORITY: HeaderName = HeaderName::from_static("x-priority");
 
+/// Who asks, as far as the queue is concerned.
+pub struct Asker {
+    pub client: Arc<str>,
+    pub weight: u32,
+    pub priority: Priority,
+    /// When the request gives up waiting: `request_timeout` (or `low_priority_timeout`), or
+    /// the client's own shorter timeout, from `started`.
+    pub deadline: Instant,
+}
+
+/// Who sends `req` from `peer`, or the answer that refuses it (a client key that is missing
+/// or unknown, when `clients` is configured).
+pub fn who_asks(
+    req: &RequestHeader,
+    peer: Option<IpAddr>,
+    settings: &Settings,
+    started: Instant,
+) -> Result<Asker, Answer> {
+    let (client, weight, priority) = if settings.clients.is_enabled() {
+        let known = tenant::client_by_key(req, &settings.clients)?;
+        (
+            known.id.clone(),
+            known.weight,
+            priority(req).min(known.max_priority),
+        )
+    } else {
+        let client = client_id(req, peer);
+        let priority = settings.access.cap_priority(&client, priority(req));
+        (client, 1, priority)
+    };
+    let budget = match priority {
+        Priority::Low => settings.low_priority_timeout,
+        _ => settings.request_timeout,
+    };
+    // The client's own timeout: nothing is sent upstream after it has given up.
+    let budget = tenant::client_timeout(req).map_or(budget, |t| t.min(budget));
+    Ok(Asker {
+        client,
+        weight,
+        priority,
+        deadline: started + budget,
+    })
+}
+
+/// The IP address of the client at the other end of `session`.
+pub fn peer_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
 /// The client id: `X-Client-Id` (control characters dropped, at most 64 characters), else the
 /// peer's address.
-pub fn client_id(session: &Session) -> Arc<str> {
-    let header = session
-        .req_header()
+pub fn client_id(req: &RequestHeader, peer: Option<IpAddr>) -> Arc<str> {
+    let header = req
         .headers
         .get(&X_CLIENT_ID)
         .and_then(|v| v.to_str().ok())
@@ -36,8 +91,8 @@ pub fn client_id(session: &Session) -> Arc<str> {
                 .take(CLIENT_ID_MAX)
                 .collect::<String>(),
         ),
-        None => match session.client_addr().and_then(|a| a.as_inet()) {
-            Some(inet) => peer_id(inet.ip()),
+        None => match peer {
+            Some(ip) => peer_id(ip),
             None => Arc::from("unknown"),
         },
     }
@@ -64,10 +119,8 @@ fn peer_id(ip: IpAddr) -> Arc<str> {
 }
 
 /// The priority from `X-Priority`; normal when absent or unreadable.
-pub fn priority(session: &Session) -> Priority {
-    session
-        .req_header()
-        .headers
+pub fn priority(req: &RequestHeader) -> Priority {
+    req.headers
         .get(&X_PRIORITY)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
@@ -134,8 +187,7 @@ pub fn ambiguous_path(target: &[u8]) -> bool {
 /// endpoint than the one they are routed as, a `Host` it does not serve (a web page that
 /// rebinds its name to this machine), and absolute-form targets on hosts that are not
 /// configured upstreams.
-pub fn refusal(session: &Session, table: &RouteTable) -> Option<Answer> {
-    let req = session.req_header();
+pub fn refusal(req: &RequestHeader, table: &RouteTable) -> Option<Answer> {
     let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
     let first = lengths.next();
     if lengths.next().is_some() || first.is_some_and(|v| v.as_bytes().contains(&b',')) {

@@ -16,6 +16,7 @@ use crate::limiter::{Ask, Grant, Priority, Rejection, UpstreamSignal};
 use crate::metrics::Outcome;
 
 use super::body::BodyHold;
+use super::parking::Parked;
 use super::respond::{client_gone, rejected_outcome};
 
 /// Where a request stands.
@@ -139,6 +140,8 @@ pub struct RequestCtx {
     pub answer_observed: bool,
     /// An upstream refusal on its way to the client, classified once its body is read.
     pub refusal: Option<RefusalBody>,
+    /// The verdict of a request that waited before its session began (see `parking`).
+    pub parked: Option<Parked>,
 }
 
 impl RequestCtx {
@@ -169,6 +172,7 @@ impl RequestCtx {
             upstream_status: None,
             answer_observed: false,
             refusal: None,
+            parked: None,
         }
     }
 

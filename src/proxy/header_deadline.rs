@@ -11,8 +11,7 @@
 //! left to Pingora's keep-alive timeout, and a response that streams for minutes while the
 //! client sends nothing is never cut. Reads of a request body are never limited.
 //!
-//! `ProxyApp` puts every accepted connection in a `HeaderDeadline`, and refuses connections
-//! beyond `server.max_connections`, before handing it to Pingora's HTTP proxy.
+//! `connection::ProxyApp` puts every accepted connection in a `HeaderDeadline`.
 
 use std::fmt;
 use std::future::Future;
@@ -22,13 +21,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use bytes::{Buf, BytesMut};
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
-use pingora::server::ShutdownWatch;
 use pingora_core::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
@@ -51,6 +49,9 @@ pub struct HeaderDeadline {
     /// A final response head was written since the last header ended: the next bytes read
     /// begin the next request's header.
     answered: bool,
+    /// Bytes read from the client already (a parked request), to be read again before the
+    /// socket's.
+    replay: BytesMut,
 }
 
 impl HeaderDeadline {
@@ -62,7 +63,14 @@ impl HeaderDeadline {
             armed: true,
             tail: [0; 3],
             answered: false,
+            replay: BytesMut::new(),
         }
+    }
+
+    /// Has `bytes`, read through this stream already, read again before anything else.
+    pub fn replay(&mut self, bytes: BytesMut) {
+        debug_assert!(self.replay.is_empty());
+        self.replay = bytes;
     }
 }
 
@@ -97,6 +105,16 @@ impl AsyncRead for HeaderDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if !this.replay.is_empty() {
+            // Seen by the deadline already, when they were first read.
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            if this.replay.is_empty() {
+                this.replay = BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -221,48 +239,6 @@ impl fmt::Debug for HeaderDeadline {
             .field("inner", &self.inner)
             .field("awaiting_header", &self.armed)
             .finish()
-    }
-}
-
-/// The proxy's listening application: Pingora's HTTP proxy, behind a connection cap and a
-/// header deadline.
-pub struct ProxyApp<A> {
-    inner: Arc<A>,
-    connections: Arc<tokio::sync::Semaphore>,
-    max_connections: usize,
-}
-
-impl<A> ProxyApp<A> {
-    /// `inner` behind a cap of `max_connections` (`server.max_connections`).
-    pub fn new(inner: A, max_connections: usize) -> ProxyApp<A> {
-        ProxyApp {
-            inner: Arc::new(inner),
-            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-            max_connections,
-        }
-    }
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ProxyApp<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
-            log::warn!(
-                "proxy: {} connections open (server.max_connections), refusing another",
-                self.max_connections
-            );
-            return None;
-        };
-        let stream: Stream = Box::new(HeaderDeadline::new(stream, HEADER_DEADLINE));
-        self.inner.process_new(stream, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        self.inner.cleanup().await
     }
 }
 

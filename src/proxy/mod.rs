@@ -21,15 +21,18 @@
 mod access_log;
 mod body;
 mod classify;
+mod connection;
 mod context;
 mod header_deadline;
 mod keepalive;
 mod observe;
+mod parking;
 mod replay;
 mod respond;
 mod tenant;
 mod waiting;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,15 +47,16 @@ use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::admission::{now, Verdict};
 use crate::app::App;
-use crate::limiter::{model_index, Priority};
+use crate::limiter::model_index;
 
 pub use classify::{ambiguous_path, log_value};
+pub use connection::ProxyApp;
 pub use context::{RequestCtx, Stage};
-pub use header_deadline::ProxyApp;
 pub use respond::error_body;
 
 use body::{BodyBudget, BodyHold};
 use context::{ModelSlot, RefusalBody};
+use parking::Parked;
 use respond::Answer;
 use waiting::{client_left, wait_for_token, wait_verdict, wait_watching_client};
 
@@ -75,6 +79,11 @@ impl SidecarProxy {
         let bodies = BodyBudget::new(app.metrics.held_body_bytes.clone());
         SidecarProxy { app, bodies }
     }
+
+    /// The budget held bodies count against, shared with the connection loop's parking.
+    pub fn bodies(&self) -> BodyBudget {
+        self.bodies.clone()
+    }
 }
 
 #[async_trait]
@@ -85,50 +94,56 @@ impl ProxyHttp for SidecarProxy {
         RequestCtx::new(self.app.settings())
     }
 
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        context: Box<dyn Any + Send + Sync>,
+    ) {
+        // A request parked by the connection loop: it waited from `started` on.
+        if let Ok(parked) = context.downcast::<Parked>() {
+            ctx.started = parked.started;
+            ctx.parked = Some(*parked);
+        }
+    }
+
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {
         // None: Pingora's default is a response compression module, switched off, that would
         // still be built and called for every request. Answers pass through as they came.
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.inflight = Some(context::Inflight::new(&self.app.metrics.inflight));
+        // A parked request has been counted since it parked.
+        let parked = ctx.parked.as_mut().and_then(|p| p.inflight.take());
+        ctx.inflight = parked.or_else(|| Some(context::Inflight::new(&self.app.metrics.inflight)));
         let table = self.app.table();
         // One snapshot for the whole request: a reload meanwhile applies to the next one.
         ctx.settings = table.settings.clone();
-        if let Some(answer) = classify::refusal(session, &table) {
+        if let Some(answer) = classify::refusal(session.req_header(), &table) {
             ctx.stage = Stage::Refused;
             answer.send(session).await?;
             return Ok(true);
         }
         let route = table.route_for(session.req_header().uri.path()).clone();
         let settings = &table.settings;
-        if settings.clients.is_enabled() {
-            match tenant::client_by_key(session, &settings.clients) {
-                Ok(client) => {
-                    ctx.client = client.id.clone();
-                    ctx.weight = client.weight;
-                    ctx.priority = classify::priority(session).min(client.max_priority);
-                }
-                Err(answer) => {
-                    ctx.stage = Stage::Refused;
-                    answer.send(session).await?;
-                    return Ok(true);
-                }
+        let peer = classify::peer_ip(session);
+        match classify::who_asks(session.req_header(), peer, settings, ctx.started) {
+            Ok(asker) => {
+                ctx.client = asker.client;
+                ctx.weight = asker.weight;
+                ctx.priority = asker.priority;
+                ctx.deadline = asker.deadline;
             }
-        } else {
-            ctx.client = classify::client_id(session);
-            ctx.priority = settings
-                .access
-                .cap_priority(&ctx.client, classify::priority(session));
+            Err(answer) => {
+                ctx.stage = Stage::Refused;
+                answer.send(session).await?;
+                return Ok(true);
+            }
         }
-        self.app.activity.arrived(&ctx.client, ctx.started);
-        let budget = match ctx.priority {
-            Priority::Low => settings.low_priority_timeout,
-            _ => settings.request_timeout,
-        };
-        // The client's own timeout: nothing is sent upstream after it has given up.
-        let budget = tenant::client_timeout(session).map_or(budget, |t| t.min(budget));
-        ctx.deadline = ctx.started + budget;
+        if ctx.parked.is_none() {
+            // (A parked request was counted when it parked.)
+            self.app.activity.arrived(&ctx.client, ctx.started);
+        }
         let gate = route.gate.clone();
         let keepalive_route = route.settings.keepalive_while_queued;
         ctx.route = Some(route);
@@ -142,6 +157,9 @@ impl ProxyHttp for SidecarProxy {
             return Ok(false);
         }
 
+        if let Some(parked) = ctx.parked.as_mut() {
+            parked.release_body();
+        }
         ctx.body = body::hold(
             session,
             ctx.deadline,
@@ -166,9 +184,17 @@ impl ProxyHttp for SidecarProxy {
                 .and_then(|id| model_index(&settings.models, &id));
             ctx.keepalive = keepalive_route && fields.stream == Some(true);
         }
-        let mut ticket = gate.admit_with(ctx.ask());
-        let watch = ctx.body.is_complete();
-        match wait_verdict(session, &mut ticket, watch, ctx).await? {
+        // A request that waited before its session began (see `parking`) has its verdict.
+        let parked = ctx.parked.take().and_then(|mut p| p.verdict_from(&gate));
+        let verdict = match parked {
+            Some(verdict) => verdict,
+            None => {
+                let mut ticket = gate.admit_with(ctx.ask());
+                let watch = ctx.body.is_complete();
+                wait_verdict(session, &mut ticket, watch, ctx).await?
+            }
+        };
+        match verdict {
             Some(Verdict::Granted(grant)) => {
                 ctx.model_slot = ModelSlot::held(&gate, grant);
                 let at = now();

@@ -20,11 +20,10 @@ const MAX_CLIENT_TIMEOUT: f64 = 31_536_000.0;
 /// The configured client whose key the request carries as `Authorization: Bearer <key>`, or
 /// the 401 to answer.
 pub fn client_by_key<'a>(
-    session: &Session,
+    req: &RequestHeader,
     clients: &'a Clients,
 ) -> Result<&'a ClientSettings, Answer> {
-    let presented = session
-        .req_header()
+    let presented = req
         .headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -52,12 +51,12 @@ pub fn client_by_key<'a>(
 /// The time the client says it will wait for its answer: `X-Request-Timeout`, or the
 /// `X-Stainless-Timeout` the OpenAI SDKs send with their own timeout (whole seconds); the
 /// shorter when both are there. Values that are not a positive number of seconds are ignored.
-pub fn client_timeout(session: &Session) -> Option<Duration> {
+pub fn client_timeout(req: &RequestHeader) -> Option<Duration> {
     static TIMEOUTS: [HeaderName; 2] = [
         HeaderName::from_static("x-request-timeout"),
         HeaderName::from_static("x-stainless-timeout"),
     ];
-    let headers = &session.req_header().headers;
+    let headers = &req.headers;
     TIMEOUTS
         .iter()
         .filter_map(|name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok())

@@ -1,0 +1,314 @@
+//! Parking: a request that has to queue waits before Pingora's session for it exists.
+//!
+//! While `request_filter` waits for a token, Pingora keeps the request's whole state alive:
+//! its boxed per-request future (about 14 KB), the HTTP session, the header buffer. That is
+//! most of the 40-odd KiB a waiting request used to cost (BENCHMARKS.md, scenario 6). So when
+//! a bucket is congested (someone waits already, or no token is in hand), the connection loop
+//! (`connection`) reads the next request's head and body itself, classifies it as
+//! `request_filter` does, and waits for its verdict holding only those bytes. Pingora then
+//! reads the bytes again from the connection (`HeaderDeadline::replay`) as if they had just
+//! arrived, and gets the verdict as the connection's context, which `request_filter` takes
+//! instead of queueing the request again.
+//!
+//! Parking changes where a request waits, not what happens to it: the answer, the metrics and
+//! the access-log line are `request_filter`'s, as for any request. Whatever is not plain is
+//! handed over unparked and waits the usual way: a header that does not parse here, a request
+//! that is refused, a body that is streamed (chunked, too large, over the budget, or behind
+//! `Expect: 100-continue`), a route that keeps waiting streams alive, and a passthrough route.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use pingora::http::RequestHeader;
+use pingora_core::protocols::Stream;
+use tokio::io::AsyncReadExt;
+
+use super::body::{BodyBudget, Reservation};
+use super::classify::{self, Asker};
+use super::context::Inflight;
+use super::tenant;
+use crate::admission::{now, AdmissionGate, Verdict};
+use crate::app::{App, RouteTable};
+use crate::limiter::{model_index, Ask};
+
+/// The longest request head read here; a longer one is left to Pingora.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// The most header lines read here (Pingora's own limit).
+const MAX_HEADERS: usize = 256;
+
+/// A request that waited before its session began, and the verdict it got.
+pub struct Parked {
+    /// When its head was read: the start of its queue wait.
+    pub started: Instant,
+    gate: Arc<AdmissionGate>,
+    /// `None` once taken, or when the client left.
+    verdict: Option<Verdict>,
+    client_left: bool,
+    /// Its body's share of `adaptive.replay_body_budget` while it waited.
+    held: Option<Reservation>,
+    /// Counts it in `inflight_requests` from the moment it parks (a stopping sidecar waits
+    /// for it); `request_filter` takes the count over.
+    pub inflight: Option<Inflight>,
+}
+
+impl Parked {
+    /// The verdict for the request, now routed to `gate`: `Some(None)` when the client left.
+    /// `None` when the request is routed elsewhere now (a reload came in between): it queues
+    /// again there, and what it was granted here is given back.
+    pub fn verdict_from(&mut self, gate: &Arc<AdmissionGate>) -> Option<Option<Verdict>> {
+        if !Arc::ptr_eq(&self.gate, gate) {
+            return None;
+        }
+        if self.client_left {
+            return Some(None);
+        }
+        self.verdict.take().map(Some)
+    }
+
+    /// Gives back the body's share of the budget: the request holds its body itself now.
+    pub fn release_body(&mut self) {
+        self.held = None;
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        // Granted, but the request never used it (Pingora refused the head, or the route
+        // changed): the token and the model slot go back.
+        if let Some(Verdict::Granted(grant)) = self.verdict.take() {
+            self.gate.refund(grant);
+        }
+    }
+}
+
+/// `buf` holds the first bytes of the next request on `stream`, from `peer`. When a bucket is
+/// congested, reads the rest of the request's head and body into `buf` and, if the request is
+/// one to park, waits for its verdict while watching the client.
+pub async fn park(
+    app: &App,
+    bodies: &BodyBudget,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    peer: Option<IpAddr>,
+) -> Option<Parked> {
+    let settings = {
+        let table = app.table();
+        let congested = table
+            .all()
+            .any(|r| r.gate.as_ref().is_some_and(|g| g.would_queue()));
+        if !congested {
+            return None;
+        }
+        table.settings.clone()
+    };
+    let started = now();
+    let inflight = Inflight::new(&app.metrics.inflight);
+    let head_len = read_head(stream, buf).await?;
+    // Decided from the head in one step, so that nothing of the parsed head is kept while
+    // the request waits.
+    let plan = plan(&buf[..head_len], &app.table(), peer, started)?;
+    let body_len = plan.body_len;
+    let held = if body_len == 0 {
+        None
+    } else {
+        if body_len > settings.max_replay_body {
+            return None;
+        }
+        let held = bodies.reserve(body_len, settings.replay_body_budget)?;
+        let deadline = tokio::time::Instant::from_std(plan.asker.deadline);
+        let read = tokio::time::timeout_at(deadline, read_to(stream, buf, head_len + body_len));
+        if !matches!(read.await, Ok(true)) {
+            return None;
+        }
+        Some(held)
+    };
+    let Plan { gate, asker, .. } = plan;
+    let model = if settings.models.is_empty() {
+        None
+    } else {
+        tenant::fields_of(&buf[head_len..head_len + body_len])
+            .model
+            .and_then(|id| model_index(&settings.models, &id))
+    };
+    if buf.capacity() > buf.len() + 256 {
+        // It waits holding its bytes, not the room the first read had.
+        *buf = BytesMut::from(&buf[..]);
+    }
+    app.activity.arrived(&asker.client, started);
+    let mut ticket = gate.admit_with(Ask {
+        client: asker.client,
+        priority: asker.priority,
+        deadline: asker.deadline,
+        weight: asker.weight,
+        model,
+    });
+    let verdict = match ticket.immediate() {
+        Some(verdict) => Some(verdict),
+        None => {
+            // Watch the client while it waits: it may hang up. A byte that arrives instead
+            // is the start of a pipelined request; it is kept, and watching stops.
+            let mut probe = [0u8; 1];
+            tokio::select! {
+                verdict = ticket.verdict() => Some(verdict),
+                read = stream.read(&mut probe) => match read {
+                    Ok(n) if n > 0 => {
+                        buf.extend_from_slice(&probe[..n]);
+                        Some(ticket.verdict().await)
+                    }
+                    _ => None,
+                },
+            }
+        }
+    };
+    // Dropping the ticket now gives up the place of a client that left.
+    drop(ticket);
+    Some(Parked {
+        started,
+        gate,
+        client_left: verdict.is_none(),
+        verdict,
+        held,
+        inflight: Some(inflight),
+    })
+}
+
+/// What parking needs to know of a request, read from its head.
+struct Plan {
+    gate: Arc<AdmissionGate>,
+    asker: Asker,
+    /// The length of its body, which is read ahead.
+    body_len: usize,
+}
+
+/// The plan for the request whose head is `head`, from `peer`, by the routes of `table`;
+/// `None` when it is not one to park.
+fn plan(head: &[u8], table: &RouteTable, peer: Option<IpAddr>, started: Instant) -> Option<Plan> {
+    let req = parse_head(head)?;
+    if classify::refusal(&req, table).is_some() {
+        return None;
+    }
+    let route = table.route_for(req.uri.path());
+    let gate = route.gate.clone()?;
+    let settings = &table.settings;
+    if route.settings.keepalive_while_queued
+        || (settings.fallback_passthrough && gate.is_degraded())
+    {
+        return None;
+    }
+    Some(Plan {
+        gate,
+        asker: classify::who_asks(&req, peer, settings, started).ok()?,
+        body_len: plain_body_length(&req)?,
+    })
+}
+
+/// Reads until `buf` holds a whole request head; its length. `None` when the stream ends or
+/// fails first, or the head is longer than `MAX_HEAD` (Pingora reads on and answers it).
+async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<usize> {
+    loop {
+        if let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") {
+            return Some(end + 4);
+        }
+        if buf.len() >= MAX_HEAD {
+            return None;
+        }
+        buf.reserve(1024);
+        match stream.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Reads until `buf` holds `len` bytes; false when the stream ends or fails first.
+async fn read_to(stream: &mut Stream, buf: &mut BytesMut, len: usize) -> bool {
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        match stream.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The request head in `head`, as Pingora would parse it; `None` for anything httparse does
+/// not take as it is (Pingora then parses it, and answers it if it must).
+fn parse_head(head: &[u8]) -> Option<RequestHeader> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let mut req = RequestHeader::build_no_case(
+        parsed.method?,
+        parsed.path?.as_bytes(),
+        Some(parsed.headers.len()),
+    )
+    .ok()?;
+    for header in parsed.headers.iter() {
+        let name = http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+        let value = http::HeaderValue::from_bytes(header.value).ok()?;
+        req.append_header(name, value).ok()?;
+    }
+    Some(req)
+}
+
+/// The length of a body that can be read ahead: 0 without one, its single `Content-Length`
+/// otherwise. `None` for a chunked body, a doubtful length, or a client that waits for
+/// `100 Continue` before it sends its body.
+fn plain_body_length(req: &RequestHeader) -> Option<usize> {
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req.headers.contains_key(http::header::EXPECT)
+    {
+        return None;
+    }
+    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return Some(0);
+    };
+    let len = first.to_str().ok()?.trim().parse::<usize>().ok()?;
+    lengths.next().is_none().then_some(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_as_pingora_reads_them() {
+        let req = parse_head(
+            b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nX-Priority: high\r\nContent-Length: 12\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(req.method, http::Method::POST);
+        assert_eq!(req.uri.path(), "/v1/chat/completions");
+        assert_eq!(req.raw_path(), b"/v1/chat/completions?x=1");
+        assert_eq!(req.headers["x-priority"], "high");
+        assert_eq!(plain_body_length(&req), Some(12));
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n").is_none());
+        assert!(parse_head(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn only_plain_bodies_are_read_ahead() {
+        let length = |head: &[u8]| plain_body_length(&parse_head(head).unwrap());
+        assert_eq!(length(b"GET / HTTP/1.1\r\n\r\n"), Some(0));
+        assert_eq!(
+            length(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
+            Some(5)
+        );
+        for head in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        ] {
+            assert_eq!(length(head), None, "{}", String::from_utf8_lossy(head));
+        }
+    }
+}
