@@ -6,8 +6,8 @@
 //! Pingora builds its session (see `parking`), and an idle kept-alive connection holds no
 //! session either. Pingora then reads what was read here as the start of the request: as its
 //! pipelined prefix (the first read of a request that did not park), or from the stream
-//! again (a parked request, see `HeaderDeadline::replay`). It parses and serves every request
-//! as before.
+//! again (a parked request, or more than a first read, see `HeaderDeadline::replay`). It
+//! parses and serves every request as before.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,9 +106,11 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ProxyApp<A> {
                 return None;
             }
             let parked = parking::park(&self.app, &self.bodies, &mut stream, &mut buf, peer).await;
-            if parked.is_some() {
-                // Pingora reads a parked request from the stream as it came, in reads of its
-                // own size: a large body arrives in the pieces Pingora keeps the tail of.
+            if parked.is_some() || buf.len() > FIRST_READ {
+                // Pingora reads a parked request (or one whose body was read ahead before it
+                // turned out not to park) from the stream as it came, in reads of its own
+                // size: a large body arrives in the pieces Pingora keeps the tail of, and
+                // never as one header read larger than Pingora allows.
                 let Ok(mut deadline) = stream.into_any().downcast::<HeaderDeadline>() else {
                     log::error!("proxy: a connection lost its header deadline; closing it");
                     return None;
