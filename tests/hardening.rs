@@ -721,7 +721,8 @@ async fn a_new_client_id_per_request_is_folded_into_other_beyond_the_cap() {
     assert_eq!(clients["by_rate"].as_array().unwrap().len(), 10);
 }
 
-/// A request whose body stalls is answered 408 when its deadline passes, whether it arrived
+/// A request whose body stalls is answered 408 when its deadline passes (3 s from its
+/// arrival), whether it arrived
 /// when a token was in hand or while the bucket was congested (when the sidecar reads a
 /// waiting request ahead, see `proxy::parking`: 1.5 MB of a 2 MB body read before the stall
 /// still reach Pingora as the request's body, not as an oversized header), and nothing of it
@@ -733,7 +734,8 @@ async fn a_stalled_body_is_answered_408_whether_or_not_the_bucket_is_congested()
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30").await;
     let stalled = |port: u16| async move {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Timeout: 1\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n";
+        let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Timeout: 3\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n";
+        let sent = std::time::Instant::now();
         stream.write_all(head.as_bytes()).await.unwrap();
         stream.write_all(&vec![b'a'; 1_500_000]).await.unwrap();
         let mut answer = Vec::new();
@@ -749,17 +751,22 @@ async fn a_stalled_body_is_answered_408_whether_or_not_the_bucket_is_congested()
             answer.extend_from_slice(&buf[..n]);
         }
         let head = String::from_utf8_lossy(&answer).to_string();
-        head.split(' ')
+        let status = head
+            .split(' ')
             .nth(1)
             .and_then(|code| code.parse::<u16>().ok())
-            .unwrap_or_else(|| panic!("no status line in {head:?}"))
+            .unwrap_or_else(|| panic!("no status line in {head:?}"));
+        (status, sent.elapsed())
     };
-    assert_eq!(stalled(sidecar.port).await, 408, "a token was in hand");
+    assert_eq!(stalled(sidecar.port).await.0, 408, "a token was in hand");
     // Take the next token: the bucket is congested when the stalled request arrives.
     let taken = raw_request(sidecar.port, &post("/v1/chat/completions")).await;
     assert_eq!(taken, 200);
     let arrived = mock.state.arrivals().len();
-    assert_eq!(stalled(sidecar.port).await, 408, "the bucket was congested");
+    let (status, after) = stalled(sidecar.port).await;
+    assert_eq!(status, 408, "the bucket was congested");
+    // Its 3 s count from its arrival, not again from when Pingora took it over.
+    assert!(after < Duration::from_secs(5), "answered after {after:?}");
     assert_eq!(
         mock.state.arrivals().len(),
         arrived,

@@ -130,13 +130,22 @@ impl Drop for Reservation {
     }
 }
 
-/// Reads the request body ahead of admission when it can be held (see the module doc).
+/// How large a body may be held (`adaptive.max_replay_body`), and all held bodies together
+/// (`adaptive.replay_body_budget`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body: usize,
+    pub budget: usize,
+}
+
+/// Reads the request body ahead of admission when it can be held (see the module doc). `held`
+/// is the share of the budget the body has already (a parked request's).
 pub async fn hold(
     session: &mut Session,
     deadline: Instant,
-    max_body: usize,
+    limits: Limits,
     budget: &BodyBudget,
-    budget_limit: usize,
+    held: Option<Reservation>,
 ) -> Result<BodyHold> {
     if session.downstream_session.is_body_empty() {
         return Ok(BodyHold::Empty);
@@ -144,11 +153,15 @@ pub async fn hold(
     let Some(len) = declared_length(session) else {
         return Ok(BodyHold::Streamed(NotHeld::Chunked));
     };
-    if len > max_body {
+    if len > limits.max_body {
         return Ok(BodyHold::Streamed(NotHeld::TooLarge));
     }
-    let Some(reservation) = budget.reserve(len, budget_limit) else {
-        return Ok(BodyHold::Streamed(NotHeld::BudgetFull));
+    let reservation = match held.filter(|r| r.bytes == len) {
+        Some(reservation) => reservation,
+        None => match budget.reserve(len, limits.budget) {
+            Some(reservation) => reservation,
+            None => return Ok(BodyHold::Streamed(NotHeld::BudgetFull)),
+        },
     };
     let deadline = tokio::time::Instant::from_std(deadline);
     let read = async {

@@ -28,7 +28,8 @@ use super::header_deadline::{HeaderDeadline, HEADER_DEADLINE};
 use super::parking;
 use crate::app::App;
 
-/// How long a kept-alive connection may wait for its next request (Pingora's default).
+/// The keep-alive time a connection's first request starts with (Pingora's default); the
+/// request's own `Connection` and `Keep-Alive` headers then decide.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// The first read of a request: what Pingora would read its header into.
@@ -63,18 +64,18 @@ impl<A> ProxyApp<A> {
     }
 
     /// Reads the first bytes of the connection's next request into `buf`; false when the
-    /// connection is to close (the client closed it, it stayed idle too long, or the service
-    /// is stopping).
+    /// connection is to close (the client closed it, its header deadline passed, or the
+    /// service is stopping).
     async fn next_request(&self, stream: &mut Stream, buf: &mut BytesMut) -> bool {
         let stopped = self.stopped.notified();
         if self.stopping.load(Ordering::Acquire) {
             return false;
         }
+        // No time limit, as in Pingora's loop: a new connection's first header has the header
+        // deadline, and HTTP/1.1 connections are kept alive as long as the client keeps them.
         tokio::select! {
             biased;
-            read = tokio::time::timeout(KEEPALIVE_IDLE, stream.read_buf(buf)) => {
-                matches!(read, Ok(Ok(n)) if n > 0)
-            }
+            read = stream.read_buf(buf) => matches!(read, Ok(n) if n > 0),
             _ = stopped => false,
         }
     }

@@ -67,9 +67,10 @@ impl HeaderDeadline {
         }
     }
 
-    /// Has `bytes`, read through this stream already, read again before anything else.
-    pub fn replay(&mut self, bytes: BytesMut) {
-        debug_assert!(self.replay.is_empty());
+    /// Has `bytes`, read through this stream already, read again before anything else: before
+    /// what is left of an earlier replay too, which they were read from.
+    pub fn replay(&mut self, mut bytes: BytesMut) {
+        bytes.extend_from_slice(&self.replay);
         self.replay = bytes;
     }
 }

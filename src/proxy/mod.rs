@@ -113,9 +113,12 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // A parked request has been counted since it parked.
-        let parked = ctx.parked.as_mut().and_then(|p| p.inflight.take());
-        ctx.inflight = parked.or_else(|| Some(context::Inflight::new(&self.app.metrics.inflight)));
+        // A request parked by the connection loop (see `parking`) has been counted since it
+        // parked and has its verdict. It is taken here, so that every way out of this phase
+        // gives back what it holds.
+        let mut parked = ctx.parked.take();
+        let counted = parked.as_mut().and_then(|p| p.inflight.take());
+        ctx.inflight = counted.or_else(|| Some(context::Inflight::new(&self.app.metrics.inflight)));
         let table = self.app.table();
         // One snapshot for the whole request: a reload meanwhile applies to the next one.
         ctx.settings = table.settings.clone();
@@ -140,9 +143,14 @@ impl ProxyHttp for SidecarProxy {
                 return Ok(true);
             }
         }
-        if ctx.parked.is_none() {
-            // (A parked request was counted when it parked.)
-            self.app.activity.arrived(&ctx.client, ctx.started);
+        match &parked {
+            Some(p) if p.client_left() => {
+                ctx.stage = Stage::ClientLeft;
+                return client_left("client left while parked").map(|_| false);
+            }
+            // Its arrival was counted when it parked.
+            Some(_) => {}
+            None => self.app.activity.arrived(&ctx.client, ctx.started),
         }
         let gate = route.gate.clone();
         let keepalive_route = route.settings.keepalive_while_queued;
@@ -157,17 +165,13 @@ impl ProxyHttp for SidecarProxy {
             return Ok(false);
         }
 
-        if let Some(parked) = ctx.parked.as_mut() {
-            parked.release_body();
-        }
-        ctx.body = body::hold(
-            session,
-            ctx.deadline,
-            settings.max_replay_body,
-            &self.bodies,
-            settings.replay_body_budget,
-        )
-        .await?;
+        let limits = body::Limits {
+            max_body: settings.max_replay_body,
+            budget: settings.replay_body_budget,
+        };
+        // A parked body keeps the share of the budget it had while it waited.
+        let held = parked.as_mut().and_then(Parked::take_body);
+        ctx.body = body::hold(session, ctx.deadline, limits, &self.bodies, held).await?;
         if let BodyHold::Streamed(why) = &ctx.body {
             self.app
                 .metrics
@@ -185,8 +189,7 @@ impl ProxyHttp for SidecarProxy {
             ctx.keepalive = keepalive_route && fields.stream == Some(true);
         }
         // A request that waited before its session began (see `parking`) has its verdict.
-        let parked = ctx.parked.take().and_then(|mut p| p.verdict_from(&gate));
-        let verdict = match parked {
+        let verdict = match parked.and_then(|mut p| p.verdict_from(&gate)) {
             Some(verdict) => verdict,
             None => {
                 let mut ticket = gate.admit_with(ctx.ask());

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use pingora::http::RequestHeader;
+use pingora_core::protocols::http::authority::validate_request_authority;
 use pingora_core::protocols::Stream;
 use tokio::io::AsyncReadExt;
 
@@ -68,9 +69,14 @@ impl Parked {
         self.verdict.take().map(Some)
     }
 
-    /// Gives back the body's share of the budget: the request holds its body itself now.
-    pub fn release_body(&mut self) {
-        self.held = None;
+    /// The body's share of the budget, for the request to hold its body with.
+    pub fn take_body(&mut self) -> Option<Reservation> {
+        self.held.take()
+    }
+
+    /// The client hung up while the request was parked.
+    pub fn client_left(&self) -> bool {
+        self.client_left
     }
 }
 
@@ -105,11 +111,11 @@ pub async fn park(
         table.settings.clone()
     };
     let started = now();
-    let inflight = Inflight::new(&app.metrics.inflight);
     let head_len = read_head(stream, buf).await?;
     // Decided from the head in one step, so that nothing of the parsed head is kept while
     // the request waits.
     let plan = plan(&buf[..head_len], &app.table(), peer, started)?;
+    app.activity.arrived(&plan.asker.client, started);
     let body_len = plan.body_len;
     let held = if body_len == 0 {
         None
@@ -121,10 +127,21 @@ pub async fn park(
         let deadline = tokio::time::Instant::from_std(plan.asker.deadline);
         let read = tokio::time::timeout_at(deadline, read_to(stream, buf, head_len + body_len));
         if !matches!(read.await, Ok(true)) {
-            return None;
+            // The body stalled past the deadline, or the client left: the request goes on
+            // unparked, its time counted from its arrival (its deadline has passed, or its
+            // body will never come).
+            return Some(Parked {
+                started,
+                gate: plan.gate,
+                verdict: None,
+                client_left: false,
+                held: None,
+                inflight: None,
+            });
         }
         Some(held)
     };
+    let inflight = Inflight::new(&app.metrics.inflight);
     let Plan { gate, asker, .. } = plan;
     let model = if settings.models.is_empty() {
         None
@@ -137,7 +154,6 @@ pub async fn park(
         // It waits holding its bytes, not the room the first read had.
         *buf = BytesMut::from(&buf[..]);
     }
-    app.activity.arrived(&asker.client, started);
     let mut ticket = gate.admit_with(Ask {
         client: asker.client,
         priority: asker.priority,
@@ -187,7 +203,9 @@ struct Plan {
 /// `None` when it is not one to park.
 fn plan(head: &[u8], table: &RouteTable, peer: Option<IpAddr>, started: Instant) -> Option<Plan> {
     let req = parse_head(head)?;
-    if classify::refusal(&req, table).is_some() {
+    // What Pingora refuses with a 400 (an ambiguous authority), or the sidecar refuses, is
+    // answered at once.
+    if validate_request_authority(&req).is_err() || classify::refusal(&req, table).is_some() {
         return None;
     }
     let route = table.route_for(req.uri.path());
@@ -205,12 +223,15 @@ fn plan(head: &[u8], table: &RouteTable, peer: Option<IpAddr>, started: Instant)
     })
 }
 
-/// Reads until `buf` holds a whole request head; its length. `None` when the stream ends or
-/// fails first, or the head is longer than `MAX_HEAD` (Pingora reads on and answers it).
+/// Reads until `buf` holds a whole request head, as httparse (Pingora's parser) ends it; its
+/// length. `None` when the stream ends or fails first, the head does not parse, or it is
+/// longer than `MAX_HEAD` (Pingora reads on and answers it).
 async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<usize> {
     loop {
-        if let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") {
-            return Some(end + 4);
+        match head_length(buf) {
+            Ok(Some(len)) => return Some(len),
+            Ok(None) => {}
+            Err(()) => return None,
         }
         if buf.len() >= MAX_HEAD {
             return None;
@@ -220,6 +241,18 @@ async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<usize> {
             Ok(n) if n > 0 => {}
             _ => return None,
         }
+    }
+}
+
+/// The length of the request head at the start of `buf`: `Ok(None)` while it is incomplete.
+/// (Not in `read_head` itself: the parser's header array would be kept in every connection's
+/// future.)
+fn head_length(buf: &[u8]) -> Result<Option<usize>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(buf) {
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(()),
     }
 }
 
@@ -290,7 +323,29 @@ mod tests {
         assert_eq!(req.headers["x-priority"], "high");
         assert_eq!(plain_body_length(&req), Some(12));
         assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n").is_none());
+        // Bare line feeds end a head for httparse, as for Pingora.
+        assert_eq!(
+            parse_head(b"GET /v1/models HTTP/1.1\nHost: a\n\n").map(|r| r.uri.path().to_string()),
+            Some("/v1/models".to_string())
+        );
         assert!(parse_head(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n").is_none());
+    }
+
+    #[test]
+    fn a_head_ends_where_httparse_ends_it() {
+        assert_eq!(
+            head_length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"),
+            Ok(Some(27))
+        );
+        assert_eq!(
+            head_length(b"GET / HTTP/1.1\nHost: a\n\nbody"),
+            Ok(Some(24))
+        );
+        assert_eq!(head_length(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+        assert_eq!(
+            head_length(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n"),
+            Err(())
+        );
     }
 
     #[test]
