@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
+use pingora::http::RequestHeader;
 use pingora_core::{Error, ErrorType, Result};
 use pingora_proxy::Session;
 use prometheus::IntGauge;
@@ -150,7 +151,7 @@ pub async fn hold(
     if session.downstream_session.is_body_empty() {
         return Ok(BodyHold::Empty);
     }
-    let Some(len) = declared_length(session) else {
+    let Some(len) = declared_length(session.req_header()) else {
         return Ok(BodyHold::Streamed(NotHeld::Chunked));
     };
     if len > limits.max_body {
@@ -224,12 +225,8 @@ pub async fn hold(
 }
 
 /// The request's `Content-Length`, when it declares exactly one.
-fn declared_length(session: &Session) -> Option<usize> {
-    let mut values = session
-        .req_header()
-        .headers
-        .get_all(http::header::CONTENT_LENGTH)
-        .iter();
+pub fn declared_length(req: &RequestHeader) -> Option<usize> {
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
     let first = values.next()?.to_str().ok()?.trim().parse::<usize>().ok()?;
     values.next().is_none().then_some(first)
 }

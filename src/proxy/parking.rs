@@ -26,7 +26,7 @@ use pingora_core::protocols::http::authority::validate_request_authority;
 use pingora_core::protocols::Stream;
 use tokio::io::AsyncReadExt;
 
-use super::body::{BodyBudget, Reservation};
+use super::body::{declared_length, BodyBudget, Reservation};
 use super::classify::{self, Asker};
 use super::context::Inflight;
 use super::tenant;
@@ -111,10 +111,12 @@ pub async fn park(
         table.settings.clone()
     };
     let started = now();
-    let head_len = read_head(stream, buf).await?;
     // Decided from the head in one step, so that nothing of the parsed head is kept while
     // the request waits.
-    let plan = plan(&buf[..head_len], &app.table(), peer, started)?;
+    let (plan, head_len) = {
+        let (req, head_len) = read_head(stream, buf).await?;
+        (plan(req, &app.table(), peer, started)?, head_len)
+    };
     app.activity.arrived(&plan.asker.client, started);
     let body_len = plan.body_len;
     let held = if body_len == 0 {
@@ -199,10 +201,14 @@ struct Plan {
     body_len: usize,
 }
 
-/// The plan for the request whose head is `head`, from `peer`, by the routes of `table`;
-/// `None` when it is not one to park.
-fn plan(head: &[u8], table: &RouteTable, peer: Option<IpAddr>, started: Instant) -> Option<Plan> {
-    let req = parse_head(head)?;
+/// The plan for the request `req`, from `peer`, by the routes of `table`; `None` when it is
+/// not one to park.
+fn plan(
+    req: RequestHeader,
+    table: &RouteTable,
+    peer: Option<IpAddr>,
+    started: Instant,
+) -> Option<Plan> {
     // What Pingora refuses with a 400 (an ambiguous authority), or the sidecar refuses, is
     // answered at once.
     if validate_request_authority(&req).is_err() || classify::refusal(&req, table).is_some() {
@@ -223,13 +229,13 @@ fn plan(head: &[u8], table: &RouteTable, peer: Option<IpAddr>, started: Instant)
     })
 }
 
-/// Reads until `buf` holds a whole request head, as httparse (Pingora's parser) ends it; its
-/// length. `None` when the stream ends or fails first, the head does not parse, or it is
-/// longer than `MAX_HEAD` (Pingora reads on and answers it).
-async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<usize> {
+/// Reads until `buf` holds a whole request head, as httparse (Pingora's parser) ends it: the
+/// head and its length. `None` when the stream ends or fails first, the head does not parse
+/// here, or it is longer than `MAX_HEAD` (Pingora reads on and answers it).
+async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<(RequestHeader, usize)> {
     loop {
-        match head_length(buf) {
-            Ok(Some(len)) => return Some(len),
+        match parse_head(buf) {
+            Ok(Some(head)) => return Some(head),
             Ok(None) => {}
             Err(()) => return None,
         }
@@ -241,18 +247,6 @@ async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<usize> {
             Ok(n) if n > 0 => {}
             _ => return None,
         }
-    }
-}
-
-/// The length of the request head at the start of `buf`: `Ok(None)` while it is incomplete.
-/// (Not in `read_head` itself: the parser's header array would be kept in every connection's
-/// future.)
-fn head_length(buf: &[u8]) -> Result<Option<usize>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut headers).parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err(()),
     }
 }
 
@@ -268,26 +262,29 @@ async fn read_to(stream: &mut Stream, buf: &mut BytesMut, len: usize) -> bool {
     true
 }
 
-/// The request head in `head`, as Pingora would parse it; `None` for anything httparse does
-/// not take as it is (Pingora then parses it, and answers it if it must).
-fn parse_head(head: &[u8]) -> Option<RequestHeader> {
+/// The request head at the start of `buf`, as Pingora's parser (httparse) reads it, and its
+/// length: `Ok(None)` while it is incomplete, `Err` for anything httparse does not take as it
+/// is (Pingora then parses it, and answers it if it must). Not in `read_head` itself: the
+/// parser's header array would be kept in every connection's future.
+fn parse_head(buf: &[u8]) -> Result<Option<(RequestHeader, usize)>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
-    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
-        return None;
-    }
-    let mut req = RequestHeader::build_no_case(
-        parsed.method?,
-        parsed.path?.as_bytes(),
-        Some(parsed.headers.len()),
-    )
-    .ok()?;
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+        return Err(());
+    };
+    let mut req = RequestHeader::build_no_case(method, path.as_bytes(), Some(parsed.headers.len()))
+        .map_err(|_| ())?;
     for header in parsed.headers.iter() {
-        let name = http::HeaderName::from_bytes(header.name.as_bytes()).ok()?;
-        let value = http::HeaderValue::from_bytes(header.value).ok()?;
-        req.append_header(name, value).ok()?;
+        let name = http::HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| ())?;
+        let value = http::HeaderValue::from_bytes(header.value).map_err(|_| ())?;
+        req.append_header(name, value).map_err(|_| ())?;
     }
-    Some(req)
+    Ok(Some((req, len)))
 }
 
 /// The length of a body that can be read ahead: 0 without one, its single `Content-Length`
@@ -299,21 +296,29 @@ fn plain_body_length(req: &RequestHeader) -> Option<usize> {
     {
         return None;
     }
-    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let Some(first) = lengths.next() else {
+    if !req.headers.contains_key(http::header::CONTENT_LENGTH) {
         return Some(0);
-    };
-    let len = first.to_str().ok()?.trim().parse::<usize>().ok()?;
-    lengths.next().is_none().then_some(len)
+    }
+    declared_length(req)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The head of a complete one, or `None`.
+    fn head(buf: &[u8]) -> Option<RequestHeader> {
+        parse_head(buf).ok().flatten().map(|(req, _)| req)
+    }
+
+    /// Only its length.
+    fn length(buf: &[u8]) -> Result<Option<usize>, ()> {
+        parse_head(buf).map(|head| head.map(|(_, len)| len))
+    }
+
     #[test]
     fn heads_parse_as_pingora_reads_them() {
-        let req = parse_head(
+        let req = head(
             b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nX-Priority: high\r\nContent-Length: 12\r\n\r\n",
         )
         .unwrap();
@@ -322,48 +327,42 @@ mod tests {
         assert_eq!(req.raw_path(), b"/v1/chat/completions?x=1");
         assert_eq!(req.headers["x-priority"], "high");
         assert_eq!(plain_body_length(&req), Some(12));
-        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n").is_none());
+        assert!(head(b"GET / HTTP/1.1\r\nHost: a\r\n").is_none());
         // Bare line feeds end a head for httparse, as for Pingora.
         assert_eq!(
-            parse_head(b"GET /v1/models HTTP/1.1\nHost: a\n\n").map(|r| r.uri.path().to_string()),
+            head(b"GET /v1/models HTTP/1.1\nHost: a\n\n").map(|r| r.uri.path().to_string()),
             Some("/v1/models".to_string())
         );
-        assert!(parse_head(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n").is_none());
+        assert!(head(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n").is_none());
     }
 
     #[test]
     fn a_head_ends_where_httparse_ends_it() {
         assert_eq!(
-            head_length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"),
+            length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"),
             Ok(Some(27))
         );
-        assert_eq!(
-            head_length(b"GET / HTTP/1.1\nHost: a\n\nbody"),
-            Ok(Some(24))
-        );
-        assert_eq!(head_length(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
-        assert_eq!(
-            head_length(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n"),
-            Err(())
-        );
+        assert_eq!(length(b"GET / HTTP/1.1\nHost: a\n\nbody"), Ok(Some(24)));
+        assert_eq!(length(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+        assert_eq!(length(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n"), Err(()));
     }
 
     #[test]
     fn only_plain_bodies_are_read_ahead() {
-        let length = |head: &[u8]| plain_body_length(&parse_head(head).unwrap());
+        let length = |bytes: &[u8]| plain_body_length(&head(bytes).unwrap());
         assert_eq!(length(b"GET / HTTP/1.1\r\n\r\n"), Some(0));
         assert_eq!(
             length(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
             Some(5)
         );
-        for head in [
+        for bytes in [
             &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         ] {
-            assert_eq!(length(head), None, "{}", String::from_utf8_lossy(head));
+            assert_eq!(length(bytes), None, "{}", String::from_utf8_lossy(bytes));
         }
     }
 }
