@@ -212,7 +212,7 @@ impl SharedQuotaService {
         table: &RouteTable,
         linked: &mut HashMap<String, Weak<AdmissionGate>>,
         tasks: &mut JoinSet<()>,
-        names: &mut HashMap<tokio::task::Id, String>,
+        names: &mut HashMap<tokio::task::Id, (String, Weak<AdmissionGate>)>,
     ) {
         let keys = &table.settings.upstream.keys;
         for route in table.all() {
@@ -240,7 +240,7 @@ impl SharedQuotaService {
                     lane,
                     gate.lease(lane).link_wake(),
                 ));
-                names.insert(handle.id(), name.clone());
+                names.insert(handle.id(), (name.clone(), Arc::downgrade(gate)));
                 linked.insert(name, Arc::downgrade(gate));
             }
         }
@@ -267,8 +267,12 @@ impl BackgroundService for SharedQuotaService {
                             Ok((id, ())) => id,
                             Err(e) => e.id(),
                         };
-                        if let Some(name) = names.remove(&id) {
-                            linked.remove(&name);
+                        // Only its own entry: a link started since for a new gate of the same
+                        // name keeps running.
+                        if let Some((name, gate)) = names.remove(&id) {
+                            if linked.get(&name).is_some_and(|g| g.ptr_eq(&gate)) {
+                                linked.remove(&name);
+                            }
                         }
                     }
                     _ = shutdown.changed() => break,
