@@ -240,7 +240,12 @@ pub fn restore_limiters(dir: &Path, table: &RouteTable) {
         for (name, key) in &s.keys {
             match key.state() {
                 Ok(state) => {
-                    gate.restore_key(name, &state, age);
+                    if !gate.restore_key(name, &state, age) {
+                        log::warn!(
+                            "ignoring saved state of key {name} of route {}: no key of that name now",
+                            route.name()
+                        );
+                    }
                 }
                 Err(why) => log::warn!(
                     "ignoring saved state of key {name} of route {}: {why}",

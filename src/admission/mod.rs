@@ -148,26 +148,16 @@ impl AdmissionGate {
         self.ask(|limiter, now| limiter.request_with(ask, now))
     }
 
-    /// Asks again for a request the upstream answered with a 429: ahead of its class.
-    pub fn admit_again(
-        self: &Arc<Self>,
-        client: Arc<str>,
-        priority: Priority,
-        deadline: Instant,
-    ) -> Ticket {
-        self.admit_again_with(Ask::new(client, priority, deadline))
-    }
-
-    /// `admit_again`, with the request's own limits.
+    /// Asks again for a request the upstream answered with a 429, ahead of its class, with
+    /// the request's own limits.
     pub fn admit_again_with(self: &Arc<Self>, ask: Ask) -> Ticket {
         self.ask(|limiter, now| limiter.request_again_with(ask, now))
     }
 
-    /// Whether a request arriving now would wait: someone waits already, or no token is in
-    /// hand.
+    /// Whether a request arriving now would wait: someone waits already, or no key has a
+    /// token, an open slot or a due probe for it.
     pub fn would_queue(&self) -> bool {
-        let state = self.lock();
-        state.limiter.queue_len() > 0 || state.limiter.tokens() < 1.0
+        self.lock().limiter.would_queue(now())
     }
 
     /// Gives back a grant whose request never went out: its token, and its model slot.
@@ -206,10 +196,7 @@ impl AdmissionGate {
 
     /// The first key still in the pool: the one requests sent without a token use.
     pub fn first_active_key(&self) -> usize {
-        let state = self.lock();
-        (0..state.limiter.key_count())
-            .find(|lane| state.limiter.key_active(*lane))
-            .unwrap_or(0)
+        self.lock().limiter.first_active_lane()
     }
 
     /// Whether the key of lane `lane` is still in the pool.
@@ -266,10 +253,10 @@ impl AdmissionGate {
         }
     }
 
-    /// The stamp a grant made now would carry, for answers to requests sent without a token
-    /// (they go out on the first key).
+    /// The stamp for answers to requests sent without a token: the first active key's, which
+    /// they go out on.
     pub fn current_grant(&self) -> Grant {
-        self.lock().limiter.controller().unprobed_grant()
+        self.lock().limiter.untokened_grant()
     }
 
     pub fn snapshot(&self) -> LimiterSnapshot {

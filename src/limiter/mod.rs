@@ -50,7 +50,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lane::Lane;
-pub use lane::FORBIDDEN_IN_A_ROW;
 
 /// One shared quota: the keys' buckets and controllers, the model and client limits, and the
 /// queue, together.
@@ -442,6 +441,28 @@ impl Limiter {
     }
 
     /// Whether the key of lane `lane` is still in the pool.
+    /// The first key still in the pool (the last one is never taken out).
+    pub fn first_active_lane(&self) -> usize {
+        self.lanes.iter().position(|l| l.active).unwrap_or(0)
+    }
+
+    /// The stamp of a request sent without a token (passthrough, fail-open): the first active
+    /// key's, which it goes out on, and never a probe.
+    pub fn untokened_grant(&self) -> Grant {
+        let lane = self.first_active_lane();
+        Grant {
+            lane,
+            ..self.controller_of(lane).unprobed_grant()
+        }
+    }
+
+    /// Whether a request arriving at `now` would wait: someone waits already, or no key has a
+    /// token, an open slot or a due probe for it.
+    pub fn would_queue(&mut self, now: Instant) -> bool {
+        self.advance(now);
+        !self.queue.is_empty() || self.ready_lane(now).is_none()
+    }
+
     pub fn key_active(&self, lane: usize) -> bool {
         self.lanes.get(lane).is_some_and(|l| l.active)
     }

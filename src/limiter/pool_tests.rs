@@ -111,6 +111,39 @@ fn a_429_on_one_key_cuts_that_key_only() {
     assert_eq!(l.last_grant().lane, 1 - first.lane);
 }
 
+/// A request sent without a token goes out on the first key still in the pool, and its
+/// answer is that key's: a 429 on it cuts the key it was sent with, not a revoked one.
+#[test]
+fn an_answer_to_a_request_without_a_token_reaches_the_key_it_went_out_on() {
+    let (mut l, t0) = limiter(60.0, vec![key("a", None), key("b", None)], vec![]);
+    assert_eq!(l.untokened_grant().lane, 0);
+    assert!(l.revoke(0));
+    let stamp = l.untokened_grant();
+    assert_eq!((stamp.lane, stamp.probe), (1, false));
+    l.observe_answer(
+        &UpstreamSignal::RateLimited { retry_after: None },
+        stamp,
+        t0,
+    );
+    let s = l.snapshot(t0);
+    assert!(s.keys[1].effective_rpm < 60.0, "{:?}", s.keys[1]);
+    assert_eq!(s.keys[0].effective_rpm, 60.0, "{:?}", s.keys[0]);
+}
+
+/// A request queues when someone waits or when no key can serve it now: tokens are counted
+/// as earned by `now`, not as they were at the last grant.
+#[test]
+fn a_request_would_queue_only_when_nothing_can_serve_it() {
+    let (mut l, t0) = limiter(60.0, vec![key("a", None)], vec![]);
+    let far = t0 + Duration::from_secs(600);
+    assert!(!l.would_queue(t0));
+    while l.request_with(ask("x", far), t0) == Admission::Granted {}
+    assert!(l.would_queue(t0), "a waiter, and no token");
+    let _ = grants_over(&mut l, t0, 5);
+    let later = t0 + Duration::from_secs(30);
+    assert!(!l.would_queue(later), "tokens earned since, nobody waiting");
+}
+
 #[test]
 fn a_revoked_key_gets_no_more_requests_and_the_last_key_is_never_revoked() {
     let (mut l, t0) = limiter(60.0, vec![key("a", None), key("b", None)], vec![]);

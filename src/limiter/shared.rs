@@ -41,10 +41,6 @@ impl Limiter {
         lane.bucket = TokenBucket::with_tokens(capacity, 0.0, start);
     }
 
-    pub fn supply(&self, lane: usize) -> Supply {
-        self.lane(lane).supply
-    }
-
     /// Takes slots leased from the shared bucket; each stays open for `grace`.
     pub fn add_slots(&mut self, lane: usize, starts: &[Instant], grace: Duration, now: Instant) {
         self.advance(now);
