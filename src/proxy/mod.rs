@@ -190,7 +190,7 @@ impl ProxyHttp for SidecarProxy {
         }
         // A request that waited before its session began (see `parking`) has its verdict.
         let verdict = match parked.and_then(|mut p| p.verdict_from(&gate)) {
-            Some(verdict) => verdict,
+            Some(verdict) => Some(verdict),
             None => {
                 let mut ticket = gate.admit_with(ctx.ask());
                 let watch = ctx.body.is_complete();

@@ -45,9 +45,7 @@ pub struct Parked {
     /// When its head was read: the start of its queue wait.
     pub started: Instant,
     gate: Arc<AdmissionGate>,
-    /// `None` once taken, or when the client left.
-    verdict: Option<Verdict>,
-    client_left: bool,
+    outcome: Outcome,
     /// Its body's share of `adaptive.replay_body_budget` while it waited.
     held: Option<Reservation>,
     /// Counts it in `inflight_requests` from the moment it parks (a stopping sidecar waits
@@ -55,18 +53,31 @@ pub struct Parked {
     pub inflight: Option<Inflight>,
 }
 
+/// How a parked request's wait ended.
+enum Outcome {
+    /// It has its verdict (until `request_filter` takes it).
+    Decided(Verdict),
+    /// Its client hung up.
+    ClientLeft,
+    /// It was read ahead but not parked (its body stalled): it queues the usual way.
+    NotParked,
+}
+
 impl Parked {
-    /// The verdict for the request, now routed to `gate`: `Some(None)` when the client left.
-    /// `None` when the request is routed elsewhere now (a reload came in between): it queues
-    /// again there, and what it was granted here is given back.
-    pub fn verdict_from(&mut self, gate: &Arc<AdmissionGate>) -> Option<Option<Verdict>> {
+    /// The verdict for the request, now routed to `gate`. `None` when it has none, or when it
+    /// is routed elsewhere now (a reload came in between): it queues again there, and what it
+    /// was granted here is given back.
+    pub fn verdict_from(&mut self, gate: &Arc<AdmissionGate>) -> Option<Verdict> {
         if !Arc::ptr_eq(&self.gate, gate) {
             return None;
         }
-        if self.client_left {
-            return Some(None);
+        match std::mem::replace(&mut self.outcome, Outcome::NotParked) {
+            Outcome::Decided(verdict) => Some(verdict),
+            other => {
+                self.outcome = other;
+                None
+            }
         }
-        self.verdict.take().map(Some)
     }
 
     /// The body's share of the budget, for the request to hold its body with.
@@ -76,7 +87,7 @@ impl Parked {
 
     /// The client hung up while the request was parked.
     pub fn client_left(&self) -> bool {
-        self.client_left
+        matches!(self.outcome, Outcome::ClientLeft)
     }
 }
 
@@ -84,7 +95,7 @@ impl Drop for Parked {
     fn drop(&mut self) {
         // Granted, but the request never used it (Pingora refused the head, or the route
         // changed): the token and the model slot go back.
-        if let Some(Verdict::Granted(grant)) = self.verdict.take() {
+        if let Outcome::Decided(Verdict::Granted(grant)) = self.outcome {
             self.gate.refund(grant);
         }
     }
@@ -117,15 +128,15 @@ pub async fn park(
         let (req, head_len) = read_head(stream, buf).await?;
         (plan(req, &app.table(), peer, started)?, head_len)
     };
-    app.activity.arrived(&plan.asker.client, started);
     let body_len = plan.body_len;
-    let held = if body_len == 0 {
-        None
-    } else {
-        if body_len > settings.max_replay_body {
-            return None;
-        }
-        let held = bodies.reserve(body_len, settings.replay_body_budget)?;
+    let held = match body_len {
+        0 => None,
+        len if len > settings.max_replay_body => return None,
+        len => Some(bodies.reserve(len, settings.replay_body_budget)?),
+    };
+    // From here on the request does not go back to `request_filter` uncounted.
+    app.activity.arrived(&plan.asker.client, started);
+    if body_len > 0 {
         let deadline = tokio::time::Instant::from_std(plan.asker.deadline);
         let read = tokio::time::timeout_at(deadline, read_to(stream, buf, head_len + body_len));
         if !matches!(read.await, Ok(true)) {
@@ -135,14 +146,12 @@ pub async fn park(
             return Some(Parked {
                 started,
                 gate: plan.gate,
-                verdict: None,
-                client_left: false,
+                outcome: Outcome::NotParked,
                 held: None,
                 inflight: None,
             });
         }
-        Some(held)
-    };
+    }
     let inflight = Inflight::new(&app.metrics.inflight);
     let Plan { gate, asker, .. } = plan;
     let model = if settings.models.is_empty() {
@@ -186,8 +195,7 @@ pub async fn park(
     Some(Parked {
         started,
         gate,
-        client_left: verdict.is_none(),
-        verdict,
+        outcome: verdict.map_or(Outcome::ClientLeft, Outcome::Decided),
         held,
         inflight: Some(inflight),
     })
@@ -217,8 +225,10 @@ fn plan(
     let route = table.route_for(req.uri.path());
     let gate = route.gate.clone()?;
     let settings = &table.settings;
+    // A request whose own bucket can serve it now gets its token at once in `request_filter`.
     if route.settings.keepalive_while_queued
         || (settings.fallback_passthrough && gate.is_degraded())
+        || !gate.would_queue()
     {
         return None;
     }
