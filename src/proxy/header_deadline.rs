@@ -76,16 +76,20 @@ impl HeaderDeadline {
 }
 
 /// Whether `read`, following the last three bytes read before it (`tail`, updated), completes a
-/// request header (`\r\n\r\n`). Looks at the seam between the reads, then at `read` itself,
-/// without copying it.
+/// request header: an empty line, `\r\n\r\n` or, as the HTTP parser also takes it, with bare
+/// line feeds (`\n\n`, `\n\r\n`). Looks at the seam between the reads, then at `read`
+/// itself, without copying it.
 fn ends_header(tail: &mut [u8; 3], read: &[u8]) -> bool {
+    let empty_line = |bytes: &[u8]| {
+        memchr::memmem::find(bytes, b"\n\n").is_some()
+            || memchr::memmem::find(bytes, b"\n\r\n").is_some()
+    };
     let head = read.len().min(3);
     let mut seam = [0u8; 6];
     seam[..3].copy_from_slice(tail);
     seam[3..3 + head].copy_from_slice(&read[..head]);
     let seam = &seam[..3 + head];
-    let found = seam.windows(4).any(|w| w == b"\r\n\r\n")
-        || memchr::memmem::find(read, b"\r\n\r\n").is_some();
+    let found = empty_line(seam) || empty_line(read);
     let last = if read.len() >= 3 { read } else { seam };
     tail.copy_from_slice(&last[last.len() - 3..]);
     found
@@ -250,7 +254,21 @@ mod tests {
     /// The end of a header is found however the reads cut it, and only once it is complete.
     #[test]
     fn the_end_of_a_header_is_found_across_reads() {
-        let header = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for header in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET / HTTP/1.1\nHost: x\n\n",
+            b"GET / HTTP/1.1\nHost: x\n\r\n",
+        ] {
+            found_once_however_cut(header);
+        }
+        let mut tail = [0u8; 3];
+        assert!(!ends_header(&mut tail, b"GET / HTTP/1.1\r\nX: 1\r\n"));
+        assert!(!ends_header(&mut tail, b"\r"));
+        assert!(ends_header(&mut tail, b"\n"));
+    }
+
+    /// `header` is found complete exactly once, at its last byte, however reads cut it.
+    fn found_once_however_cut(header: &[u8]) {
         let n = header.len();
         let cuts = [
             vec![n],
@@ -277,10 +295,6 @@ mod tests {
             );
             assert_eq!(ends.last(), Some(&true), "cut {cut:?}: {ends:?}");
         }
-        let mut tail = [0u8; 3];
-        assert!(!ends_header(&mut tail, b"GET / HTTP/1.1\r\nX: 1\r\n"));
-        assert!(!ends_header(&mut tail, b"\r"));
-        assert!(ends_header(&mut tail, b"\n"));
     }
 
     #[test]
