@@ -50,13 +50,13 @@ pub async fn wait_keeping_alive(
                 header.insert_header(http::header::CONTENT_TYPE, "text/event-stream")?;
                 header.insert_header(http::header::CACHE_CONTROL, "no-cache")?;
                 header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+                // A failure to write means the client left.
                 session
                     .write_response_header(Box::new(header), false)
-                    .await?;
+                    .await
+                    .map_err(|e| e.into_down())?;
                 *started = true;
-                session
-                    .write_response_body(Some(Bytes::from_static(COMMENT)), false)
-                    .await?;
+                comment(session).await?;
                 wait = KEEPALIVE_INTERVAL;
             }
             Err(_) => comment(session).await?,
