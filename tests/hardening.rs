@@ -773,3 +773,146 @@ async fn a_stalled_body_is_answered_408_whether_or_not_the_bucket_is_congested()
         "nothing of it went upstream"
     );
 }
+
+/// Requests that arrive while the bucket is congested, which the sidecar reads ahead and
+/// parks before Pingora sees them (see `proxy::parking`), in the shapes clients send: a head
+/// cut mid-line across writes, a body sent in pieces with pauses, bare line feeds, a head
+/// larger than the first read, a chunked body, `Expect: 100-continue`, and two
+/// `Content-Length`s. Each is answered as when nothing queues, and the upstream receives each
+/// body whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_read_ahead_while_congested_arrive_as_sent() {
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    // One token every 2 s, each spent before the next request arrives: every request waits.
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 30\nrequest_timeout: 30").await;
+    let port = sidecar.port;
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"hello there"}]}"#;
+    let len = body.len();
+    let pad = "x".repeat(8 * 1024);
+    let head = |extra: &str, eol: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1{eol}Host: 127.0.0.1{eol}Content-Type: application/json{eol}Connection: close{eol}{extra}{eol}"
+        )
+    };
+    // What is sent, in writes 100 ms apart; the status expected; the body length forwarded.
+    type Case = (&'static str, Vec<Vec<u8>>, u16, Option<usize>);
+    let cases: Vec<Case> = vec![
+        (
+            "a head cut mid-line, the body in pieces",
+            {
+                let h = head(&format!("Content-Length: {len}\r\n"), "\r\n").into_bytes();
+                vec![
+                    h[..20].to_vec(),
+                    h[20..].to_vec(),
+                    body[..10].to_vec(),
+                    body[10..].to_vec(),
+                ]
+            },
+            200,
+            Some(len),
+        ),
+        (
+            "bare line feeds",
+            vec![[
+                head(&format!("Content-Length: {len}\n"), "\n").into_bytes(),
+                body.to_vec(),
+            ]
+            .concat()],
+            200,
+            Some(len),
+        ),
+        (
+            "a head of 8 KiB",
+            vec![[
+                head(
+                    &format!("X-Pad: {pad}\r\nContent-Length: {len}\r\n"),
+                    "\r\n",
+                )
+                .into_bytes(),
+                body.to_vec(),
+            ]
+            .concat()],
+            200,
+            Some(len),
+        ),
+        (
+            "a chunked body",
+            vec![
+                head("Transfer-Encoding: chunked\r\n", "\r\n").into_bytes(),
+                [
+                    format!("{len:x}\r\n").into_bytes(),
+                    body.to_vec(),
+                    b"\r\n0\r\n\r\n".to_vec(),
+                ]
+                .concat(),
+            ],
+            200,
+            Some(len),
+        ),
+        (
+            "Expect: 100-continue",
+            vec![[
+                head(
+                    &format!("Expect: 100-continue\r\nContent-Length: {len}\r\n"),
+                    "\r\n",
+                )
+                .into_bytes(),
+                body.to_vec(),
+            ]
+            .concat()],
+            200,
+            Some(len),
+        ),
+        (
+            "two Content-Lengths",
+            vec![[
+                head(
+                    &format!("Content-Length: {len}\r\nContent-Length: {len}\r\n"),
+                    "\r\n",
+                )
+                .into_bytes(),
+                body.to_vec(),
+            ]
+            .concat()],
+            400,
+            None,
+        ),
+    ];
+    for (name, parts, expected, forwarded) in cases {
+        // Spend the token: the next request finds the bucket congested.
+        assert_eq!(
+            raw_request(port, &post("/v1/chat/completions")).await,
+            200,
+            "{name}"
+        );
+        let before = mock.state.arrivals().len();
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        for part in &parts {
+            stream.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no answer within 15 s"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        // A 100 Continue may come first; the final status is the last status line.
+        let status: u16 = text
+            .match_indices("HTTP/1.1 ")
+            .last()
+            .and_then(|(at, _)| text[at + 9..at + 12].parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no status line in {text:?}"));
+        assert_eq!(status, expected, "{name}: {text}");
+        let arrivals = mock.state.arrivals();
+        match forwarded {
+            Some(len) => {
+                assert_eq!(arrivals.len(), before + 1, "{name}");
+                let arrival = arrivals.last().unwrap();
+                assert_eq!(arrival.body_len, len, "{name}");
+                assert_eq!(arrival.body_checksum, support::fnv1a64(body), "{name}");
+            }
+            None => assert_eq!(arrivals.len(), before, "{name}: nothing goes upstream"),
+        }
+    }
+}
