@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Overrides;
-use crate::limiter::{LimiterState, RetreatState};
+use crate::limiter::{Ceiling, CeilingSource, LimiterState, RetreatState};
 use crate::routes::RouteTable;
 
 const OVERRIDES_FILE: &str = "overrides.yaml";
@@ -127,6 +127,11 @@ struct SavedLimiter {
     effective_rpm: f64,
     state: String,
     pause_remaining_seconds: f64,
+    /// The ceiling recovery climbs to, when one was known, and where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ceiling_rpm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ceiling_source: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     keys: BTreeMap<String, SavedLimiter>,
 }
@@ -138,6 +143,8 @@ impl SavedLimiter {
             effective_rpm: saved.effective_rpm,
             state: saved.state.as_str().to_string(),
             pause_remaining_seconds: saved.pause_remaining.map_or(0.0, |d| d.as_secs_f64()),
+            ceiling_rpm: saved.ceiling.map(|c| c.rpm),
+            ceiling_source: saved.ceiling.map(|c| c.source.as_str().to_string()),
             keys: BTreeMap::new(),
         }
     }
@@ -156,12 +163,24 @@ impl SavedLimiter {
         {
             return Err("not a number".to_string());
         }
+        let ceiling = match (self.ceiling_rpm, self.ceiling_source.as_deref()) {
+            (Some(rpm), source) if rpm.is_finite() && rpm > 0.0 => Some(Ceiling {
+                rpm,
+                source: match source {
+                    Some("header") => CeilingSource::Header,
+                    Some("config") => CeilingSource::Config,
+                    _ => CeilingSource::Window,
+                },
+            }),
+            _ => None,
+        };
         Ok(LimiterState {
             tokens: self.tokens,
             effective_rpm: self.effective_rpm,
             state,
             pause_remaining: (self.pause_remaining_seconds > 0.0)
                 .then(|| Duration::from_secs_f64(self.pause_remaining_seconds.min(3600.0))),
+            ceiling,
         })
     }
 }

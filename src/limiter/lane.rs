@@ -29,6 +29,8 @@ pub struct Lane {
     pub forbidden_in_a_row: u32,
     /// How the last token of this lane was granted.
     pub last_grant: Grant,
+    /// Up to when demand was told to the controller.
+    noted: Instant,
 }
 
 impl Lane {
@@ -50,12 +52,20 @@ impl Lane {
             active: true,
             forbidden_in_a_row: 0,
             last_grant: Grant::default(),
+            noted: now,
         }
     }
 
     /// Brings the bucket and the controller up to `now`; `idle` when nobody waits, so that
     /// the bucket does not save beyond its capacity.
     pub fn advance(&mut self, now: Instant, idle: bool) {
+        // Demand waited since the last call if someone queued, or the last token had just
+        // been used (the state since then: every change of either comes with a call).
+        let busy = !idle || !self.bucket.has_token();
+        if now > self.noted {
+            self.controller.note_demand(self.noted, now, busy);
+            self.noted = now;
+        }
         let rate = self.refill_rate(now);
         if rate == 0.0 {
             self.bucket.hold(now);

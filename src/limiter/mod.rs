@@ -19,6 +19,7 @@
 mod bucket;
 mod clients;
 mod lane;
+mod model_lanes;
 mod models;
 mod queue;
 mod request;
@@ -31,12 +32,13 @@ mod snapshot;
 
 pub use bucket::TokenBucket;
 pub use clients::{ClientCap, ClientCaps};
+pub use model_lanes::ModelRef;
 pub use models::{model_index, ModelLimit, ModelSettings};
 pub use queue::{AdmissionQueue, Priority, Waiter, WaiterId};
 pub use request::{Admission, Ask, Rejection, Resolution};
 pub use retreat::{
-    Admit, Grant, RetreatController, RetreatSettings, RetreatState, SharedControl,
-    PROBE_ANSWER_TIMEOUT,
+    Admit, Ceiling, CeilingSource, Grant, Learned, ModelGrant, Phase, Refusal, RefusalReason,
+    RetreatController, RetreatSettings, RetreatState, SharedControl, PROBE_ANSWER_TIMEOUT,
 };
 pub use settings::{KeyRate, LimiterSettings};
 pub use shared::Supply;

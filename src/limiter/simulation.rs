@@ -225,6 +225,16 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
                 }
                 Err(wait) => {
                     out.violations.push(secs);
+                    if std::env::var("SIM_TRACE").is_ok() {
+                        let c = limiter.controller();
+                        eprintln!(
+                            "{secs:8.2} 429 probe={} state={:?} rpm={:.1} learned={:?}",
+                            grant.probe,
+                            c.state(),
+                            c.effective_rpm(),
+                            c.learned()
+                        );
+                    }
                     let retry_after = match scenario.style {
                         Style::Bare => None,
                         Style::RetryAfter => {

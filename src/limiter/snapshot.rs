@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Lane, Limiter, Priority, RetreatState, Supply, TokenBucket};
+use super::{Ceiling, Lane, Learned, Limiter, Priority, RetreatState, Supply, TokenBucket};
 
 /// A read-only picture of one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +59,8 @@ pub struct LimiterState {
     pub state: RetreatState,
     /// Time left of an upstream-imposed pause when the state was taken.
     pub pause_remaining: Option<Duration>,
+    /// The ceiling recovery climbs to, when one is known.
+    pub ceiling: Option<Ceiling>,
 }
 
 impl Limiter {
@@ -132,6 +134,10 @@ impl Limiter {
             effective_rpm: lane.controller.effective_rpm(),
             state: lane.controller.state(),
             pause_remaining: lane.paused_for(now),
+            ceiling: match lane.controller.learned() {
+                Learned::Known(c) => Some(c),
+                _ => None,
+            },
         }
     }
 
@@ -150,8 +156,13 @@ impl Limiter {
             .and_then(|p| p.checked_sub(age))
             .filter(|p| !p.is_zero())
             .map(|p| now + p);
-        lane.controller
-            .restore(saved.state, saved.effective_rpm, pause_until, now);
+        lane.controller.restore(
+            saved.state,
+            saved.effective_rpm,
+            saved.ceiling,
+            pause_until,
+            now,
+        );
         let earning = age.saturating_sub(saved.pause_remaining.unwrap_or_default());
         let margin = 1.0 - lane.controller.settings().safety_margin;
         let earned = earning.as_secs_f64() * lane.controller.effective_rpm() * margin / 60.0;

@@ -1,44 +1,47 @@
-//! The adaptive controller: retreats when the upstream answers 429, recovers when it stops.
+//! The adaptive controller of one lane (a key, or a model on a key): retreats when the
+//! upstream answers 429, recovers when it stops. It reads as its phases ([`Phase`]):
 //!
-//! States: `normal` (effective rate = base rate), `retreat` (rate cut, waiting for a quiet
-//! period), `recover` (rate climbing back additively).
+//! - `Normal`: the rate is the base rate;
+//! - `Retreat`: the rate was cut by a 429; while the upstream's window is still full the
+//!   controller probes it (see below), then it waits for a quiet period;
+//! - `Recover`: the rate climbs back, step by step, to what the upstream was seen to accept.
 //!
 //! **Probing.** The controller does not know the upstream's window. A 429 without
 //! `Retry-After` says the window is full *now*, not when it frees: sending on at the cut rate
 //! into a window that stays full for tens of seconds would collect a 429 every interval. So a
 //! cut also starts probing: no tokens are issued, one request at a time goes as a probe, the
 //! first one interval of the cut rate after the 429 (and not before a `Retry-After` pause has
-//! ended), and every further 429 triples the spacing. The first probe the upstream accepts (or
-//! that gets no answer within [`PROBE_ANSWER_TIMEOUT`]) ends probing and the cut rate resumes.
-//! An incident therefore costs 1 + ⌈log₃(time the window stays full ÷ first spacing)⌉
-//! violations, whatever the window; with an honest `Retry-After`, one.
+//! ended), and every further 429 triples the spacing — but never waits past the moment the
+//! oldest request accepted in our window leaves it, when an upstream whose window is no
+//! longer than ours has room again. The first probe the upstream accepts (or that gets no
+//! answer within [`PROBE_ANSWER_TIMEOUT`]) ends probing and the cut rate resumes.
 //!
 //! **Epochs.** Every cut starts a new epoch, and every grant is stamped with the epoch it was
 //! given in ([`Grant`]). Answers to grants of an older epoch were sent before the cut took
 //! effect: they are counted in the window but neither cut again nor judge a probe.
 //!
-//! **Ceiling.** A cut also sets a *ceiling* for recovery: the rate the upstream accepted over
-//! the whole `window` that ended at the cut, less a headroom. Before a whole window has been
-//! observed there is no such figure: recovery then holds at the cut rate until a whole window
-//! has passed and the ceiling is learned from it. So recovery never climbs above what the
-//! upstream was seen to accept; it probes one step higher only after `probe_interval` of quiet
-//! at the ceiling.
+//! **What is learned ([`Learned`]), only from busy time** (see `history`): a cut after a window
+//! in which demand waited nearly all along learns the rate that window accepted, less a
+//! headroom, as a known ceiling; recovery climbs to it and tries one step above it only after
+//! `probe_interval`. A cut after a window that was partly idle learns nothing yet: recovery
+//! holds at the cut rate until a whole busy window has passed, and learns from that one. A
+//! window that shows little more than the cut rate proves only that rate (a floor): recovery
+//! then verifies one step above it per busy window, not per `probe_interval`. Idle time
+//! teaches nothing.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::signals::{NonRateLimitReason, UpstreamSignal};
 
+mod history;
 mod probing;
 mod settings;
 mod shared;
 
+use history::History;
 use probing::Probing;
 pub use settings::{RetreatSettings, RetreatState};
 pub use shared::SharedControl;
-
-/// Most responses the sliding window keeps; older ones fall out even inside the window.
-const MAX_SAMPLES: usize = 65_536;
 
 /// Factor by which the spacing between probes grows with every probe the upstream refuses.
 const PROBE_GROWTH: u32 = 3;
@@ -53,14 +56,29 @@ pub const PROBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How a token was granted, so that the answer to it can be judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Grant {
-    /// The controller's epoch when the token was granted (see the module doc).
+    /// The key controller's epoch when the token was granted (see the module doc).
     pub epoch: u64,
-    /// The grant was a probe sent while the controller was probing.
+    /// The grant was a probe sent while the key's controller was probing.
     pub probe: bool,
     /// The key (lane of the limiter) the token was taken from.
     pub lane: usize,
-    /// The model limit whose slot the grant holds (an index into the limiter's models).
+    /// The configured model limit whose slot the grant holds (an index into `models`).
     pub model: Option<usize>,
+    /// The learned lane of the request's model on that key, and how it was granted there.
+    pub learned: Option<ModelGrant>,
+    /// The grant tests whether a 429 another model met on this key was about the key.
+    pub test: bool,
+}
+
+/// How a grant was stamped by the lane of its model on its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelGrant {
+    /// Which model (a reference into the limiter's learned models).
+    pub model: super::ModelRef,
+    /// That lane's epoch when the token was granted.
+    pub epoch: u64,
+    /// The grant was that lane's probe.
+    pub probe: bool,
 }
 
 /// What the controller lets the bucket do right now.
@@ -74,67 +92,156 @@ pub enum Admit {
     Closed,
 }
 
-/// Decides the effective request rate from what the upstream answers.
+/// Where the controller stands, with what each phase needs to know.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    /// At the base rate.
+    Normal,
+    /// Cut by a 429 at `quiet_since` (or later 429s); probing while the window is still full.
+    Retreat {
+        quiet_since: Instant,
+        probing: Option<Probing>,
+    },
+    /// Climbing back; `last_step` is when the rate last went up. `above` is the rate the
+    /// last step above the learned ceiling started from: a 429 on that step goes back to it.
+    Recover {
+        last_step: Instant,
+        above: Option<f64>,
+    },
+}
+
+/// Where a known ceiling comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CeilingSource {
+    /// What a busy window accepted before a 429.
+    Window,
+    /// The upstream's own `x-ratelimit-limit-*` (or `anthropic-ratelimit-*`) headers.
+    Header,
+    /// The operator's configuration (`models[].rate_rpm`).
+    Config,
+}
+
+impl CeilingSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CeilingSource::Window => "window",
+            CeilingSource::Header => "header",
+            CeilingSource::Config => "config",
+        }
+    }
+}
+
+/// A rate recovery does not climb above (except by rare explicit steps).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ceiling {
+    pub rpm: f64,
+    pub source: CeilingSource,
+}
+
+/// What the controller learned of the upstream's rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Learned {
+    /// Nothing: no cut since the base rate was last reached.
+    Nothing,
+    /// Cut at `since`, before a whole busy window was observed: recovery holds at the cut
+    /// rate until one has passed, which then teaches the ceiling. A window after the cut that
+    /// was not busy teaches nothing: the cut rate is then only a floor.
+    Pending { since: Instant },
+    /// The upstream's rate (less the headroom): recovery climbs to it.
+    Known(Ceiling),
+    /// Only proven up to this rate: recovery verifies one step above per busy window.
+    Floor(f64),
+}
+
+impl Learned {
+    /// The rate recovery climbs to by itself, if it is bounded.
+    pub fn bound(&self) -> Option<f64> {
+        match self {
+            Learned::Known(c) => Some(c.rpm),
+            Learned::Floor(rpm) => Some(*rpm),
+            Learned::Nothing | Learned::Pending { .. } => None,
+        }
+    }
+}
+
+/// Why the upstream last refused a request of this lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// A 429 without a word on when to come back.
+    RateLimit,
+    /// A 429 that said how long to wait.
+    RetryAfter,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::RateLimit => "rate_limit",
+            RefusalReason::RetryAfter => "retry_after",
+        }
+    }
+}
+
+/// The last 429 a lane met.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Refusal {
+    pub at: Instant,
+    pub reason: RefusalReason,
+}
+
+/// Decides the effective request rate of one lane from what the upstream answers.
 #[derive(Debug, Clone)]
 pub struct RetreatController {
     settings: RetreatSettings,
     base_rpm: f64,
     effective_rpm: f64,
-    state: RetreatState,
-    ceiling_rpm: Option<f64>,
+    phase: Phase,
+    learned: Learned,
     pause_until: Option<Instant>,
-    last_429: Option<Instant>,
-    /// Time of the last cut, recovery step or probe.
-    last_change: Instant,
-    observing_since: Instant,
-    /// (time, was a rate-limit 429) of recent upstream answers.
-    samples: VecDeque<(Instant, bool)>,
+    history: History,
+    /// Bumped by every cut; see [`Grant`].
+    epoch: u64,
+    /// The highest rate that ran a whole busy window without a 429 since the last cut: proven
+    /// safe, so a later ceiling is never below it.
+    proven_rpm: Option<f64>,
+    last_cut: Option<Instant>,
+    last_refusal: Option<Refusal>,
     /// Set when this controller sees only part of the traffic on the quota (it is shared
     /// with other sidecars): the rate it saw accepted says nothing about the quota then.
     partial_view: bool,
-    /// Bumped by every cut; see [`Grant`].
-    epoch: u64,
-    probing: Option<Probing>,
-    /// A cut came before a whole window was observed: the ceiling is learned from the first
-    /// whole window, which ends then.
-    learn_ceiling_at: Option<Instant>,
-    /// The ceiling came from a window that saw little more than the cut rate, so it says
-    /// nothing of the quota above: recovery verifies one step above it per whole window.
-    ceiling_uninformed: bool,
-    /// The highest rate that ran a whole window without a 429 since the last cut: proven
-    /// safe, so a later ceiling is never below it.
-    verified_rpm: Option<f64>,
-    last_cut: Option<Instant>,
-    /// Recovery tried a step above the ceiling, which was this rate: if the step meets a 429,
-    /// the rate goes back to it rather than being cut.
-    stepped_above: Option<f64>,
     /// The upstream said the account is out of credit (a billing 429) until about then: its
     /// 429s are passed on at once rather than replayed.
     billing_until: Option<Instant>,
+    /// A model's lane on a key: its base rate is its key's, of which its demand got only a
+    /// share, so a cut starts from what it was sent, not from its nominal rate.
+    shares_parent: bool,
 }
 
 impl RetreatController {
     pub fn new(base_rpm: f64, settings: RetreatSettings, now: Instant) -> Self {
         RetreatController {
+            history: History::new(settings.window, now),
             settings,
             base_rpm,
             effective_rpm: base_rpm,
-            state: RetreatState::Normal,
-            ceiling_rpm: None,
+            phase: Phase::Normal,
+            learned: Learned::Nothing,
             pause_until: None,
-            last_429: None,
-            last_change: now,
-            observing_since: now,
-            samples: VecDeque::new(),
-            partial_view: false,
             epoch: 0,
-            probing: None,
-            learn_ceiling_at: None,
-            ceiling_uninformed: false,
-            verified_rpm: None,
+            proven_rpm: None,
             last_cut: None,
-            stepped_above: None,
+            last_refusal: None,
+            partial_view: false,
             billing_until: None,
+            shares_parent: false,
+        }
+    }
+
+    /// A controller for a model's lane on a key (see `shares_parent`).
+    pub fn for_model(base_rpm: f64, settings: RetreatSettings, now: Instant) -> Self {
+        RetreatController {
+            shares_parent: true,
+            ..RetreatController::new(base_rpm, settings, now)
         }
     }
 
@@ -153,40 +260,62 @@ impl RetreatController {
         }
     }
 
-    /// Feeds the upstream's answer to the request granted as `grant`.
+    /// Feeds the upstream's answer to the request granted as `grant` (its key's stamp).
     pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
-        let current = grant.epoch == self.epoch;
-        let probe = current && grant.probe && self.probing.is_some();
+        self.observe_stamped(signal, grant.epoch, grant.probe, now);
+    }
+
+    /// Feeds the upstream's answer to a request this controller stamped with `epoch` and
+    /// `probe`.
+    pub fn observe_stamped(
+        &mut self,
+        signal: &UpstreamSignal,
+        epoch: u64,
+        probe: bool,
+        now: Instant,
+    ) {
+        let current = epoch == self.epoch;
+        let probe = current && probe && self.is_probing();
         match signal {
             UpstreamSignal::Accepted { pause } => {
-                self.record(now, false);
+                self.history.record(now, false);
                 if let Some(pause) = pause {
                     self.pause_for(*pause, now);
                 }
                 if probe {
-                    self.probing = None;
+                    self.end_probing();
                 }
             }
             UpstreamSignal::RateLimited { retry_after } => {
-                self.record(now, true);
+                self.history.record(now, true);
                 if !current {
                     // Sent before the last cut took effect: already answered for.
                     return;
                 }
-                self.last_429 = Some(now);
+                self.last_refusal = Some(Refusal {
+                    at: now,
+                    reason: if retry_after.is_some() {
+                        RefusalReason::RetryAfter
+                    } else {
+                        RefusalReason::RateLimit
+                    },
+                });
                 if let Some(wait) = retry_after {
                     self.pause_for(*wait, now);
+                }
+                if let Phase::Retreat { quiet_since, .. } = &mut self.phase {
+                    *quiet_since = now;
                 }
                 if probe {
                     self.probe_refused(now);
                     return;
                 }
-                let cut = match self.state {
-                    RetreatState::Normal => {
+                let cut = match self.phase {
+                    Phase::Normal => {
                         retry_after.is_some()
-                            || self.upstream_429_ratio(now) > self.settings.threshold
+                            || self.history.limited_ratio(now) > self.settings.threshold
                     }
-                    RetreatState::Recover | RetreatState::Retreat => true,
+                    Phase::Recover { .. } | Phase::Retreat { .. } => true,
                 };
                 if cut {
                     self.cut(now);
@@ -201,19 +330,22 @@ impl RetreatController {
                     self.billing_until = Some(now + self.settings.window);
                 }
                 if probe {
-                    if let Some(p) = self.probing.as_mut() {
-                        p.in_flight = None;
-                    }
+                    self.probe_returned();
                 }
             }
             UpstreamSignal::NoAnswer => {
                 if probe {
                     // The probe learned nothing about the quota: the next one may go.
-                    if let Some(p) = self.probing.as_mut() {
-                        p.in_flight = None;
-                    }
+                    self.probe_returned();
                 }
             }
+        }
+    }
+
+    /// Demand waited for this lane from `from` to `to` (`busy`), or it did not.
+    pub fn note_demand(&mut self, from: Instant, to: Instant, busy: bool) {
+        if busy {
+            self.history.busy(from, to);
         }
     }
 
@@ -221,10 +353,13 @@ impl RetreatController {
     pub fn grant(&self) -> Grant {
         Grant {
             epoch: self.epoch,
-            probe: self.probing.is_some(),
-            lane: 0,
-            model: None,
+            probe: self.is_probing(),
+            ..Grant::default()
         }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// A billing 429 was seen within the last window: 429s are not worth replaying.
@@ -232,52 +367,70 @@ impl RetreatController {
         self.billing_until.is_some_and(|until| until > now)
     }
 
-    pub fn is_probing(&self) -> bool {
-        self.probing.is_some()
-    }
-
     fn cut(&mut self, now: Instant) {
-        let ceiling = match self.accepted_rpm(now) {
-            Some(accepted) => Some(accepted.min(self.effective_rpm)),
-            // Sharing the quota, this controller never sees the whole traffic.
-            None if self.partial_view => Some(self.effective_rpm),
-            None => None,
+        // The rate that proved too much: the effective rate, or for a model's lane what its
+        // demand actually got of its key's rate.
+        let min_busy = self.settings.window / 10;
+        let too_much = match self.history.sent_rpm(now, min_busy) {
+            Some(sent) if self.shares_parent => sent.min(self.effective_rpm),
+            _ => self.effective_rpm,
         };
-        self.effective_rpm = (self.effective_rpm * self.settings.decrease_factor)
+        let measured = if self.partial_view {
+            // Sharing the quota, this controller never sees the whole traffic.
+            Some(self.effective_rpm)
+        } else if self.history.busy_window(now) {
+            Some(self.history.accepted_rpm(now).min(self.effective_rpm))
+        } else {
+            None
+        };
+        self.effective_rpm = (too_much * self.settings.decrease_factor)
             .max(self.floor_rpm())
             .min(self.base_rpm);
         // A window that held an earlier cut was not spent near the quota all along: what it
         // accepted is a floor, not the quota.
-        self.ceiling_uninformed = self
+        let earlier_cut = self
             .last_cut
             .is_some_and(|last| now.saturating_duration_since(last) < self.settings.window);
         self.last_cut = Some(now);
-        let verified = self.verified_rpm.take().unwrap_or(0.0);
-        self.ceiling_rpm = match ceiling {
-            Some(c) => Some(self.headroom(c).max(verified).min(self.base_rpm)),
-            None => {
-                // Hold at the cut rate until a whole window has been observed.
-                self.learn_ceiling_at = Some(self.observing_since + self.settings.window);
-                Some(self.effective_rpm)
+        let proven = self.proven_rpm.take().unwrap_or(0.0);
+        self.learned = match measured {
+            Some(rpm) => {
+                let rpm = self.headroom(rpm).max(proven).min(self.base_rpm);
+                if earlier_cut {
+                    Learned::Floor(rpm)
+                } else {
+                    Learned::Known(Ceiling {
+                        rpm,
+                        source: CeilingSource::Window,
+                    })
+                }
             }
+            None => Learned::Pending { since: now },
         };
-        if let Some(c) = self.ceiling_rpm {
-            self.effective_rpm = self.effective_rpm.min(c);
+        if let Some(bound) = self.learned.bound() {
+            self.effective_rpm = self.effective_rpm.min(bound);
         }
-        if let Some(good) = self
-            .stepped_above
-            .take()
-            .map(|good| good.clamp(self.floor_rpm(), self.base_rpm))
+        if let Phase::Recover {
+            above: Some(good), ..
+        } = self.phase
         {
             // The step above the ceiling found the quota: back to the rate below it.
-            self.ceiling_rpm = Some(good);
+            let good = good.clamp(self.floor_rpm(), self.base_rpm);
+            let rpm = match self.learned {
+                Learned::Known(c) => c.rpm.max(good),
+                _ => good,
+            };
+            self.learned = Learned::Known(Ceiling {
+                rpm,
+                source: CeilingSource::Window,
+            });
             self.effective_rpm = good;
-            self.ceiling_uninformed = false;
         }
-        self.state = RetreatState::Retreat;
-        self.last_change = now;
+        self.phase = Phase::Retreat {
+            quiet_since: now,
+            probing: None,
+        };
         self.epoch += 1;
-        self.probing = None;
     }
 
     /// A rate less the headroom, within the floor and the base rate.
@@ -292,164 +445,161 @@ impl RetreatController {
         }
     }
 
-    fn record(&mut self, now: Instant, rate_limited: bool) {
-        self.samples.push_back((now, rate_limited));
-        if self.samples.len() > MAX_SAMPLES {
-            self.samples.pop_front();
-        }
-        self.prune(now);
-    }
-
-    fn prune(&mut self, now: Instant) {
-        while let Some(&(t, _)) = self.samples.front() {
-            if now.saturating_duration_since(t) > self.settings.window {
-                self.samples.pop_front();
-            } else {
-                break;
-            }
-        }
-    }
-
-    /// Requests per minute the upstream accepted over the whole window that ends at `end`, if
-    /// one was observed.
-    fn accepted_rpm(&self, end: Instant) -> Option<f64> {
-        let window = self.settings.window;
-        if self.partial_view
-            || end.saturating_duration_since(self.observing_since) < window
-            || window.is_zero()
-        {
-            return None;
-        }
-        let accepted = self
-            .samples
-            .iter()
-            .filter(|(t, limited)| {
-                !limited && *t <= end && end.saturating_duration_since(*t) <= window
-            })
-            .count();
-        Some(accepted as f64 * 60.0 / window.as_secs_f64())
-    }
-
     /// Advances retreat → recover → normal as time passes.
     pub fn tick(&mut self, now: Instant) {
         if self.pause_until.is_some_and(|p| p <= now) {
             self.pause_until = None;
         }
-        if self
-            .probing
-            .and_then(|p| p.in_flight)
-            .is_some_and(|sent| now >= sent + PROBE_ANSWER_TIMEOUT)
-        {
-            // No 429 came back in time: the upstream is working on it.
-            self.probing = None;
-        }
-        if let Some(at) = self.learn_ceiling_at.filter(|at| *at <= now) {
-            self.learn_ceiling_at = None;
-            if let Some(accepted) = self.accepted_rpm(at) {
-                let ceiling = self.headroom(accepted);
-                // A window that was mostly spent at the cut rate only proves the cut rate.
-                self.ceiling_uninformed =
-                    accepted <= self.effective_rpm * (1.0 + self.settings.ceiling_headroom);
-                self.ceiling_rpm = Some(ceiling.max(self.effective_rpm));
+        self.probe_timeout(now);
+        if let Learned::Pending { since } = self.learned {
+            if self.history.busy_window(now) {
+                self.learn_from_window(now);
+            } else if now.saturating_duration_since(since) >= self.settings.window {
+                self.learned = Learned::Floor(self.effective_rpm);
             }
         }
-        if self.state != RetreatState::Normal
-            && self.probing.is_none()
-            && now.saturating_duration_since(
-                self.last_change
-                    .max(self.last_429.unwrap_or(self.last_change)),
-            ) >= self.settings.window
-        {
-            self.verified_rpm = Some(self.verified_rpm.unwrap_or(0.0).max(self.effective_rpm));
-            self.stepped_above = None;
+        let quiet_since = match self.phase {
+            Phase::Normal => None,
+            Phase::Retreat {
+                probing: Some(_), ..
+            } => None,
+            Phase::Retreat { quiet_since, .. } => Some(quiet_since),
+            Phase::Recover { last_step, .. } => Some(last_step),
+        };
+        let quiet_for = quiet_since.map(|at| {
+            let last_429 = self.last_refusal.map_or(at, |r| r.at.max(at));
+            now.saturating_duration_since(last_429)
+        });
+        if quiet_for.is_some_and(|q| q >= self.settings.window) && self.history.busy_window(now) {
+            // A whole busy window ran at this rate without a 429: it is proven.
+            self.proven_rpm = Some(self.proven_rpm.unwrap_or(0.0).max(self.effective_rpm));
+            if let Phase::Recover { above, .. } = &mut self.phase {
+                *above = None;
+            }
         }
-        let s = &self.settings;
-        match self.state {
-            RetreatState::Normal => {}
-            RetreatState::Retreat => {
-                let quiet_since = self.last_429.unwrap_or(self.last_change);
+        match self.phase {
+            Phase::Normal => {}
+            Phase::Retreat { quiet_since, .. } => {
                 if self.pause_until.is_none()
-                    && self.probing.is_none()
-                    && now.saturating_duration_since(quiet_since) >= s.quiet_period
+                    && !self.is_probing()
+                    && now.saturating_duration_since(quiet_since) >= self.settings.quiet_period
                 {
-                    self.state = RetreatState::Recover;
-                    self.last_change = now;
+                    self.phase = Phase::Recover {
+                        last_step: now,
+                        above: None,
+                    };
                 }
             }
-            RetreatState::Recover => {
-                let step = s.recover_step * self.base_rpm;
-                let ceiling = self.ceiling_rpm.unwrap_or(self.base_rpm).min(self.base_rpm);
-                let ceiling_known = self.learn_ceiling_at.is_none();
-                while ceiling_known
-                    && now.saturating_duration_since(self.last_change) >= s.recover_interval
-                    && self.effective_rpm < ceiling
-                {
-                    self.effective_rpm = (self.effective_rpm + step).min(ceiling);
-                    self.last_change += s.recover_interval;
-                }
-                // Above a ceiling learned from a saturated window: rarely and explicitly. Above
-                // one that only proves the cut rate: one step per whole window.
-                let above_every = if self.ceiling_uninformed {
-                    s.window.min(s.probe_interval)
-                } else {
-                    s.probe_interval
-                };
-                let mut ceiling = ceiling;
-                while ceiling_known
-                    && self.effective_rpm >= ceiling
-                    && self.effective_rpm < self.base_rpm
-                    && now.saturating_duration_since(self.last_change) >= above_every
-                {
-                    self.stepped_above = Some(ceiling);
-                    ceiling += step;
-                    self.ceiling_rpm = Some(ceiling);
-                    self.effective_rpm = (self.effective_rpm + step).min(self.base_rpm);
-                    self.last_change += above_every;
-                }
-                if self.effective_rpm >= self.base_rpm {
-                    self.effective_rpm = self.base_rpm;
-                    self.ceiling_rpm = None;
-                    self.state = RetreatState::Normal;
-                }
-            }
+            Phase::Recover { last_step, above } => self.recover(now, last_step, above),
         }
+    }
+
+    /// The first whole busy window after a cut that came too early to learn from.
+    fn learn_from_window(&mut self, now: Instant) {
+        let accepted = self.history.accepted_rpm(now);
+        let rpm = self.headroom(accepted).max(self.effective_rpm);
+        // A window that was mostly spent at the cut rate only proves the cut rate.
+        self.learned = if accepted <= self.effective_rpm * (1.0 + self.settings.ceiling_headroom) {
+            Learned::Floor(rpm)
+        } else {
+            Learned::Known(Ceiling {
+                rpm,
+                source: CeilingSource::Window,
+            })
+        };
+    }
+
+    fn recover(&mut self, now: Instant, mut last_step: Instant, mut above: Option<f64>) {
+        let s = &self.settings;
+        let step = s.recover_step * self.base_rpm;
+        if matches!(self.learned, Learned::Pending { .. }) {
+            // Nothing to climb to before a whole busy window has taught it.
+            return;
+        }
+        let mut bound = self
+            .learned
+            .bound()
+            .unwrap_or(self.base_rpm)
+            .min(self.base_rpm);
+        while now.saturating_duration_since(last_step) >= s.recover_interval
+            && self.effective_rpm < bound
+        {
+            self.effective_rpm = (self.effective_rpm + step).min(bound);
+            last_step += s.recover_interval;
+        }
+        // Above a known ceiling: rarely and explicitly. Above one that only proves a rate:
+        // one step per whole window.
+        let above_every = match self.learned {
+            Learned::Floor(_) => s.window.min(s.probe_interval),
+            _ => s.probe_interval,
+        };
+        while self.effective_rpm >= bound
+            && self.effective_rpm < self.base_rpm
+            && now.saturating_duration_since(last_step) >= above_every
+        {
+            above = Some(bound);
+            bound += step;
+            self.learned = match self.learned {
+                Learned::Known(c) => Learned::Known(Ceiling { rpm: bound, ..c }),
+                _ => Learned::Floor(bound),
+            };
+            self.effective_rpm = (self.effective_rpm + step).min(self.base_rpm);
+            last_step += above_every;
+        }
+        if self.effective_rpm >= self.base_rpm {
+            self.back_to_normal();
+        } else {
+            self.phase = Phase::Recover { last_step, above };
+        }
+    }
+
+    fn back_to_normal(&mut self) {
+        self.effective_rpm = self.base_rpm;
+        self.phase = Phase::Normal;
+        self.learned = Learned::Nothing;
+    }
+
+    /// Forgets what was learned: back to the base rate, no pause, no probing (an operator's
+    /// reset through the admin API).
+    pub fn reset(&mut self, now: Instant) {
+        self.back_to_normal();
+        self.pause_until = None;
+        self.proven_rpm = None;
+        self.last_cut = None;
+        self.history.clear(now);
+        self.epoch += 1;
     }
 
     /// Changes the base rate without losing the retreat state.
     pub fn set_base_rpm(&mut self, base_rpm: f64) {
         self.base_rpm = base_rpm;
-        if self.state == RetreatState::Normal {
+        if self.phase == Phase::Normal {
             self.effective_rpm = base_rpm;
-        } else {
-            self.ceiling_rpm = self.ceiling_rpm.map(|c| c.min(base_rpm));
-            self.effective_rpm = self.effective_rpm.min(base_rpm).max(self.floor_rpm());
-            if self.effective_rpm >= base_rpm && self.state == RetreatState::Recover {
-                self.state = RetreatState::Normal;
-                self.ceiling_rpm = None;
-            }
+            return;
+        }
+        self.learned = match self.learned {
+            Learned::Known(c) => Learned::Known(Ceiling {
+                rpm: c.rpm.min(base_rpm),
+                ..c
+            }),
+            Learned::Floor(rpm) => Learned::Floor(rpm.min(base_rpm)),
+            other => other,
+        };
+        self.effective_rpm = self.effective_rpm.min(base_rpm).max(self.floor_rpm());
+        if self.effective_rpm >= base_rpm && matches!(self.phase, Phase::Recover { .. }) {
+            self.back_to_normal();
         }
     }
 
     pub fn set_settings(&mut self, settings: RetreatSettings) {
+        self.history.set_window(settings.window);
         self.settings = settings;
         self.effective_rpm = self.effective_rpm.clamp(self.floor_rpm(), self.base_rpm);
     }
 
     /// Share of rate-limit 429s among the upstream answers of the window.
     pub fn upstream_429_ratio(&self, now: Instant) -> f64 {
-        let window = self.settings.window;
-        let (total, limited) = self
-            .samples
-            .iter()
-            .filter(|(t, _)| now.saturating_duration_since(*t) <= window)
-            .fold((0usize, 0usize), |(n, l), (_, limited)| {
-                (n + 1, l + usize::from(*limited))
-            });
-        if total == 0 {
-            0.0
-        } else {
-            limited as f64 / total as f64
-        }
+        self.history.limited_ratio(now)
     }
 
     /// Tokens per second the bucket refills at right now (zero while paused or probing).
@@ -458,6 +608,31 @@ impl RetreatController {
             0.0
         } else {
             self.effective_rpm * (1.0 - self.settings.safety_margin) / 60.0
+        }
+    }
+
+    /// When the rate goes up next by itself, if it will.
+    pub fn next_step_at(&self) -> Option<Instant> {
+        let s = &self.settings;
+        match self.phase {
+            Phase::Normal => None,
+            Phase::Retreat {
+                probing: Some(_), ..
+            } => None,
+            Phase::Retreat { quiet_since, .. } => Some(quiet_since + s.quiet_period),
+            Phase::Recover { last_step, .. } => {
+                if matches!(self.learned, Learned::Pending { .. }) {
+                    return None;
+                }
+                let bound = self.learned.bound().unwrap_or(self.base_rpm);
+                if self.effective_rpm < bound {
+                    Some(last_step + s.recover_interval)
+                } else if matches!(self.learned, Learned::Floor(_)) {
+                    Some(last_step + s.window.min(s.probe_interval))
+                } else {
+                    Some(last_step + s.probe_interval)
+                }
+            }
         }
     }
 
@@ -470,7 +645,32 @@ impl RetreatController {
     }
 
     pub fn state(&self) -> RetreatState {
-        self.state
+        match self.phase {
+            Phase::Normal => RetreatState::Normal,
+            Phase::Retreat { .. } => RetreatState::Retreat,
+            Phase::Recover { .. } => RetreatState::Recover,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn learned(&self) -> Learned {
+        self.learned
+    }
+
+    /// The rate recovery climbs to: the known ceiling or the proven floor, or while a ceiling
+    /// is still to be learned, the rate it holds at.
+    pub fn ceiling_rpm(&self) -> Option<f64> {
+        match self.learned {
+            Learned::Pending { .. } => Some(self.effective_rpm),
+            other => other.bound(),
+        }
+    }
+
+    pub fn last_refusal(&self) -> Option<Refusal> {
+        self.last_refusal
     }
 
     pub fn effective_rpm(&self) -> f64 {

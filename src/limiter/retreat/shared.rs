@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::{RetreatController, RetreatState};
+use super::{Ceiling, CeilingSource, Learned, Phase, RetreatController, RetreatState};
 
 /// The part of the controller that several instances sharing one quota agree on.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,32 +36,50 @@ impl SharedControl {
 }
 
 impl RetreatController {
-    /// Restores a saved state (effective rate clamped to the current base and floor).
+    /// Restores a saved state (effective rate clamped to the current base and floor). A saved
+    /// ceiling comes back as it was; without one, the restored rate is only a floor, which
+    /// recovery verifies one step per busy window.
     pub fn restore(
         &mut self,
         state: RetreatState,
         effective_rpm: f64,
+        ceiling: Option<Ceiling>,
         pause_until: Option<Instant>,
         now: Instant,
     ) {
-        self.state = state;
         self.effective_rpm = effective_rpm.clamp(self.floor_rpm(), self.base_rpm);
-        if state != RetreatState::Normal {
-            self.ceiling_rpm = Some(self.effective_rpm);
-            self.last_429 = Some(now);
-        } else {
+        self.phase = match state {
+            RetreatState::Normal => Phase::Normal,
+            RetreatState::Retreat => Phase::Retreat {
+                quiet_since: now,
+                probing: None,
+            },
+            RetreatState::Recover => Phase::Recover {
+                last_step: now,
+                above: None,
+            },
+        };
+        if state == RetreatState::Normal {
             self.effective_rpm = self.base_rpm;
+            self.learned = Learned::Nothing;
+        } else {
+            self.learned = match ceiling {
+                Some(c) => Learned::Known(Ceiling {
+                    rpm: c.rpm.clamp(self.effective_rpm, self.base_rpm),
+                    ..c
+                }),
+                None => Learned::Floor(self.effective_rpm),
+            };
         }
         self.pause_until = pause_until.filter(|p| *p > now);
-        self.last_change = now;
     }
 
     /// What other instances sharing the quota should know of this controller.
     pub fn shared(&self, now: Instant) -> SharedControl {
         SharedControl {
             effective_rpm: self.effective_rpm,
-            state: self.state,
-            ceiling_rpm: self.ceiling_rpm,
+            state: self.state(),
+            ceiling_rpm: self.ceiling_rpm(),
             pause_until: self.pause_until.filter(|p| *p > now),
         }
     }
@@ -70,21 +88,49 @@ impl RetreatController {
     /// the recovery interval count from now, so a step taken by one instance is not repeated
     /// by the others; a pause is only ever lengthened.
     pub fn adopt(&mut self, shared: &SharedControl, now: Instant) {
-        if shared.state == RetreatState::Retreat && self.state != RetreatState::Retreat {
-            self.last_429 = Some(now);
-        }
-        if shared.state != self.state || (shared.effective_rpm - self.effective_rpm).abs() > 1e-9 {
-            self.last_change = now;
-        }
-        self.state = shared.state;
-        if shared.state == RetreatState::Normal {
-            self.effective_rpm = self.base_rpm;
-            self.ceiling_rpm = None;
-        } else {
-            self.effective_rpm = shared.effective_rpm.clamp(self.floor_rpm(), self.base_rpm);
-            self.ceiling_rpm = shared
-                .ceiling_rpm
-                .map(|c| c.clamp(self.floor_rpm(), self.base_rpm));
+        let changed = shared.state != self.state()
+            || (shared.effective_rpm - self.effective_rpm).abs() > 1e-9;
+        match shared.state {
+            RetreatState::Normal => self.back_to_normal(),
+            state => {
+                self.effective_rpm = shared.effective_rpm.clamp(self.floor_rpm(), self.base_rpm);
+                let ceiling = shared
+                    .ceiling_rpm
+                    .map(|c| c.clamp(self.floor_rpm(), self.base_rpm));
+                self.learned = match (ceiling, self.learned) {
+                    (Some(rpm), Learned::Floor(_)) => Learned::Floor(rpm),
+                    (Some(rpm), Learned::Known(c)) => Learned::Known(Ceiling { rpm, ..c }),
+                    (Some(rpm), _) => Learned::Known(Ceiling {
+                        rpm,
+                        source: CeilingSource::Window,
+                    }),
+                    (None, learned) => learned,
+                };
+                match (state, &mut self.phase) {
+                    (RetreatState::Retreat, Phase::Retreat { quiet_since, .. }) => {
+                        if changed {
+                            *quiet_since = now;
+                        }
+                    }
+                    (RetreatState::Retreat, _) => {
+                        self.phase = Phase::Retreat {
+                            quiet_since: now,
+                            probing: None,
+                        };
+                    }
+                    (RetreatState::Recover, Phase::Recover { last_step, .. }) => {
+                        if changed {
+                            *last_step = now;
+                        }
+                    }
+                    (_, _) => {
+                        self.phase = Phase::Recover {
+                            last_step: now,
+                            above: None,
+                        };
+                    }
+                }
+            }
         }
         if let Some(until) = shared.pause_until.filter(|p| *p > now) {
             if self.pause_until.is_none_or(|p| p < until) {

@@ -32,11 +32,17 @@ fn probe(c: &mut RetreatController, now: Instant) -> Grant {
     grant
 }
 
-/// `n` accepted answers one per `every` from `from`.
+/// `n` accepted answers one per `every` from `from`, with demand waiting all along.
 fn accepted(c: &mut RetreatController, from: Instant, every: Duration, n: u32) {
     for i in 0..n {
         c.observe(&OK, from + every * i);
     }
+    c.note_demand(from, from + every * n, true);
+}
+
+/// Demand waits from `from` to `to`.
+fn busy(c: &mut RetreatController, from: Instant, to: Instant) {
+    c.note_demand(from, to, true);
 }
 
 #[test]
@@ -155,6 +161,7 @@ fn no_ceiling_is_learned_from_less_than_a_whole_window() {
     let t0 = Instant::now();
     let mut c = RetreatController::new(60.0, RetreatSettings::default(), t0);
     accepted(&mut c, t0, secs(1), 40);
+    busy(&mut c, t0 + secs(40), t0 + secs(300));
     c.observe(&LIMITED, t0 + secs(40));
     assert_eq!(c.effective_rpm(), 30.0);
     let p = probe(&mut c, t0 + secs(42));
@@ -162,11 +169,11 @@ fn no_ceiling_is_learned_from_less_than_a_whole_window() {
     let p = probe(&mut c, t0 + secs(48));
     c.observe_answer(&LIMITED, p, t0 + secs(48));
     c.tick(t0 + secs(59));
-    assert_eq!(c.ceiling_rpm, Some(30.0), "held at the cut rate");
+    assert_eq!(c.ceiling_rpm(), Some(30.0), "held at the cut rate");
     c.tick(t0 + secs(60));
     let learned = 40.0 * 0.95;
     assert_eq!(
-        c.ceiling_rpm,
+        c.ceiling_rpm(),
         Some(learned),
         "40 accepted in the first minute"
     );
@@ -190,13 +197,15 @@ fn a_whole_window_before_the_cut_gives_the_ceiling_at_once() {
     // Accepted at 2 per second (120 rpm): more than we send, so the ceiling is our own rate.
     accepted(&mut c, t0 + ms(500), ms(500), 20);
     c.observe(&LIMITED, t0 + secs(11));
-    assert!((c.ceiling_rpm.unwrap() - 57.0).abs() < 1e-9);
+    assert!((c.ceiling_rpm().unwrap() - 57.0).abs() < 1e-9);
 
     let mut c = RetreatController::new(60.0, settings(), t0);
+    // Demand waited all along, and the upstream accepted 7 of it.
+    busy(&mut c, t0, t0 + secs(4));
     accepted(&mut c, t0 + secs(4), secs(1), 7);
     c.observe(&LIMITED, t0 + secs(11));
     // 7 accepted within the last 10 s -> 42 rpm, less the 5% headroom.
-    let ceiling = c.ceiling_rpm.unwrap();
+    let ceiling = c.ceiling_rpm().unwrap();
     assert!((ceiling - 42.0 * 0.95).abs() < 1e-9, "ceiling {ceiling}");
     assert_eq!(c.effective_rpm(), 30.0);
 }
@@ -211,7 +220,7 @@ fn a_window_spent_at_the_cut_rate_is_verified_one_step_per_window() {
     // 30 rpm for the rest of the first window: it proves the cut rate, nothing more.
     accepted(&mut c, t0 + secs(4), secs(2), 4);
     c.tick(t0 + secs(10));
-    assert_eq!(c.ceiling_rpm, Some(30.0));
+    assert_eq!(c.ceiling_rpm(), Some(30.0));
     // Recovery tries one step (6 rpm) above it per whole window (10 s) of quiet.
     c.tick(t0 + secs(19));
     assert_eq!(c.effective_rpm(), 30.0);
@@ -224,7 +233,11 @@ fn a_window_spent_at_the_cut_rate_is_verified_one_step_per_window() {
     c.tick(t0 + secs(40));
     let before = c.grant();
     c.observe_answer(&LIMITED, before, t0 + secs(40));
-    assert!(c.ceiling_rpm.unwrap() >= 42.0 - 1e-9, "{:?}", c.ceiling_rpm);
+    assert!(
+        c.ceiling_rpm().unwrap() >= 42.0 - 1e-9,
+        "{:?}",
+        c.ceiling_rpm()
+    );
 }
 
 #[test]
@@ -292,4 +305,106 @@ fn base_rate_change_keeps_state() {
     n.set_base_rpm(90.0);
     assert_eq!(n.effective_rpm(), 90.0);
     assert_eq!(n.state(), RetreatState::Normal);
+}
+
+/// The idle stretch of the issue: 70 s idle, then a burst at 60 rpm meets a 429 after 20
+/// accepted. The window that ends at the 429 was mostly idle: it teaches no ceiling (it used to
+/// give 20 rpm, less the headroom). Recovery holds at the cut rate until a whole busy window
+/// has passed, and that one, spent mostly at the cut rate, proves only a floor: recovery then
+/// steps up once per window, not once per `probe_interval`.
+#[test]
+fn an_idle_window_teaches_no_ceiling() {
+    let d = RetreatSettings::default();
+    let t0 = Instant::now();
+    let mut c = RetreatController::new(60.0, d.clone(), t0);
+    let burst = t0 + secs(70);
+    accepted(&mut c, burst, secs(1), 20);
+    c.observe(&LIMITED, burst + secs(20));
+    assert!(
+        matches!(c.learned(), Learned::Pending { .. }),
+        "{:?}",
+        c.learned()
+    );
+    assert_eq!(c.effective_rpm(), 30.0);
+    busy(&mut c, burst + secs(20), burst + secs(600));
+    let p = probe(&mut c, burst + secs(22));
+    c.observe_answer(&LIMITED, p, burst + secs(22));
+    // The window filled from empty: it frees when its oldest request leaves (70 + 60 s),
+    // before three times the spacing would have it.
+    let p = probe(&mut c, burst + secs(28));
+    c.observe_answer(&LIMITED, p, burst + secs(28));
+    assert_eq!(c.next_probe_event(), Some(burst + secs(46)));
+    let p = probe(&mut c, burst + secs(46));
+    c.observe_answer(&OK, p, burst + secs(46));
+    // 30 rpm from then on.
+    for i in 0..20 {
+        c.observe(&OK, burst + secs(48 + 2 * i));
+    }
+    c.tick(burst + secs(54));
+    assert_eq!(c.learned(), Learned::Floor(30.0), "mostly the cut rate");
+    // One step (3 rpm) per whole busy window once at the floor, not one per 300 s.
+    let mut stepped = None;
+    for s in 54..200 {
+        c.tick(burst + secs(s));
+        if stepped.is_none() && c.effective_rpm() > 30.0 {
+            stepped = Some(s);
+        }
+    }
+    let stepped = stepped.expect("recovery stepped above the floor");
+    assert!(stepped <= 54 + 60 + 15, "stepped at {stepped} s");
+    assert!(c.effective_rpm() >= 33.0, "{}", c.effective_rpm());
+}
+
+/// With no demand after a cut, no window can teach: after a whole window the cut rate is a
+/// floor, and recovery goes on from there instead of holding for ever.
+#[test]
+fn a_cut_followed_by_silence_recovers_from_a_floor() {
+    let t0 = Instant::now();
+    let mut c = RetreatController::new(60.0, settings(), t0);
+    c.observe(&LIMITED, t0);
+    let p = probe(&mut c, t0 + secs(2));
+    c.observe_answer(&OK, p, t0 + secs(2));
+    c.tick(t0 + secs(9));
+    assert!(matches!(c.learned(), Learned::Pending { .. }));
+    c.tick(t0 + secs(10));
+    assert_eq!(c.learned(), Learned::Floor(30.0));
+    for s in 10..400 {
+        c.tick(t0 + secs(s));
+    }
+    assert_eq!(c.state(), RetreatState::Normal);
+}
+
+/// A rate is proven only by a whole window in which demand waited: a quiet window at a rate
+/// says nothing about it.
+#[test]
+fn only_a_busy_window_proves_a_rate() {
+    let t0 = Instant::now();
+    for demand in [false, true] {
+        let mut c = RetreatController::new(60.0, settings(), t0);
+        accepted(&mut c, t0, ms(500), 20);
+        c.observe(&LIMITED, t0 + secs(10));
+        let p = probe(&mut c, t0 + secs(12));
+        c.observe_answer(&OK, p, t0 + secs(12));
+        if demand {
+            busy(&mut c, t0 + secs(12), t0 + secs(40));
+            for i in 0..28 {
+                c.observe(&OK, t0 + secs(12 + i));
+            }
+        }
+        for s in 12..40 {
+            c.tick(t0 + secs(s));
+        }
+        assert!((c.effective_rpm() - 57.0).abs() < 1e-9);
+        c.observe(&LIMITED, t0 + secs(40));
+        let ceiling = c.ceiling_rpm().unwrap();
+        if demand {
+            assert!(
+                ceiling >= 57.0 - 1e-9,
+                "57 rpm was proven: {:?}",
+                c.learned()
+            );
+        } else {
+            assert!(ceiling < 57.0, "nothing proven: {:?}", c.learned());
+        }
+    }
 }
