@@ -9,12 +9,13 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::Overrides;
-use crate::limiter::{Ceiling, CeilingSource, LimiterState, RetreatState};
+use crate::limiter::{Ceiling, CeilingSource, LimiterState, RetreatState, SavedModelLane};
 use crate::routes::RouteTable;
 
 const OVERRIDES_FILE: &str = "overrides.yaml";
@@ -134,6 +135,9 @@ struct SavedLimiter {
     ceiling_source: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     keys: BTreeMap<String, SavedLimiter>,
+    /// The learned lanes that hold a model back, by key name, then model id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    models: BTreeMap<String, BTreeMap<String, SavedLimiter>>,
 }
 
 impl SavedLimiter {
@@ -146,6 +150,7 @@ impl SavedLimiter {
             ceiling_rpm: saved.ceiling.map(|c| c.rpm),
             ceiling_source: saved.ceiling.map(|c| c.source.as_str().to_string()),
             keys: BTreeMap::new(),
+            models: BTreeMap::new(),
         }
     }
 
@@ -179,7 +184,7 @@ impl SavedLimiter {
             effective_rpm: self.effective_rpm,
             state,
             pause_remaining: (self.pause_remaining_seconds > 0.0)
-                .then(|| Duration::from_secs_f64(self.pause_remaining_seconds.min(3600.0))),
+                .then(|| Duration::from_secs_f64(self.pause_remaining_seconds.min(86_400.0))),
             ceiling,
         })
     }
@@ -204,6 +209,13 @@ pub fn save_limiters(dir: &Path, table: &RouteTable) -> std::io::Result<()> {
                     .iter()
                     .map(|(name, state)| (name.to_string(), SavedLimiter::new(state)))
                     .collect();
+            }
+            for lane in gate.export_models() {
+                saved
+                    .models
+                    .entry(lane.key.to_string())
+                    .or_default()
+                    .insert(lane.model.to_string(), SavedLimiter::new(&lane.state));
             }
             Some((route.name().to_string(), saved))
         })
@@ -272,6 +284,26 @@ pub fn restore_limiters(dir: &Path, table: &RouteTable) {
                 ),
             }
         }
+        for (key, models) in &s.models {
+            for (model, saved) in models {
+                let restored = saved.state().map(|state| SavedModelLane {
+                    key: Arc::from(key.as_str()),
+                    model: Arc::from(model.as_str()),
+                    state,
+                });
+                match restored {
+                    Ok(lane) if gate.restore_model(&lane, age) => {}
+                    Ok(_) => log::warn!(
+                        "ignoring saved state of model {model} on key {key} of route {}: no place for it now",
+                        route.name()
+                    ),
+                    Err(why) => log::warn!(
+                        "ignoring saved state of model {model} on key {key} of route {}: {why}",
+                        route.name()
+                    ),
+                }
+            }
+        }
         log::info!(
             "restored limiter state of route {} ({}, {:.1} rpm, saved {:.0} s ago)",
             route.name(),
@@ -325,6 +357,55 @@ mod tests {
         let paused = keys[1].paused_for.expect("key b is still paused");
         assert!(paused > Duration::from_secs(25), "{paused:?}");
         assert_eq!(keys[0].paused_for, None);
+    }
+
+    /// A model locked by the upstream stays locked across a restart, on its key, and its key
+    /// is not: what was learned per model is saved beside the keys.
+    #[tokio::test]
+    async fn a_learned_model_lane_survives_a_restart() {
+        use crate::limiter::{Ask, Priority};
+        let dir = tempfile::tempdir().unwrap();
+        let before = pool_table(dir.path());
+        let gate = before.default.gate.clone().unwrap();
+        let far = crate::admission::now() + Duration::from_secs(600);
+        let ask = |model: &str| Ask {
+            model_id: Some(Arc::from(model)),
+            ..Ask::new(Arc::from("c"), Priority::Normal, far)
+        };
+        let mut ticket = gate.admit_with(ask("locked"));
+        let crate::admission::Verdict::Granted(grant) = ticket.verdict().await else {
+            panic!("granted at once");
+        };
+        // Requests of another model wait (the first goes on the second key at once), so the
+        // 429 is charged to the model while the key is judged.
+        let _others: Vec<_> = (0..3).map(|_| gate.admit_with(ask("other"))).collect();
+        gate.observe(
+            &crate::limiter::UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(3 * 3600)),
+            },
+            grant,
+        );
+        let saved_lanes = gate.export_models();
+        assert_eq!(saved_lanes.len(), 1, "{saved_lanes:?}");
+        save_limiters(dir.path(), &before).unwrap();
+
+        let after = pool_table(dir.path());
+        restore_limiters(dir.path(), &after);
+        let s = after.default.gate.as_ref().unwrap().snapshot();
+        let key = s
+            .keys
+            .iter()
+            .find(|k| !k.models.is_empty())
+            .expect("a key with the lane");
+        assert_eq!(
+            key.state,
+            RetreatState::Normal,
+            "the key is not cut: {key:?}"
+        );
+        let lane = &key.models[0];
+        assert_eq!(&*lane.model, "locked");
+        let paused = lane.paused_for.expect("still locked after the restart");
+        assert!(paused > Duration::from_secs(3 * 3600 - 60), "{paused:?}");
     }
 
     #[test]

@@ -80,7 +80,7 @@ async fn a_waiter_with_a_small_body_holds_no_large_buffer() {
     std::fs::write(
         &path,
         format!(
-            "listen_port: {port}\nmetrics_port: {admin_port}\nupstream_url: {}\nrate_rpm: 0.5\nrequest_timeout: 120\nlog_level: warn\nserver:\n  threads: 1\n  grace_period: 1\n  pid_file: {d}/sidecar.pid\n  upgrade_sock: {d}/upgrade.sock\n",
+            "listen_port: {port}\nmetrics_port: {admin_port}\nupstream_url: {}\nrate_rpm: 0.5\nrequest_timeout: 7200\nlog_level: warn\nserver:\n  threads: 1\n  grace_period: 1\n  pid_file: {d}/sidecar.pid\n  upgrade_sock: {d}/upgrade.sock\n",
             upstream.url(),
             d = dir.path().display()
         ),
@@ -113,7 +113,8 @@ async fn a_waiter_with_a_small_body_holds_no_large_buffer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // The first request takes the bucket's one token; every later one waits.
+    // The first request takes the bucket's one token; every later one waits (the deadline is
+    // long enough for all of them, or those it could not serve would be told so at once).
     let small = waiters_cost(port, 1000, WAITERS, WAITERS - 1, &queued).await;
     println!(
         "1 KiB bodies: {:.2} live allocations of 32 KiB or more and {:.1} KiB allocated per waiter (debug build)",

@@ -13,6 +13,8 @@
 mod config_api;
 mod dashboard;
 mod history;
+mod lanes;
+mod limits_api;
 mod routes;
 mod status;
 

@@ -14,7 +14,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{config_api, dashboard, AdminState};
+use super::{config_api, dashboard, limits_api, AdminState};
 
 /// Largest request body the admin API accepts (config patches are tiny).
 const BODY_LIMIT: usize = 64 * 1024;
@@ -39,6 +39,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
             delete(config_api::clear_overrides),
         )
         .route("/api/admin/reload", post(config_api::reload))
+        .route("/api/admin/limits/reset", post(limits_api::reset))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::history::{History, HistorySample};
+use super::lanes::{key_views, KeyView, LearnedView};
 use crate::activity::ClientsView;
 use crate::app::App;
 use crate::limiter::{LimiterSnapshot, ModelSnapshot, Priority};
@@ -38,6 +39,8 @@ pub struct Snapshot {
     pub keys: Vec<KeyView>,
     /// The model limits of the default route, in match order.
     pub models: Vec<ModelSnapshot>,
+    /// The models the default route learned without configuration.
+    pub learned_models: LearnedView,
     /// Present when the quota is shared with other sidecars through Redis.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_quota: Option<SharedQuotaStatus>,
@@ -98,35 +101,6 @@ pub struct ErrorsView {
 }
 
 #[derive(Debug, Serialize)]
-pub struct KeyView {
-    pub name: String,
-    /// False once the upstream refused the key (401/403): it gets no more requests.
-    pub active: bool,
-    pub tokens: f64,
-    pub base_rpm: f64,
-    pub effective_rpm: f64,
-    pub state: &'static str,
-    pub probing: bool,
-    pub pause_remaining_seconds: f64,
-}
-
-fn key_views(s: &LimiterSnapshot) -> Vec<KeyView> {
-    s.keys
-        .iter()
-        .map(|k| KeyView {
-            name: k.name.to_string(),
-            active: k.active,
-            tokens: round3(k.tokens),
-            base_rpm: k.base_rpm,
-            effective_rpm: round3(k.effective_rpm),
-            state: k.state.as_str(),
-            probing: k.probing,
-            pause_remaining_seconds: round3(k.paused_for.map_or(0.0, |d| d.as_secs_f64())),
-        })
-        .collect()
-}
-
-#[derive(Debug, Serialize)]
 pub struct RouteView {
     pub name: String,
     pub path_prefix: String,
@@ -166,7 +140,7 @@ fn retreat_view(s: &LimiterSnapshot) -> RetreatView {
     }
 }
 
-fn round3(x: f64) -> f64 {
+pub(super) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -297,6 +271,7 @@ impl StatusBuilder {
                 for (d, q) in depth.iter_mut().zip(s.queue_depth) {
                     *d += q as i64;
                 }
+                m.lanes.export(name, s);
                 for k in &s.keys {
                     m.key_active
                         .with_label_values(&[name, &k.name])
@@ -354,7 +329,8 @@ impl StatusBuilder {
                 nvidia: count(Outcome::Forwarded),
                 passthrough: count(Outcome::Passthrough),
                 ratelimited: count(Outcome::RejectedQueueFull)
-                    + count(Outcome::RejectedQueueTimeout),
+                    + count(Outcome::RejectedQueueTimeout)
+                    + count(Outcome::RejectedModelLocked),
                 per_second: round3(per_second),
             },
             errors: ErrorsView {
@@ -369,6 +345,7 @@ impl StatusBuilder {
             routes,
             keys: key_views(&main),
             models: main.models.clone(),
+            learned_models: LearnedView::of(&main),
             shared_quota: app.shared.as_ref().map(|q| q.status()),
             clients: app.activity.clients(crate::admission::now()),
             history_sample: self.history.latest().cloned(),

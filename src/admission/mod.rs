@@ -168,15 +168,16 @@ impl AdmissionGate {
 
     /// The request granted as `grant` is over: its model slot goes to the next waiter.
     pub fn release(&self, grant: Grant) {
-        if grant.model.is_some() {
+        if grant.model.is_some() || grant.learned.is_some() {
             self.lock().limiter.release(grant);
             self.wake.notify_one();
         }
     }
 
-    /// Feeds the upstream's answer about a request of `model` to that model's limit.
-    pub fn observe_model(&self, model: usize, capacity: bool) {
-        self.lock().limiter.observe_model(model, capacity, now());
+    /// Feeds the upstream's answer to the request granted as `grant` to its model's
+    /// concurrency: `capacity` when the model's workers were full.
+    pub fn observe_capacity(&self, grant: Grant, capacity: bool) {
+        self.lock().limiter.observe_capacity(grant, capacity, now());
         self.wake.notify_one();
     }
 
@@ -192,6 +193,20 @@ impl AdmissionGate {
     pub fn reinstate(&self, lane: usize) {
         self.lock().limiter.reinstate(lane);
         self.wake.notify_one();
+    }
+
+    /// Forgets what was learned of a key, a model, or both (see `Limiter::reset_learning`).
+    pub fn reset_learning(
+        &self,
+        key: Option<&str>,
+        model: Option<&str>,
+    ) -> Result<Vec<String>, crate::limiter::ResetError> {
+        let done = self.lock().limiter.reset_learning(key, model, now());
+        self.wake.notify_one();
+        if self.is_shared() {
+            self.wake_links();
+        }
+        done
     }
 
     /// The first key still in the pool: the one requests sent without a token use.
@@ -287,13 +302,11 @@ impl AdmissionGate {
         for resolution in resolutions {
             let (id, verdict) = match resolution {
                 Resolution::Granted(id, grant) => (id, Verdict::Granted(grant)),
-                Resolution::Expired { id, retry_after } => (
+                Resolution::Expired {
                     id,
-                    Verdict::Rejected {
-                        why: Rejection::QueueTimeout,
-                        retry_after,
-                    },
-                ),
+                    why,
+                    retry_after,
+                } => (id, Verdict::Rejected { why, retry_after }),
             };
             state.resolve(id, verdict, t);
         }
@@ -323,6 +336,18 @@ impl AdmissionGate {
             .enumerate()
             .map(|(lane, name)| (name, state.limiter.export_key(lane, t)))
             .collect()
+    }
+
+    /// The model lanes to save for a restart.
+    pub fn export_models(&self) -> Vec<crate::limiter::SavedModelLane> {
+        self.lock().limiter.export_models(now())
+    }
+
+    /// Takes over a saved model lane that is `age` old; false when it has no place now.
+    pub fn restore_model(&self, saved: &crate::limiter::SavedModelLane, age: Duration) -> bool {
+        let restored = self.lock().limiter.restore_model(saved, age, now());
+        self.wake.notify_one();
+        restored
     }
 
     /// Takes over a saved state that is `age` old (of the first key).

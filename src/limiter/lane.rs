@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::blame::Blame;
 use super::{
     Admit, Grant, Limiter, RetreatController, RetreatSettings, Slots, Supply, TokenBucket,
 };
@@ -29,6 +30,12 @@ pub struct Lane {
     pub forbidden_in_a_row: u32,
     /// How the last token of this lane was granted.
     pub last_grant: Grant,
+    /// A 429 charged to a model of this key while the key is judged (see `blame`).
+    pub blame: Option<Blame>,
+    /// The last fresh 429 charged to a model of this key, and when.
+    pub model_charged: Option<(super::ModelRef, Instant)>,
+    /// The key was charged while one model alone used it (see `blame`): that model, and when.
+    pub alone: Option<(super::ModelRef, Instant)>,
     /// Up to when demand was told to the controller.
     noted: Instant,
 }
@@ -52,6 +59,9 @@ impl Lane {
             active: true,
             forbidden_in_a_row: 0,
             last_grant: Grant::default(),
+            blame: None,
+            model_charged: None,
+            alone: None,
             noted: now,
         }
     }

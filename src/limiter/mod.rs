@@ -16,14 +16,20 @@
 // The limiter is handed `now`: reading the clock here fails the lint (see clippy.toml).
 #![deny(clippy::disallowed_methods)]
 
+mod blame;
 mod bucket;
 mod clients;
+mod deadline;
 mod lane;
 mod model_lanes;
 mod models;
+mod observe;
 mod queue;
 mod request;
+mod reset;
+mod resources;
 mod retreat;
+mod schedule;
 mod settings;
 mod shared;
 mod signals;
@@ -32,10 +38,11 @@ mod snapshot;
 
 pub use bucket::TokenBucket;
 pub use clients::{ClientCap, ClientCaps};
-pub use model_lanes::ModelRef;
+pub use model_lanes::{LearnedModel, ModelLanes, ModelRef, RateLane, MAX_LEARNED_MODELS};
 pub use models::{model_index, ModelLimit, ModelSettings};
 pub use queue::{AdmissionQueue, Priority, Waiter, WaiterId};
 pub use request::{Admission, Ask, Rejection, Resolution};
+pub use reset::ResetError;
 pub use retreat::{
     Admit, Ceiling, CeilingSource, Grant, Learned, ModelGrant, Phase, Refusal, RefusalReason,
     RetreatController, RetreatSettings, RetreatState, SharedControl, PROBE_ANSWER_TIMEOUT,
@@ -46,12 +53,16 @@ pub use signals::{
     parse_go_duration, retry_after_header, seconds, NonRateLimitReason, UpstreamSignal,
 };
 pub use slots::Slots;
-pub use snapshot::{KeySnapshot, LimiterSnapshot, LimiterState, ModelSnapshot};
+pub use snapshot::{
+    KeySnapshot, LearnedModelSnapshot, Learning, LimiterSnapshot, LimiterState, ModelLaneSnapshot,
+    ModelSnapshot, SavedModelLane,
+};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lane::Lane;
+use resources::Resources;
 
 /// One shared quota: the keys' buckets and controllers, the model and client limits, and the
 /// queue, together.
@@ -59,6 +70,9 @@ use lane::Lane;
 pub struct Limiter {
     lanes: Vec<Lane>,
     models: Vec<ModelLimit>,
+    /// What is learned per model id, on each key.
+    learned: ModelLanes,
+    retreat: RetreatSettings,
     clients: ClientCaps,
     queue: AdmissionQueue,
     queue_max: usize,
@@ -68,6 +82,9 @@ pub struct Limiter {
     /// The last `poll` left a token unused because every waiter's model or client limit was
     /// spent: the next wake-up is when one of those frees, not when a token does.
     stalled: bool,
+    /// A 429 came since the last `poll`: a pause or a probe may put waiters past their
+    /// deadline (see `deadline`).
+    check_deadlines: bool,
 }
 
 impl Limiter {
@@ -86,8 +103,11 @@ impl Limiter {
                 )
             })
             .collect();
+        let keys = settings.key_rates().len();
         Limiter {
             lanes,
+            learned: ModelLanes::new(keys),
+            retreat: settings.retreat.clone(),
             models: settings
                 .models
                 .iter()
@@ -99,6 +119,7 @@ impl Limiter {
             next_id: 0,
             last_grant: Grant::default(),
             stalled: false,
+            check_deadlines: false,
         }
     }
 
@@ -111,58 +132,74 @@ impl Limiter {
         for lane in &mut self.lanes {
             lane.advance(now, idle);
         }
+        let lanes = &self.lanes;
+        self.learned
+            .advance(now, |key| lanes[key].controller.effective_rpm());
         for model in &mut self.models {
             model.advance(now);
         }
         self.clients.advance(now);
+        self.settle_judgements(now);
     }
 
-    /// Whether the waiter's own limits (model, client) let it go now.
-    fn limits_allow(&self, client: &str, model: Option<usize>) -> bool {
-        model
-            .and_then(|m| self.models.get(m))
-            .is_none_or(ModelLimit::ready)
-            && self.clients.ready(client)
-    }
-
-    /// The key that can serve a request soonest: one with a token (or a slot) in hand, the
-    /// fullest first; a probing key only when none has a token.
-    fn ready_lane(&self, now: Instant) -> Option<usize> {
-        let mut best: Option<(usize, bool, f64)> = None;
-        for (i, lane) in self.lanes.iter().enumerate() {
-            let Some(regular) = lane.ready(now) else {
-                continue;
-            };
-            let tokens = lane.bucket.tokens() + lane.slots.open(now) as f64;
-            let better = match best {
-                None => true,
-                Some((_, best_regular, best_tokens)) => {
-                    (regular, tokens) > (best_regular, best_tokens)
-                }
-            };
-            if better {
-                best = Some((i, regular, tokens));
-            }
+    /// What the waiters draw on, apart from the queue.
+    fn resources(&self) -> Resources<'_> {
+        Resources {
+            lanes: &self.lanes,
+            models: &self.models,
+            learned: &self.learned,
+            clients: &self.clients,
         }
-        best.map(|(i, _, _)| i)
     }
 
-    /// Takes a key's token and the request's own limits, all or nothing.
-    fn take_all(&mut self, client: &str, model: Option<usize>, now: Instant) -> Option<Grant> {
-        if !self.limits_allow(client, model) {
+    fn limits_allow(&self, client: &str, model: Option<usize>, learned: Option<ModelRef>) -> bool {
+        self.resources().limits_allow(client, model, learned)
+    }
+
+    fn ready_lane(&self, learned: Option<ModelRef>, now: Instant) -> Option<usize> {
+        self.resources().ready_lane(learned, now)
+    }
+
+    /// Takes a key's token, the lane of the request's model on that key, and the request's
+    /// own limits, all or nothing.
+    fn take_all(
+        &mut self,
+        client: &str,
+        model: Option<usize>,
+        learned: Option<ModelRef>,
+        now: Instant,
+    ) -> Option<Grant> {
+        if !self.limits_allow(client, model, learned) {
             return None;
         }
-        let lane = self.ready_lane(now)?;
-        if !self.lanes[lane].take(lane, now) {
+        let key = self.ready_lane(learned, now)?;
+        if !self.lanes[key].take(key, now) {
             return None;
+        }
+        let key_rpm = self.lanes[key].controller.effective_rpm();
+        let model_grant = learned.and_then(|m| {
+            let lane = self.learned.lane_mut(m, key, key_rpm, &self.retreat, now)?;
+            let (epoch, probe) = lane.take(now);
+            Some(ModelGrant {
+                model: m,
+                epoch,
+                probe,
+            })
+        });
+        if let Some(m) = learned.and_then(|m| self.learned.get_mut(m)) {
+            m.concurrency.take();
+            m.last_used = now;
         }
         if let Some(m) = model.and_then(|m| self.models.get_mut(m)) {
             m.take();
         }
         self.clients.take(client);
+        let test = self.take_test(key, learned, now);
         let grant = Grant {
             model: model.filter(|m| *m < self.models.len()),
-            ..self.lanes[lane].last_grant
+            learned: model_grant,
+            test,
+            ..self.lanes[key].last_grant
         };
         self.last_grant = grant;
         Some(grant)
@@ -210,10 +247,17 @@ impl Limiter {
     /// of its class when `again`). A request sent `again` past its deadline is not granted.
     fn admit(&mut self, ask: Ask, now: Instant, again: bool) -> Admission {
         self.advance(now);
+        let learned = ask
+            .model_id
+            .as_ref()
+            .and_then(|id| self.learned.intern(id, now));
+        self.hand_over_alone(learned, now);
         let expired = ask.deadline <= now;
         if !(again && expired)
             && self.queue.waiting_at_or_above(ask.priority) == 0
-            && self.take_all(&ask.client, ask.model, now).is_some()
+            && self
+                .take_all(&ask.client, ask.model, learned, now)
+                .is_some()
         {
             return Admission::Granted;
         }
@@ -230,10 +274,22 @@ impl Limiter {
                 retry_after: self.estimated_wait(ask.priority, now),
             };
         }
-        self.enqueue(ask, now, again)
+        if let Some((why, retry_after)) = self.unreachable(&ask, learned, again, self.next_id, now)
+        {
+            // Its deadline would pass before it could be served: it is told now.
+            self.next_id += 1;
+            return Admission::Rejected { why, retry_after };
+        }
+        self.enqueue(ask, learned, now, again)
     }
 
-    fn enqueue(&mut self, ask: Ask, now: Instant, front: bool) -> Admission {
+    fn enqueue(
+        &mut self,
+        ask: Ask,
+        learned: Option<ModelRef>,
+        now: Instant,
+        front: bool,
+    ) -> Admission {
         let id = self.next_id;
         self.next_id += 1;
         let waiter = Waiter {
@@ -243,7 +299,9 @@ impl Limiter {
             enqueued: now,
             weight: ask.weight.max(1),
             model: ask.model,
+            learned,
         };
+        self.learned.waiting(learned, true);
         if front {
             self.queue.push_front(id, waiter);
         } else {
@@ -256,7 +314,13 @@ impl Limiter {
     /// longer waiting (already granted or expired); nothing is consumed either way.
     pub fn cancel(&mut self, id: WaiterId, now: Instant) -> bool {
         self.advance(now);
-        self.queue.remove(id).is_some()
+        match self.queue.remove(id) {
+            Some(waiter) => {
+                self.learned.waiting(waiter.learned, false);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Returns a token that was granted as `grant` but never used, with its model slot.
@@ -265,6 +329,19 @@ impl Limiter {
         if let Some(m) = grant.model.and_then(|m| self.models.get_mut(m)) {
             m.refund();
         }
+        if let Some(mg) = grant.learned {
+            if let Some(m) = self.learned.get_mut(mg.model) {
+                m.concurrency.release();
+                if let Some(Some(lane)) = m.lanes.get_mut(grant.lane) {
+                    if mg.probe && mg.epoch == lane.controller.epoch() {
+                        lane.controller.probe_returned();
+                    } else if !mg.probe && lane.limiting(now) {
+                        lane.bucket.refund();
+                    }
+                }
+            }
+        }
+        self.test_returned(grant);
         if let Some(lane) = self.lanes.get_mut(grant.lane) {
             lane.refund(grant);
         }
@@ -276,109 +353,9 @@ impl Limiter {
             m.release();
             self.stalled = false;
         }
-    }
-
-    /// Expires waiters whose deadline passed and grants tokens to the next waiters in line.
-    pub fn poll(&mut self, now: Instant) -> Vec<Resolution> {
-        self.advance(now);
-        let mut resolved: Vec<Resolution> = Vec::new();
-        for (id, waiter) in self.queue.expire(now) {
-            let retry_after = self.estimated_wait(waiter.priority, now);
-            resolved.push(Resolution::Expired { id, retry_after });
-        }
-        self.stalled = false;
-        while !self.queue.is_empty() && self.ready_lane(now).is_some() {
-            let next = if self.models.is_empty() && self.clients.is_empty() {
-                self.queue.pop_next()
-            } else {
-                let (models, clients) = (&self.models, &self.clients);
-                self.queue.pop_next_ready(|w| {
-                    w.model
-                        .and_then(|m| models.get(m))
-                        .is_none_or(ModelLimit::ready)
-                        && clients.ready(&w.client)
-                })
-            };
-            let Some((id, waiter)) = next else {
-                self.stalled = true;
-                break;
-            };
-            let grant = self
-                .take_all(&waiter.client, waiter.model, now)
-                .expect("a ready key and a waiter whose limits allow it");
-            resolved.push(Resolution::Granted(id, grant));
-        }
-        if self.queue.is_empty() {
-            // Nobody is owed the surplus any more.
-            for lane in &mut self.lanes {
-                lane.bucket.refill(now, 0.0, true);
-            }
-        }
-        resolved
-    }
-
-    /// When `poll` next has something to do; `None` while nobody waits.
-    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
-        let deadline = self.queue.next_deadline()?;
-        let next = if self.stalled {
-            // Tokens wait for a model or client limit: a slot freed wakes the clock itself
-            // (`release`); a rate wakes it here.
-            self.queue
-                .iter()
-                .filter_map(|w| {
-                    let model = w
-                        .model
-                        .and_then(|m| self.models.get(m))
-                        .and_then(|m| m.next_token_at(now));
-                    let client = self.clients.next_token_at(&w.client, now);
-                    match (model, client) {
-                        (Some(a), Some(b)) => Some(a.max(b)),
-                        (a, b) => a.or(b),
-                    }
-                })
-                .filter(|t| *t > now)
-                .min()
-        } else {
-            self.lanes.iter().filter_map(|l| l.next_token_at(now)).min()
-        };
-        Some(next.map_or(deadline, |t| t.min(deadline)))
-    }
-
-    /// Feeds an upstream answer to the first key's controller, as the answer to a grant of
-    /// now.
-    pub fn observe(&mut self, signal: &UpstreamSignal, now: Instant) {
-        let grant = self.lane(0).controller.unprobed_grant();
-        self.observe_answer(signal, grant, now);
-    }
-
-    /// Feeds the upstream's answer to the request granted as `grant` to its key's controller.
-    /// A pause empties the key's bucket; so does the start of probing, so that no token saved
-    /// before the cut is spent into a full window when probing ends.
-    pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
-        self.advance(now);
-        let lane = self.lane_mut(grant.lane);
-        if matches!(signal, UpstreamSignal::Accepted { .. }) {
-            lane.forbidden_in_a_row = 0;
-        }
-        let probing_before = lane.controller.is_probing();
-        lane.controller.observe_answer(signal, grant, now);
-        if lane.controller.is_paused(now) {
-            lane.bucket.drain();
-            lane.slots.clear();
-        } else if lane.controller.is_probing() && !probing_before {
-            lane.bucket.drain();
-        }
-    }
-
-    /// The upstream answered a request of `model`: `capacity` when it said the model's
-    /// workers are full (which says nothing about the key's rate).
-    pub fn observe_model(&mut self, model: usize, capacity: bool, now: Instant) {
-        if let Some(m) = self.models.get_mut(model) {
-            if capacity {
-                m.capacity_error(now);
-            } else {
-                m.answered();
-            }
+        if let Some(m) = grant.learned.and_then(|mg| self.learned.get_mut(mg.model)) {
+            m.concurrency.release();
+            self.stalled = false;
         }
     }
 
@@ -462,7 +439,7 @@ impl Limiter {
     /// token, an open slot or a due probe for it.
     pub fn would_queue(&mut self, now: Instant) -> bool {
         self.advance(now);
-        !self.queue.is_empty() || self.ready_lane(now).is_none()
+        !self.queue.is_empty() || self.ready_lane(None, now).is_none()
     }
 
     pub fn key_active(&self, lane: usize) -> bool {
@@ -476,6 +453,12 @@ impl Limiter {
 }
 
 // Tests pick their own instants.
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod matrix;
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod model_tests;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)]
 mod pool_tests;

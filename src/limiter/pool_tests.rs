@@ -239,12 +239,16 @@ fn a_model_rate_paces_its_requests_while_other_models_use_the_key() {
 #[test]
 fn capacity_answers_lower_the_model_limit_and_leave_the_key_rate_alone() {
     let (mut l, t0) = limiter(60.0, vec![], vec![model("a", None, Some(4))]);
-    l.observe_model(0, true, t0);
+    let on_a = Grant {
+        model: Some(0),
+        ..Grant::default()
+    };
+    l.observe_capacity(on_a, true, t0);
     let s = l.snapshot(t0);
     assert_eq!(s.models[0].concurrency_limit, Some(2));
     assert_eq!(s.effective_rpm, 60.0);
     for _ in 0..10 {
-        l.observe_model(0, false, t0);
+        l.observe_capacity(on_a, false, t0);
     }
     assert_eq!(l.snapshot(t0).models[0].concurrency_limit, Some(4));
 }

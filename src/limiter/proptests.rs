@@ -276,7 +276,7 @@ mod several_resources {
                         if !out.is_empty() {
                             let grant = out.remove(nth as usize % out.len());
                             l.observe_answer(&UpstreamSignal::Accepted { pause: None }, grant, now);
-                            if let Some(m) = grant.model { l.observe_model(m, false, now); }
+                            l.observe_capacity(grant, false, now);
                             l.release(grant);
                         }
                     }
@@ -293,7 +293,7 @@ mod several_resources {
                             l.release(grant);
                         }
                     }
-                    Op::Capacity { model } => l.observe_model(usize::from(model), true, now),
+                    Op::Capacity { model } => l.observe_capacity(Grant { model: Some(usize::from(model)), ..Grant::default() }, true, now),
                     Op::Revoke { lane } => {
                         if l.revoke(usize::from(lane)) {
                             revoked.insert(usize::from(lane));

@@ -11,8 +11,12 @@ use super::{Grant, Priority, WaiterId};
 pub enum Rejection {
     /// The queue already holds `queue_max_size` waiters.
     QueueFull,
-    /// The deadline passed before a token was free.
+    /// The deadline passed before a token was free, or it would pass before one could be:
+    /// the request is told at once.
     QueueTimeout,
+    /// The upstream locked the request's model (a `Retry-After` beyond the request's
+    /// deadline); its other models keep flowing.
+    ModelLocked,
 }
 
 impl Rejection {
@@ -21,6 +25,7 @@ impl Rejection {
         match self {
             Rejection::QueueFull => "queue_full",
             Rejection::QueueTimeout => "queue_timeout",
+            Rejection::ModelLocked => "model_locked",
         }
     }
 }
@@ -40,7 +45,12 @@ pub enum Admission {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
     Granted(WaiterId, Grant),
-    Expired { id: WaiterId, retry_after: Duration },
+    /// The waiter's deadline passed, or would pass before it could be served.
+    Expired {
+        id: WaiterId,
+        why: Rejection,
+        retry_after: Duration,
+    },
 }
 
 /// One request for admission.
@@ -51,8 +61,10 @@ pub struct Ask {
     pub deadline: Instant,
     /// The client's weight among the waiters of its class.
     pub weight: u32,
-    /// The model limit the request falls under.
+    /// The configured model limit the request falls under.
     pub model: Option<usize>,
+    /// The model the request asks for (the body's `"model"`), whose limits are learned.
+    pub model_id: Option<Arc<str>>,
 }
 
 impl Ask {
@@ -63,6 +75,7 @@ impl Ask {
             deadline,
             weight: 1,
             model: None,
+            model_id: None,
         }
     }
 }

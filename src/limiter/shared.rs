@@ -68,7 +68,7 @@ impl Limiter {
         } else {
             self.queue
                 .iter()
-                .filter(|w| self.limits_allow(&w.client, w.model))
+                .filter(|w| self.limits_allow(&w.client, w.model, w.learned))
                 .count()
         };
         ready.saturating_sub(held).div_ceil(keys)

@@ -11,7 +11,9 @@
 use std::time::{Duration, SystemTime};
 
 /// Longest pause an upstream header can impose; protects against absurd or hostile values.
-const MAX_PAUSE: Duration = Duration::from_secs(3600);
+/// A model may be locked for hours (NVIDIA's "try again in 5 hours"); a key's pause is capped
+/// at an hour by its controller (`KEY_MAX_PAUSE`).
+const MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
 
 /// A number of seconds from outside as a duration: `None` when negative or not a number,
 /// saturating (never panicking) when too large to represent.
@@ -89,8 +91,24 @@ impl UpstreamSignal {
             (503, Some(NonRateLimitReason::WorkerConcurrency)) => {
                 UpstreamSignal::NotRateLimit(NonRateLimitReason::WorkerConcurrency)
             }
+            (429, None) => match self {
+                // "try again in 5 hours": the body's word when the headers said nothing.
+                UpstreamSignal::RateLimited { retry_after: None } => UpstreamSignal::RateLimited {
+                    retry_after: retry_hint(body).map(|p| p.min(MAX_PAUSE)),
+                },
+                other => other,
+            },
             _ => self,
         }
+    }
+
+    /// Whether the start of a successful answer's body is in fact NVIDIA's capacity error
+    /// (an error event in the first chunk of an event stream, or a JSON error object).
+    pub fn capacity_error_in(body: &[u8]) -> bool {
+        let start = &body[..body.len().min(2048)];
+        let text = String::from_utf8_lossy(start);
+        text.contains("\"error\"")
+            && non_rate_limit_reason(start) == Some(NonRateLimitReason::WorkerConcurrency)
     }
 
     /// The `reason` label of `upstream_refusals_total`, for a refusal.
@@ -199,6 +217,42 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         total += number * scale;
     }
     seconds(total)
+}
+
+/// A wait said in words in a refusal's body: "try again in 5 hours", "retry after 30
+/// seconds", "please wait 2 minutes" (the number may be a decimal; units from seconds to
+/// days, singular or plural, or abbreviated). `None` when the body says no such thing.
+pub fn retry_hint(body: &[u8]) -> Option<Duration> {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).to_ascii_lowercase();
+    for cue in ["try again in ", "retry after ", "retry in ", "wait "] {
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(cue) {
+            rest = &rest[at + cue.len()..];
+            let number_len = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            let Ok(number) = rest[..number_len].parse::<f64>() else {
+                continue;
+            };
+            let unit: String = rest[number_len..]
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphabetic())
+                .collect();
+            let scale = match unit.as_str() {
+                "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+                "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+                "h" | "hr" | "hrs" | "hour" | "hours" => 3600.0,
+                "d" | "day" | "days" => 86_400.0,
+                "ms" | "millisecond" | "milliseconds" => 1e-3,
+                _ => continue,
+            };
+            if let Some(wait) = seconds(number * scale) {
+                return Some(wait);
+            }
+        }
+    }
+    None
 }
 
 fn non_rate_limit_reason(body: &[u8]) -> Option<NonRateLimitReason> {
@@ -371,6 +425,69 @@ mod tests {
             read(429, &[], "").with_body(429, b"{}"),
             UpstreamSignal::RateLimited { retry_after: None }
         );
+    }
+
+    #[test]
+    fn a_wait_said_in_words_in_the_body_is_read() {
+        let hours = r#"{"status":429,"title":"Too Many Requests","detail":"Rate limit exceeded for this model, try again in 5 hours"}"#;
+        assert_eq!(
+            retry_hint(hours.as_bytes()),
+            Some(Duration::from_secs(5 * 3600))
+        );
+        assert_eq!(
+            read(429, &[], "").with_body(429, hours.as_bytes()),
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(5 * 3600))
+            }
+        );
+        assert_eq!(
+            retry_hint(b"Please retry after 1.5 minutes."),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(retry_hint(b"wait 20s"), Some(Duration::from_secs(20)));
+        assert_eq!(
+            retry_hint(b"try again in 2 days"),
+            Some(Duration::from_secs(172_800))
+        );
+        assert_eq!(retry_hint(b"try again later"), None);
+        assert_eq!(
+            retry_hint(b"wait for it, try again in 3 hours"),
+            Some(Duration::from_secs(10_800))
+        );
+        assert_eq!(retry_hint(b"try again in 3 fortnights"), None);
+        // Hostile: capped by the signal, never a panic.
+        let huge = read(429, &[], "").with_body(429, b"try again in 1e308 days");
+        assert!(matches!(
+            huge,
+            UpstreamSignal::RateLimited {
+                retry_after: None | Some(_)
+            }
+        ));
+        assert_eq!(
+            read(429, &[], "").with_body(429, b"try again in 99999999 days"),
+            UpstreamSignal::RateLimited {
+                retry_after: Some(MAX_PAUSE)
+            }
+        );
+        // A header's word wins over the body's.
+        assert_eq!(
+            read(429, &[("Retry-After", "7")], "").with_body(429, hours.as_bytes()),
+            UpstreamSignal::RateLimited {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+    }
+
+    #[test]
+    fn a_capacity_error_in_the_first_chunk_of_a_stream_is_found() {
+        let event = b"data: {\"error\":{\"message\":\"ResourceExhausted: Worker local total request limit reached (33/32)\"}}\n\n";
+        assert!(UpstreamSignal::capacity_error_in(event));
+        assert!(!UpstreamSignal::capacity_error_in(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"ResourceExhausted is a word\"}}]}\n\n"
+        ));
+        assert!(!UpstreamSignal::capacity_error_in(
+            b"data: {\"choices\":[]}\n\n"
+        ));
     }
 
     #[test]

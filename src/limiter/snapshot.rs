@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Ceiling, Lane, Learned, Limiter, Priority, RetreatState, Supply, TokenBucket};
+use super::{
+    Ceiling, Lane, Learned, Limiter, Priority, RetreatController, RetreatState, Supply, TokenBucket,
+};
 
 /// A read-only picture of one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +19,71 @@ pub struct KeySnapshot {
     pub state: RetreatState,
     pub probing: bool,
     pub paused_for: Option<Duration>,
+    /// What the key's controller learned, and when it moves next.
+    pub learning: Learning,
+    /// The lanes of the models learned on this key.
+    pub models: Vec<ModelLaneSnapshot>,
+}
+
+/// What a controller learned and what it does next, for `/status` and the metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Learning {
+    /// The rate recovery climbs to, if there is one.
+    pub ceiling_rpm: Option<f64>,
+    /// Where it comes from: `window`, `header`, `config`, `proven` (a floor a busy window
+    /// proved, stepped above once per window) or `pending` (held at the cut rate until a
+    /// whole busy window teaches it).
+    pub ceiling_source: Option<&'static str>,
+    /// When the rate goes up next by itself.
+    pub next_step_in: Option<Duration>,
+    /// How long ago the lane met its last 429, and what it said.
+    pub last_429_ago: Option<Duration>,
+    pub last_429_reason: Option<&'static str>,
+}
+
+impl Learning {
+    fn of(controller: &RetreatController, now: Instant) -> Learning {
+        let (ceiling_rpm, ceiling_source) = match controller.learned() {
+            Learned::Nothing => (None, None),
+            Learned::Pending { .. } => (Some(controller.effective_rpm()), Some("pending")),
+            Learned::Known(c) => (Some(c.rpm), Some(c.source.as_str())),
+            Learned::Floor(rpm) => (Some(rpm), Some("proven")),
+        };
+        let refusal = controller.last_refusal();
+        Learning {
+            ceiling_rpm,
+            ceiling_source,
+            next_step_in: controller
+                .next_step_at()
+                .map(|at| at.saturating_duration_since(now)),
+            last_429_ago: refusal.map(|r| now.saturating_duration_since(r.at)),
+            last_429_reason: refusal.map(|r| r.reason.as_str()),
+        }
+    }
+}
+
+/// A read-only picture of one model's lane on one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelLaneSnapshot {
+    pub model: Arc<str>,
+    /// Whether the lane holds its model back (below its key's rate, or paused).
+    pub limiting: bool,
+    pub state: RetreatState,
+    pub effective_rpm: f64,
+    pub probing: bool,
+    pub paused_for: Option<Duration>,
+    pub learning: Learning,
+}
+
+/// A read-only picture of one learned model (across keys).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LearnedModelSnapshot {
+    pub model: String,
+    pub in_flight: u32,
+    pub waiting: u32,
+    /// The concurrency learned from capacity errors (`None`: unlimited).
+    pub concurrency_limit: Option<u32>,
+    pub capacity_errors: u64,
 }
 
 /// A read-only picture of one model limit (`/status` shows it as it is).
@@ -49,6 +116,10 @@ pub struct LimiterSnapshot {
     pub paused_for: Option<Duration>,
     pub keys: Vec<KeySnapshot>,
     pub models: Vec<ModelSnapshot>,
+    /// The models learned without configuration.
+    pub learned: Vec<LearnedModelSnapshot>,
+    /// Learned models dropped to make room for new ones, since the start.
+    pub learned_evicted: u64,
 }
 
 /// What a limiter carries across a restart (its first key's state).
@@ -69,7 +140,8 @@ impl Limiter {
         let keys: Vec<KeySnapshot> = self
             .lanes
             .iter()
-            .map(|l| KeySnapshot {
+            .enumerate()
+            .map(|(k, l)| KeySnapshot {
                 name: l.name.clone(),
                 active: l.active,
                 tokens: (l.bucket.tokens() + l.slots.open(now) as f64).min(l.bucket.capacity()),
@@ -78,6 +150,27 @@ impl Limiter {
                 state: l.controller.state(),
                 probing: l.controller.is_probing(),
                 paused_for: l.paused_for(now),
+                learning: Learning::of(&l.controller, now),
+                models: self
+                    .learned
+                    .models()
+                    .filter_map(|m| {
+                        let lane = m.lanes.get(k)?.as_ref()?;
+                        let c = &lane.controller;
+                        Some(ModelLaneSnapshot {
+                            model: m.id.clone(),
+                            limiting: lane.limiting(now),
+                            state: c.state(),
+                            effective_rpm: c.effective_rpm().min(l.controller.effective_rpm()),
+                            probing: c.is_probing(),
+                            paused_for: c
+                                .pause_until()
+                                .map(|p| p.saturating_duration_since(now))
+                                .filter(|d| !d.is_zero()),
+                            learning: Learning::of(c, now),
+                        })
+                    })
+                    .collect(),
             })
             .collect();
         let active: Vec<&Lane> = self.lanes.iter().filter(|l| l.active).collect();
@@ -117,6 +210,18 @@ impl Limiter {
                     capacity_errors: m.capacity_errors,
                 })
                 .collect(),
+            learned: self
+                .learned
+                .models()
+                .map(|m| LearnedModelSnapshot {
+                    model: m.id.to_string(),
+                    in_flight: m.concurrency.in_flight,
+                    waiting: m.waiting,
+                    concurrency_limit: m.concurrency.concurrency_limit(),
+                    capacity_errors: m.concurrency.capacity_errors,
+                })
+                .collect(),
+            learned_evicted: self.learned.evicted,
         }
     }
 
@@ -174,5 +279,82 @@ impl Limiter {
         };
         let capacity = lane.bucket.capacity() as u32;
         lane.bucket = TokenBucket::with_tokens(capacity, tokens, now);
+    }
+}
+
+/// A learned model's lane on a key, to save for a restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedModelLane {
+    pub key: Arc<str>,
+    pub model: Arc<str>,
+    pub state: LimiterState,
+}
+
+impl Limiter {
+    /// The lanes that hold a model back (the others learned nothing worth keeping), to save
+    /// for a restart.
+    pub fn export_models(&mut self, now: Instant) -> Vec<SavedModelLane> {
+        self.advance(now);
+        let mut saved = Vec::new();
+        for m in self.learned.models() {
+            for (k, lane) in m.lanes.iter().enumerate() {
+                let Some(lane) = lane.as_ref().filter(|l| l.limiting(now)) else {
+                    continue;
+                };
+                let c = &lane.controller;
+                saved.push(SavedModelLane {
+                    key: self.lanes[k].name.clone(),
+                    model: m.id.clone(),
+                    state: LimiterState {
+                        tokens: lane.bucket.tokens().min(1.0),
+                        effective_rpm: c.effective_rpm(),
+                        state: c.state(),
+                        pause_remaining: c
+                            .pause_until()
+                            .map(|p| p.saturating_duration_since(now))
+                            .filter(|d| !d.is_zero()),
+                        ceiling: match c.learned() {
+                            Learned::Known(ceiling) => Some(ceiling),
+                            _ => None,
+                        },
+                    },
+                });
+            }
+        }
+        saved
+    }
+
+    /// Takes over a saved model lane that is `age` old; false when its key is gone or no
+    /// place is free for its model.
+    pub fn restore_model(&mut self, saved: &SavedModelLane, age: Duration, now: Instant) -> bool {
+        self.advance(now);
+        let Some(key) = self.lanes.iter().position(|l| l.name == saved.key) else {
+            return false;
+        };
+        let Some(model) = self.learned.intern(&saved.model, now) else {
+            return false;
+        };
+        let key_rpm = self.lanes[key].controller.effective_rpm();
+        let Some(lane) = self
+            .learned
+            .lane_mut(model, key, key_rpm, &self.retreat, now)
+        else {
+            return false;
+        };
+        let pause_until = saved
+            .state
+            .pause_remaining
+            .and_then(|p| p.checked_sub(age))
+            .filter(|p| !p.is_zero())
+            .map(|p| now + p);
+        lane.controller.restore(
+            saved.state.state,
+            saved.state.effective_rpm,
+            saved.state.ceiling,
+            pause_until,
+            now,
+        );
+        lane.bucket = TokenBucket::with_tokens(1, 0.0, now);
+        true
     }
 }

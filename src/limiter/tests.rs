@@ -179,7 +179,9 @@ fn deadlines_expire_with_an_honest_retry_after() {
     let resolved = limiter.poll(t0 + ms(500));
     assert_eq!(resolved.len(), 1);
     match resolved[0] {
-        Resolution::Expired { id, retry_after } => {
+        Resolution::Expired {
+            id, retry_after, ..
+        } => {
             assert_eq!(id, short);
             // One waiter ahead, half a token in hand, 1 token/s: about 1.5 s.
             assert!(

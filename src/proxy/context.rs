@@ -84,7 +84,7 @@ pub struct ModelSlot {
 impl ModelSlot {
     /// The slot of `grant`, when it holds one.
     pub fn held(gate: &Arc<AdmissionGate>, grant: Grant) -> Option<ModelSlot> {
-        grant.model.map(|_| ModelSlot {
+        (grant.model.is_some() || grant.learned.is_some()).then(|| ModelSlot {
             gate: gate.clone(),
             grant,
         })
@@ -108,8 +108,10 @@ pub struct RequestCtx {
     pub priority: Priority,
     /// The client's weight among the waiters of its class.
     pub weight: u32,
-    /// The model limit the request falls under.
+    /// The configured model limit the request falls under.
     pub model: Option<usize>,
+    /// The model the request asks for (its body's `"model"`).
+    pub model_id: Option<Arc<str>>,
     /// The model slot of the attempt under way.
     pub model_slot: Option<ModelSlot>,
     /// The name of the pool key the last attempt went out on (pools of two or more).
@@ -138,6 +140,9 @@ pub struct RequestCtx {
     pub upstream_status: Option<u16>,
     /// The controller has been told the outcome of the current attempt.
     pub answer_observed: bool,
+    /// The first chunk of the current attempt's answer body has been looked at (for an
+    /// error event in a 200, see `observe`).
+    pub first_chunk_seen: bool,
     /// An upstream refusal on its way to the client, classified once its body is read.
     pub refusal: Option<RefusalBody>,
     /// The verdict of a request that waited before its session began (see `parking`).
@@ -156,6 +161,7 @@ impl RequestCtx {
             priority: Priority::Normal,
             weight: 1,
             model: None,
+            model_id: None,
             model_slot: None,
             key: None,
             keepalive: false,
@@ -171,6 +177,7 @@ impl RequestCtx {
             upstream_sent_at: None,
             upstream_status: None,
             answer_observed: false,
+            first_chunk_seen: false,
             refusal: None,
             parked: None,
         }
@@ -184,6 +191,7 @@ impl RequestCtx {
             deadline: self.deadline,
             weight: self.weight,
             model: self.model,
+            model_id: self.model_id.clone(),
         }
     }
 

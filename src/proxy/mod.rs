@@ -179,15 +179,17 @@ impl ProxyHttp for SidecarProxy {
                 .with_label_values(&[ctx.route_name(), why.as_str()])
                 .inc();
         }
-        if !settings.models.is_empty() || keepalive_route {
-            let fields = tenant::held_body(session, &ctx.body)
-                .map(|body| tenant::fields_of(&body))
-                .unwrap_or_default();
-            ctx.model = fields
-                .model
-                .and_then(|id| model_index(&settings.models, &id));
-            ctx.keepalive = keepalive_route && fields.stream == Some(true);
-        }
+        // The model is read from every held body: its limits are learned (and configured in
+        // `models`).
+        let fields = tenant::held_body(session, &ctx.body)
+            .map(|body| tenant::fields_of(&body))
+            .unwrap_or_default();
+        ctx.model = fields
+            .model
+            .as_deref()
+            .and_then(|id| model_index(&settings.models, id));
+        ctx.model_id = fields.model_id();
+        ctx.keepalive = keepalive_route && fields.stream == Some(true);
         // A request that waited before its session began (see `parking`) has its verdict.
         let verdict = match parked.and_then(|mut p| p.verdict_from(&gate)) {
             Some(verdict) => Some(verdict),
@@ -217,7 +219,7 @@ impl ProxyHttp for SidecarProxy {
                     retry_after,
                     after_upstream_429: false,
                 };
-                let answer = Answer::rejected(why, retry_after, false);
+                let answer = Answer::rejected(why, retry_after, false, ctx.model_id.as_deref());
                 if ctx.keepalive_started {
                     keepalive::end_with_error(session, &answer.body).await?;
                 } else {
@@ -269,6 +271,7 @@ impl ProxyHttp for SidecarProxy {
             }
         }
         ctx.answer_observed = false;
+        ctx.first_chunk_seen = false;
         let settings = ctx.settings.clone();
         let addr = route
             .upstream
@@ -436,6 +439,12 @@ impl ProxyHttp for SidecarProxy {
             }
             if end_of_stream || refusal.body.len() >= replay::REFUSAL_BODY_LIMIT {
                 self.settle_refusal(ctx);
+            }
+        }
+        if !ctx.first_chunk_seen {
+            if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
+                ctx.first_chunk_seen = true;
+                self.capacity_error_in_a_success(ctx, chunk);
             }
         }
         self.stream_error_event(body, end_of_stream, ctx);

@@ -31,17 +31,41 @@ impl SidecarProxy {
             // Answers to requests sent without a token still tell about the quota.
             _ => gate.current_grant(),
         };
-        if let Some(model) = grant.model {
+        if grant.model.is_some() || grant.learned.is_some() {
             // Full workers are the model's limit, not the key's: they never cut the rate.
             match signal {
                 UpstreamSignal::NotRateLimit(
                     NonRateLimitReason::WorkerConcurrency | NonRateLimitReason::Unavailable,
-                ) => gate.observe_model(model, true),
-                UpstreamSignal::Accepted { .. } => gate.observe_model(model, false),
+                ) => gate.observe_capacity(grant, true),
+                UpstreamSignal::Accepted { .. } => gate.observe_capacity(grant, false),
                 _ => {}
             }
         }
         gate.observe(signal, grant);
+    }
+
+    /// NVIDIA's capacity error as the first event of a 200 (the status said success, the
+    /// stream says the model's workers are full): the model's concurrency is lowered, never
+    /// the key's rate. The client already has the 200, so the answer goes through as it is.
+    pub(super) fn capacity_error_in_a_success(&self, ctx: &RequestCtx, chunk: &[u8]) {
+        let (Some(200), Some(grant)) = (ctx.upstream_status, ctx.grant()) else {
+            return;
+        };
+        if grant.model.is_none() && grant.learned.is_none() {
+            return;
+        }
+        if !UpstreamSignal::capacity_error_in(chunk) {
+            return;
+        }
+        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+            return;
+        };
+        self.app
+            .metrics
+            .upstream_refusals
+            .with_label_values(&[ctx.route_name(), "worker_capacity"])
+            .inc();
+        gate.observe_capacity(grant, true);
     }
 
     /// An upstream 401 (or repeated 403s) on a key of a pool: the key is taken out (logged

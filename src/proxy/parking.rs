@@ -154,13 +154,10 @@ pub async fn park(
     }
     let inflight = Inflight::new(&app.metrics.inflight);
     let Plan { gate, asker, .. } = plan;
-    let model = if settings.models.is_empty() {
-        None
-    } else {
-        tenant::fields_of(&buf[head_len..head_len + body_len])
-            .model
-            .and_then(|id| model_index(&settings.models, &id))
-    };
+    let model_id = tenant::fields_of(&buf[head_len..head_len + body_len]).model_id();
+    let model = model_id
+        .as_deref()
+        .and_then(|id| model_index(&settings.models, id));
     if buf.capacity() > buf.len() + 256 {
         // It waits holding its bytes, not the room the first read had.
         *buf = BytesMut::from(&buf[..]);
@@ -171,6 +168,7 @@ pub async fn park(
         deadline: asker.deadline,
         weight: asker.weight,
         model,
+        model_id,
     });
     let verdict = match ticket.immediate() {
         Some(verdict) => Some(verdict),

@@ -11,6 +11,7 @@ use pingora_proxy::Session;
 use crate::limiter::Rejection;
 use crate::metrics::Outcome;
 
+use super::classify::log_value;
 use super::context::{RequestCtx, Stage};
 
 /// An OpenAI-style error body.
@@ -29,20 +30,37 @@ pub struct Answer {
 }
 
 impl Answer {
-    /// The sidecar's own 429: queue full or deadline passed, with an honest `Retry-After`.
-    pub fn rejected(why: Rejection, retry_after: Duration, after_upstream_429: bool) -> Answer {
+    /// The sidecar's own 429: queue full, deadline passed (or it would pass before a token
+    /// could be had), or the request's `model` locked by the upstream, with an honest
+    /// `Retry-After`.
+    pub fn rejected(
+        why: Rejection,
+        retry_after: Duration,
+        after_upstream_429: bool,
+        model: Option<&str>,
+    ) -> Answer {
         let message = match (why, after_upstream_429) {
-            (Rejection::QueueFull, _) => "the sidecar's queue is full; retry later",
+            (Rejection::QueueFull, _) => "the sidecar's queue is full; retry later".to_string(),
             (Rejection::QueueTimeout, false) => {
-                "no request token became free before the request's deadline"
+                "no request token became free, or could become free, before the request's deadline"
+                    .to_string()
             }
             (Rejection::QueueTimeout, true) => {
                 "the upstream kept answering 429 and no token became free again before the deadline"
+                    .to_string()
+            }
+            (Rejection::ModelLocked, _) => {
+                let until = std::time::SystemTime::now() + retry_after;
+                format!(
+                    "the upstream refuses model {} until about {}; the sidecar answers its requests at once until then",
+                    log_value(model.unwrap_or("?")),
+                    httpdate::fmt_http_date(until)
+                )
             }
         };
         Answer {
             status: 429,
-            body: error_body(message, "rate_limit_exceeded", why.code()),
+            body: error_body(&message, "rate_limit_exceeded", why.code()),
             retry_after: Some(retry_after),
         }
     }
@@ -116,7 +134,12 @@ pub async fn answer_failure(session: &mut Session, e: &Error, ctx: &RequestCtx) 
             why,
             retry_after,
             after_upstream_429,
-        } => Answer::rejected(why, retry_after, after_upstream_429),
+        } => Answer::rejected(
+            why,
+            retry_after,
+            after_upstream_429,
+            ctx.model_id.as_deref(),
+        ),
         _ => {
             let upstream = ctx
                 .route
@@ -143,6 +166,7 @@ pub fn rejected_outcome(why: Rejection) -> Outcome {
     match why {
         Rejection::QueueFull => Outcome::RejectedQueueFull,
         Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
+        Rejection::ModelLocked => Outcome::RejectedModelLocked,
     }
 }
 

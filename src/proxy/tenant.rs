@@ -105,6 +105,20 @@ pub struct BodyFields {
     pub stream: Option<bool>,
 }
 
+/// Longest model id whose limits are learned; a longer one (no real model has one) goes by
+/// its key's rate alone, so that clients cannot make the sidecar keep arbitrary text.
+const MAX_MODEL_ID: usize = 256;
+
+impl BodyFields {
+    /// The model the body asks for, as the limiter learns it.
+    pub fn model_id(&self) -> Option<std::sync::Arc<str>> {
+        self.model
+            .as_deref()
+            .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_ID)
+            .map(std::sync::Arc::from)
+    }
+}
+
 /// The fields of a JSON request body; none when the body is not a JSON object or a field has
 /// another type than the API gives it.
 pub fn fields_of(body: &[u8]) -> BodyFields {

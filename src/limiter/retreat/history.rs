@@ -144,6 +144,11 @@ impl History {
         Some(sent as f64 * 60.0 / busy.as_secs_f64())
     }
 
+    /// When the last answer came.
+    pub fn last_answer(&self) -> Option<Instant> {
+        self.samples.back().map(|(t, _)| *t)
+    }
+
     /// Share of rate-limit 429s among the answers of the window ending at `now`.
     pub fn limited_ratio(&self, now: Instant) -> f64 {
         let (total, limited) = self

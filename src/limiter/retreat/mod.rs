@@ -34,12 +34,17 @@ use std::time::{Duration, Instant};
 use super::signals::{NonRateLimitReason, UpstreamSignal};
 
 mod history;
+mod phase;
 mod probing;
+mod recover;
 mod settings;
 mod shared;
 
 use history::History;
-use probing::Probing;
+pub use phase::{
+    Admit, Ceiling, CeilingSource, Grant, Learned, ModelGrant, Phase, Refusal, RefusalReason,
+};
+pub use probing::Probing;
 pub use settings::{RetreatSettings, RetreatState};
 pub use shared::SharedControl;
 
@@ -49,145 +54,27 @@ const PROBE_GROWTH: u32 = 3;
 /// Longest spacing between two probes.
 const PROBE_SPACING_MAX: Duration = Duration::from_secs(600);
 
+/// Longest pause a key takes from the upstream's word: a key paused for hours would stop every
+/// model on it. A model's lane may be paused longer (see `for_model`).
+pub const KEY_MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// Longest pause a model's lane takes (NVIDIA answers some models "try again in 5 hours").
+pub const MODEL_MAX_PAUSE: Duration = Duration::from_secs(24 * 3600);
+
+/// Share of its effective rate a key must have had accepted over a busy window for a 429 to
+/// be about the key itself, whichever model met it.
+pub const KEY_FULL_SHARE: f64 = 0.9;
+
+/// A window after a cut that accepted no more than this share above the cut rate was spent
+/// at the cut rate: it proves that rate (a floor), and says nothing of the quota above it.
+const AT_THE_CUT_RATE: f64 = 0.1;
+
+/// The deepest cut for a 429 at a known ceiling (see `cut`).
+const AT_CEILING_DECREASE: f64 = 0.9;
+
 /// A probe still unanswered after this long is taken as accepted. Rate-limit answers come at
 /// once, while an accepted LLM request may take minutes before its response header.
 pub const PROBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How a token was granted, so that the answer to it can be judged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Grant {
-    /// The key controller's epoch when the token was granted (see the module doc).
-    pub epoch: u64,
-    /// The grant was a probe sent while the key's controller was probing.
-    pub probe: bool,
-    /// The key (lane of the limiter) the token was taken from.
-    pub lane: usize,
-    /// The configured model limit whose slot the grant holds (an index into `models`).
-    pub model: Option<usize>,
-    /// The learned lane of the request's model on that key, and how it was granted there.
-    pub learned: Option<ModelGrant>,
-    /// The grant tests whether a 429 another model met on this key was about the key.
-    pub test: bool,
-}
-
-/// How a grant was stamped by the lane of its model on its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ModelGrant {
-    /// Which model (a reference into the limiter's learned models).
-    pub model: super::ModelRef,
-    /// That lane's epoch when the token was granted.
-    pub epoch: u64,
-    /// The grant was that lane's probe.
-    pub probe: bool,
-}
-
-/// What the controller lets the bucket do right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
-    /// Grant tokens at the effective rate.
-    Open,
-    /// Probing: one request may go now, as a probe, without a token.
-    Probe,
-    /// Nothing may go now (paused, or a probe is out or not yet due).
-    Closed,
-}
-
-/// Where the controller stands, with what each phase needs to know.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Phase {
-    /// At the base rate.
-    Normal,
-    /// Cut by a 429 at `quiet_since` (or later 429s); probing while the window is still full.
-    Retreat {
-        quiet_since: Instant,
-        probing: Option<Probing>,
-    },
-    /// Climbing back; `last_step` is when the rate last went up. `above` is the rate the
-    /// last step above the learned ceiling started from: a 429 on that step goes back to it.
-    Recover {
-        last_step: Instant,
-        above: Option<f64>,
-    },
-}
-
-/// Where a known ceiling comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CeilingSource {
-    /// What a busy window accepted before a 429.
-    Window,
-    /// The upstream's own `x-ratelimit-limit-*` (or `anthropic-ratelimit-*`) headers.
-    Header,
-    /// The operator's configuration (`models[].rate_rpm`).
-    Config,
-}
-
-impl CeilingSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CeilingSource::Window => "window",
-            CeilingSource::Header => "header",
-            CeilingSource::Config => "config",
-        }
-    }
-}
-
-/// A rate recovery does not climb above (except by rare explicit steps).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Ceiling {
-    pub rpm: f64,
-    pub source: CeilingSource,
-}
-
-/// What the controller learned of the upstream's rate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Learned {
-    /// Nothing: no cut since the base rate was last reached.
-    Nothing,
-    /// Cut at `since`, before a whole busy window was observed: recovery holds at the cut
-    /// rate until one has passed, which then teaches the ceiling. A window after the cut that
-    /// was not busy teaches nothing: the cut rate is then only a floor.
-    Pending { since: Instant },
-    /// The upstream's rate (less the headroom): recovery climbs to it.
-    Known(Ceiling),
-    /// Only proven up to this rate: recovery verifies one step above per busy window.
-    Floor(f64),
-}
-
-impl Learned {
-    /// The rate recovery climbs to by itself, if it is bounded.
-    pub fn bound(&self) -> Option<f64> {
-        match self {
-            Learned::Known(c) => Some(c.rpm),
-            Learned::Floor(rpm) => Some(*rpm),
-            Learned::Nothing | Learned::Pending { .. } => None,
-        }
-    }
-}
-
-/// Why the upstream last refused a request of this lane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefusalReason {
-    /// A 429 without a word on when to come back.
-    RateLimit,
-    /// A 429 that said how long to wait.
-    RetryAfter,
-}
-
-impl RefusalReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefusalReason::RateLimit => "rate_limit",
-            RefusalReason::RetryAfter => "retry_after",
-        }
-    }
-}
-
-/// The last 429 a lane met.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Refusal {
-    pub at: Instant,
-    pub reason: RefusalReason,
-}
 
 /// Decides the effective request rate of one lane from what the upstream answers.
 #[derive(Debug, Clone)]
@@ -215,6 +102,11 @@ pub struct RetreatController {
     /// A model's lane on a key: its base rate is its key's, of which its demand got only a
     /// share, so a cut starts from what it was sent, not from its nominal rate.
     shares_parent: bool,
+    /// Longest pause the upstream's word imposes on this lane.
+    max_pause: Duration,
+    /// The lowest rate a step above the ceiling met a 429 at, since the last real cut: the
+    /// upstream's rate lies between the ceiling and it, so the next step goes half-way.
+    refused_rpm: Option<f64>,
 }
 
 impl RetreatController {
@@ -234,6 +126,8 @@ impl RetreatController {
             partial_view: false,
             billing_until: None,
             shares_parent: false,
+            max_pause: KEY_MAX_PAUSE,
+            refused_rpm: None,
         }
     }
 
@@ -241,6 +135,7 @@ impl RetreatController {
     pub fn for_model(base_rpm: f64, settings: RetreatSettings, now: Instant) -> Self {
         RetreatController {
             shares_parent: true,
+            max_pause: MODEL_MAX_PAUSE,
             ..RetreatController::new(base_rpm, settings, now)
         }
     }
@@ -342,6 +237,38 @@ impl RetreatController {
         }
     }
 
+    /// Records an answer in the window without acting on it: a 429 that was charged to
+    /// another lane (the key's, or a model's) still counts among this lane's answers.
+    pub fn record(&mut self, now: Instant, rate_limited: bool) {
+        self.history.record(now, rate_limited);
+    }
+
+    /// Whether the upstream accepted nearly this lane's whole effective rate over the busy
+    /// window that ends now: it was running at its limit, so a 429 then is about it.
+    pub fn running_full(&self, now: Instant) -> bool {
+        self.history.busy_window(now)
+            && self.history.accepted_rpm(now)
+                >= KEY_FULL_SHARE * self.effective_rpm * (1.0 - self.settings.safety_margin)
+    }
+
+    /// Takes back the decisions of `earlier` (a copy of this controller from before a 429 that
+    /// turned out to be another lane's), keeping what was observed since. The epoch moves on,
+    /// so that answers to what was granted in between judge nothing.
+    pub fn take_back(&mut self, earlier: &RetreatController) {
+        self.effective_rpm = earlier.effective_rpm;
+        self.phase = earlier.phase;
+        self.learned = earlier.learned;
+        self.pause_until = earlier.pause_until;
+        self.proven_rpm = earlier.proven_rpm;
+        self.last_cut = earlier.last_cut;
+        self.epoch += 1;
+    }
+
+    /// When this lane last had an answer.
+    pub fn last_answer(&self) -> Option<Instant> {
+        self.history.last_answer()
+    }
+
     /// Demand waited for this lane from `from` to `to` (`busy`), or it did not.
     pub fn note_demand(&mut self, from: Instant, to: Instant, busy: bool) {
         if busy {
@@ -368,6 +295,7 @@ impl RetreatController {
     }
 
     fn cut(&mut self, now: Instant) {
+        let before = self.effective_rpm;
         // The rate that proved too much: the effective rate, or for a model's lane what its
         // demand actually got of its key's rate.
         let min_busy = self.settings.window / 10;
@@ -383,7 +311,16 @@ impl RetreatController {
         } else {
             None
         };
-        self.effective_rpm = (too_much * self.settings.decrease_factor)
+        // At a known ceiling, a 429 says the ceiling was a little high (a fixed window's or a
+        // token bucket's count runs ahead of its rate): a small cut to what the window
+        // accepted. Anywhere else the quota may have fallen far: the usual multiplicative cut.
+        let at_known_ceiling = matches!(self.phase, Phase::Recover { above: None, .. })
+            && matches!(self.learned, Learned::Known(c) if before >= c.rpm * (1.0 - 1e-6));
+        let decrease = match measured {
+            Some(m) if at_known_ceiling => (self.headroom(m) / before).max(AT_CEILING_DECREASE),
+            _ => self.settings.decrease_factor,
+        };
+        self.effective_rpm = (too_much * decrease.min(1.0))
             .max(self.floor_rpm())
             .min(self.base_rpm);
         // A window that held an earlier cut was not spent near the quota all along: what it
@@ -392,7 +329,12 @@ impl RetreatController {
             .last_cut
             .is_some_and(|last| now.saturating_duration_since(last) < self.settings.window);
         self.last_cut = Some(now);
-        let proven = self.proven_rpm.take().unwrap_or(0.0);
+        // A rate proven before is a floor for the ceiling, unless this 429 came at it.
+        let proven = self
+            .proven_rpm
+            .take()
+            .filter(|p| *p < before * (1.0 - 1e-6))
+            .unwrap_or(0.0);
         self.learned = match measured {
             Some(rpm) => {
                 let rpm = self.headroom(rpm).max(proven).min(self.base_rpm);
@@ -416,6 +358,7 @@ impl RetreatController {
         {
             // The step above the ceiling found the quota: back to the rate below it.
             let good = good.clamp(self.floor_rpm(), self.base_rpm);
+            self.refused_rpm = Some(self.refused_rpm.map_or(before, |r| r.min(before)));
             let rpm = match self.learned {
                 Learned::Known(c) => c.rpm.max(good),
                 _ => good,
@@ -425,6 +368,8 @@ impl RetreatController {
                 source: CeilingSource::Window,
             });
             self.effective_rpm = good;
+        } else {
+            self.refused_rpm = None;
         }
         self.phase = Phase::Retreat {
             quiet_since: now,
@@ -439,124 +384,10 @@ impl RetreatController {
     }
 
     fn pause_for(&mut self, wait: Duration, now: Instant) {
-        let until = now + wait;
+        let until = now + wait.min(self.max_pause);
         if self.pause_until.is_none_or(|p| p < until) {
             self.pause_until = Some(until);
         }
-    }
-
-    /// Advances retreat → recover → normal as time passes.
-    pub fn tick(&mut self, now: Instant) {
-        if self.pause_until.is_some_and(|p| p <= now) {
-            self.pause_until = None;
-        }
-        self.probe_timeout(now);
-        if let Learned::Pending { since } = self.learned {
-            if self.history.busy_window(now) {
-                self.learn_from_window(now);
-            } else if now.saturating_duration_since(since) >= self.settings.window {
-                self.learned = Learned::Floor(self.effective_rpm);
-            }
-        }
-        let quiet_since = match self.phase {
-            Phase::Normal => None,
-            Phase::Retreat {
-                probing: Some(_), ..
-            } => None,
-            Phase::Retreat { quiet_since, .. } => Some(quiet_since),
-            Phase::Recover { last_step, .. } => Some(last_step),
-        };
-        let quiet_for = quiet_since.map(|at| {
-            let last_429 = self.last_refusal.map_or(at, |r| r.at.max(at));
-            now.saturating_duration_since(last_429)
-        });
-        if quiet_for.is_some_and(|q| q >= self.settings.window) && self.history.busy_window(now) {
-            // A whole busy window ran at this rate without a 429: it is proven.
-            self.proven_rpm = Some(self.proven_rpm.unwrap_or(0.0).max(self.effective_rpm));
-            if let Phase::Recover { above, .. } = &mut self.phase {
-                *above = None;
-            }
-        }
-        match self.phase {
-            Phase::Normal => {}
-            Phase::Retreat { quiet_since, .. } => {
-                if self.pause_until.is_none()
-                    && !self.is_probing()
-                    && now.saturating_duration_since(quiet_since) >= self.settings.quiet_period
-                {
-                    self.phase = Phase::Recover {
-                        last_step: now,
-                        above: None,
-                    };
-                }
-            }
-            Phase::Recover { last_step, above } => self.recover(now, last_step, above),
-        }
-    }
-
-    /// The first whole busy window after a cut that came too early to learn from.
-    fn learn_from_window(&mut self, now: Instant) {
-        let accepted = self.history.accepted_rpm(now);
-        let rpm = self.headroom(accepted).max(self.effective_rpm);
-        // A window that was mostly spent at the cut rate only proves the cut rate.
-        self.learned = if accepted <= self.effective_rpm * (1.0 + self.settings.ceiling_headroom) {
-            Learned::Floor(rpm)
-        } else {
-            Learned::Known(Ceiling {
-                rpm,
-                source: CeilingSource::Window,
-            })
-        };
-    }
-
-    fn recover(&mut self, now: Instant, mut last_step: Instant, mut above: Option<f64>) {
-        let s = &self.settings;
-        let step = s.recover_step * self.base_rpm;
-        if matches!(self.learned, Learned::Pending { .. }) {
-            // Nothing to climb to before a whole busy window has taught it.
-            return;
-        }
-        let mut bound = self
-            .learned
-            .bound()
-            .unwrap_or(self.base_rpm)
-            .min(self.base_rpm);
-        while now.saturating_duration_since(last_step) >= s.recover_interval
-            && self.effective_rpm < bound
-        {
-            self.effective_rpm = (self.effective_rpm + step).min(bound);
-            last_step += s.recover_interval;
-        }
-        // Above a known ceiling: rarely and explicitly. Above one that only proves a rate:
-        // one step per whole window.
-        let above_every = match self.learned {
-            Learned::Floor(_) => s.window.min(s.probe_interval),
-            _ => s.probe_interval,
-        };
-        while self.effective_rpm >= bound
-            && self.effective_rpm < self.base_rpm
-            && now.saturating_duration_since(last_step) >= above_every
-        {
-            above = Some(bound);
-            bound += step;
-            self.learned = match self.learned {
-                Learned::Known(c) => Learned::Known(Ceiling { rpm: bound, ..c }),
-                _ => Learned::Floor(bound),
-            };
-            self.effective_rpm = (self.effective_rpm + step).min(self.base_rpm);
-            last_step += above_every;
-        }
-        if self.effective_rpm >= self.base_rpm {
-            self.back_to_normal();
-        } else {
-            self.phase = Phase::Recover { last_step, above };
-        }
-    }
-
-    fn back_to_normal(&mut self) {
-        self.effective_rpm = self.base_rpm;
-        self.phase = Phase::Normal;
-        self.learned = Learned::Nothing;
     }
 
     /// Forgets what was learned: back to the base rate, no pause, no probing (an operator's
@@ -608,31 +439,6 @@ impl RetreatController {
             0.0
         } else {
             self.effective_rpm * (1.0 - self.settings.safety_margin) / 60.0
-        }
-    }
-
-    /// When the rate goes up next by itself, if it will.
-    pub fn next_step_at(&self) -> Option<Instant> {
-        let s = &self.settings;
-        match self.phase {
-            Phase::Normal => None,
-            Phase::Retreat {
-                probing: Some(_), ..
-            } => None,
-            Phase::Retreat { quiet_since, .. } => Some(quiet_since + s.quiet_period),
-            Phase::Recover { last_step, .. } => {
-                if matches!(self.learned, Learned::Pending { .. }) {
-                    return None;
-                }
-                let bound = self.learned.bound().unwrap_or(self.base_rpm);
-                if self.effective_rpm < bound {
-                    Some(last_step + s.recover_interval)
-                } else if matches!(self.learned, Learned::Floor(_)) {
-                    Some(last_step + s.window.min(s.probe_interval))
-                } else {
-                    Some(last_step + s.probe_interval)
-                }
-            }
         }
     }
 

@@ -70,6 +70,13 @@ impl RetreatController {
         }
     }
 
+    /// When the next probe is due, while none is out.
+    pub fn probe_due_at(&self) -> Option<Instant> {
+        self.probing()
+            .filter(|p| p.in_flight.is_none())
+            .map(|p| p.next_at)
+    }
+
     /// When probing next changes on its own: the next probe is due, or the one out times out.
     pub fn next_probe_event(&self) -> Option<Instant> {
         let p = self.probing()?;
@@ -103,7 +110,8 @@ impl RetreatController {
         }
     }
 
-    pub(super) fn probe_refused(&mut self, now: Instant) {
+    /// A probe was refused (or a request that counts as one): the next waits longer.
+    pub fn probe_refused(&mut self, now: Instant) {
         // A `Retry-After` on the refusal pauses as well; whichever ends later counts.
         if let Some(p) = self.probing_mut() {
             p.spacing = (p.spacing * PROBE_GROWTH).min(PROBE_SPACING_MAX);

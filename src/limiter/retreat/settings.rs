@@ -38,7 +38,7 @@ impl Default for RetreatSettings {
             quiet_period: Duration::from_secs(15),
             recover_step: 0.05,
             recover_interval: Duration::from_secs(5),
-            ceiling_headroom: 0.05,
+            ceiling_headroom: 0.02,
             probe_interval: Duration::from_secs(300),
             safety_margin: 0.01,
         }

@@ -71,7 +71,9 @@ impl RetreatController {
                 None => Learned::Floor(self.effective_rpm),
             };
         }
-        self.pause_until = pause_until.filter(|p| *p > now);
+        self.pause_until = pause_until
+            .filter(|p| *p > now)
+            .map(|p| p.min(now + self.max_pause));
     }
 
     /// What other instances sharing the quota should know of this controller.

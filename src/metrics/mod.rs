@@ -1,17 +1,20 @@
 //! Every metric the sidecar exports (prefix `nvidia_sidecar_`), defined in one place.
 //!
 //! Label values are bounded: routes come from the config, codes are HTTP status numbers,
-//! priorities and outcomes are fixed sets. Client ids never become labels.
-
-use std::sync::OnceLock;
+//! priorities and outcomes are fixed sets. Client ids never become labels; model ids (learned
+//! from request bodies) do, bounded by the number of models a route learns at once.
 
 use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::limiter::Priority;
+mod lanes;
+mod route;
+
+pub use lanes::LaneGauges;
+pub use route::RouteMetrics;
 
 /// How a request ended, as counted in `requests_total{outcome}` and written to the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,8 @@ pub enum Outcome {
     Passthrough,
     RejectedQueueFull,
     RejectedQueueTimeout,
+    /// The upstream locked the request's model beyond its deadline.
+    RejectedModelLocked,
     /// The client went away (while queued or while the answer streamed).
     ClientClosed,
     /// The upstream could not be reached, timed out or broke off.
@@ -34,11 +39,12 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Forwarded,
         Outcome::Passthrough,
         Outcome::RejectedQueueFull,
         Outcome::RejectedQueueTimeout,
+        Outcome::RejectedModelLocked,
         Outcome::ClientClosed,
         Outcome::UpstreamError,
         Outcome::ClientError,
@@ -51,6 +57,7 @@ impl Outcome {
             Outcome::Passthrough => "passthrough",
             Outcome::RejectedQueueFull => "rejected_queue_full",
             Outcome::RejectedQueueTimeout => "rejected_queue_timeout",
+            Outcome::RejectedModelLocked => "rejected_model_locked",
             Outcome::ClientClosed => "client_closed",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientError => "client_error",
@@ -98,6 +105,8 @@ pub struct Metrics {
     pub shared_slots: IntCounterVec,
     pub redis_calls: IntCounterVec,
     pub redis_duration: Histogram,
+    /// What every key and learned model's lane learned.
+    pub lanes: LaneGauges,
 }
 
 const PREFIX: &str = "nvidia_sidecar";
@@ -362,6 +371,7 @@ impl Metrics {
                     .buckets(exponential_buckets(0.0001, 2.0, 14).expect("valid bucket layout")),
                 ),
             ),
+            lanes: LaneGauges::new(r),
             registry,
         };
         m.build_info
@@ -393,88 +403,6 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
-    }
-}
-
-/// The series one route's requests update, each looked up by its labels once, on its first
-/// use, instead of on every request (a lookup hashes the labels under a lock). A series
-/// appears in `/metrics` only once it has been used, as with a lookup.
-pub struct RouteMetrics {
-    route: String,
-    requests: [OnceLock<IntCounter>; Outcome::ALL.len()],
-    /// By status code, 100 to 599.
-    upstream_responses: Box<[OnceLock<IntCounter>]>,
-    upstream_duration: OnceLock<Histogram>,
-    /// By key lane.
-    key_requests: Box<[OnceLock<IntCounter>]>,
-    queue_wait: [OnceLock<Histogram>; Priority::ALL.len()],
-}
-
-impl RouteMetrics {
-    pub fn new(route: &str, keys: usize) -> RouteMetrics {
-        RouteMetrics {
-            route: route.to_string(),
-            requests: Default::default(),
-            upstream_responses: (100..600).map(|_| OnceLock::new()).collect(),
-            upstream_duration: OnceLock::new(),
-            key_requests: (0..keys).map(|_| OnceLock::new()).collect(),
-            queue_wait: Default::default(),
-        }
-    }
-
-    /// `requests_total{route, outcome}`.
-    pub fn request(&self, m: &Metrics, outcome: Outcome) {
-        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
-        self.requests[i]
-            .get_or_init(|| {
-                m.requests
-                    .with_label_values(&[self.route.as_str(), outcome.as_str()])
-            })
-            .inc();
-    }
-
-    /// `upstream_responses_total{route, code}`.
-    pub fn upstream_response(&self, m: &Metrics, status: u16) {
-        let make = || {
-            m.upstream_responses
-                .with_label_values(&[self.route.as_str(), status.to_string().as_str()])
-        };
-        match self
-            .upstream_responses
-            .get(usize::from(status).wrapping_sub(100))
-        {
-            Some(cell) => cell.get_or_init(make).inc(),
-            None => make().inc(),
-        }
-    }
-
-    /// `upstream_duration_seconds{route}`.
-    pub fn upstream_duration(&self, m: &Metrics, seconds: f64) {
-        self.upstream_duration
-            .get_or_init(|| {
-                m.upstream_duration
-                    .with_label_values(&[self.route.as_str()])
-            })
-            .observe(seconds);
-    }
-
-    /// `key_requests_total{route, key}` for the key of `lane`, named `name`.
-    pub fn key_request(&self, m: &Metrics, lane: usize, name: &str) {
-        let make = || {
-            m.key_requests
-                .with_label_values(&[self.route.as_str(), name])
-        };
-        match self.key_requests.get(lane) {
-            Some(cell) => cell.get_or_init(make).inc(),
-            None => make().inc(),
-        }
-    }
-
-    /// `queue_wait_seconds{priority}` (not by route: the histogram has no route label).
-    pub fn queue_wait(&self, m: &Metrics, priority: Priority, seconds: f64) {
-        self.queue_wait[priority as usize]
-            .get_or_init(|| m.queue_wait.with_label_values(&[priority.as_str()]))
-            .observe(seconds);
     }
 }
 
