@@ -310,29 +310,7 @@ async fn metrics_pass_promtool_and_cover_the_spec() {
     assert!(metrics
         .contains("nvidia_sidecar_config_reloads_total{result=\"ok\",source=\"api_reload\"} 1"));
 
-    if !require_tool("promtool") {
-        return;
-    }
-    let mut check = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::promtool_check(&metrics);
 }
 
 #[tokio::test(flavor = "multi_thread")]

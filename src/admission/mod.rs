@@ -378,6 +378,16 @@ impl AdmissionGate {
             .billing_refused(now())
     }
 
+    /// How long a request refused on `grant` must wait at least before it could be sent
+    /// again (see `Limiter::replay_not_before`).
+    pub fn replay_wait(&self, grant: Grant) -> Duration {
+        let t = now();
+        self.lock()
+            .limiter
+            .replay_not_before(grant, t)
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(t))
+    }
+
     /// How long a new request of `priority` would wait now.
     pub fn estimated_wait(&self, priority: Priority) -> Duration {
         self.lock().limiter.estimated_wait(priority, now())

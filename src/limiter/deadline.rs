@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Ask, Limiter, ModelRef, Rejection, Resolution, Waiter, WaiterId};
+use super::{Ask, Grant, Limiter, ModelRef, Rejection, Resolution, Waiter, WaiterId};
 
 /// Most a `Retry-After` is spread by: a tenth of the wait, up to this.
 const SPREAD_MAX: Duration = Duration::from_secs(30);
@@ -40,6 +40,24 @@ impl Limiter {
             }
         }
         earliest
+    }
+
+    /// The earliest a request refused on `grant` could be sent again by what is firm, if that
+    /// is later than now: a refused probe waits for the next (three times the spacing), any
+    /// other for what holds its lanes now.
+    pub fn replay_not_before(&self, grant: Grant, now: Instant) -> Option<Instant> {
+        let key = &self.lane(grant.lane).controller;
+        if grant.probe && grant.epoch == key.epoch() {
+            return key.next_probe_if_refused(now);
+        }
+        if let Some(mg) = grant.learned.filter(|mg| mg.probe) {
+            let lane = self.learned.lane(mg.model, grant.lane)?;
+            if mg.epoch == lane.controller.epoch() {
+                return lane.controller.next_probe_if_refused(now);
+            }
+        }
+        self.not_before(grant.learned.map(|mg| mg.model), now)
+            .map(|(at, _)| at)
     }
 
     /// Why a new request (`again`: a replay, ahead of its class) cannot be served before its

@@ -96,11 +96,14 @@ pub fn may_replay(
     let Stage::Admitted { grant } = ctx.stage else {
         return false;
     };
+    // A refused probe waits for the next one; a request whose replay could not be served in
+    // time is passed on instead, so that its body is read (it may say "try again in 5 hours").
+    let held = gate.replay_wait(grant);
     ctx.body.is_complete()
         && ctx.replays < settings.max_replays
         && nothing_of_the_answer_sent(ctx, session)
         && gate.replays_429s(grant)
-        && gate.estimated_wait(ctx.priority) + asked.max(backoff)
+        && (gate.estimated_wait(ctx.priority) + asked.max(backoff)).max(held)
             < ctx.deadline.saturating_duration_since(now())
 }
 

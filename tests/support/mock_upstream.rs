@@ -7,6 +7,15 @@
 //! `POST /_mock/reset`. Used by the tests and, through `examples/mock_upstream.rs`, by the
 //! benchmarks.
 //!
+//! Per model (set through `MockState`): a rate quota of its own, counted per key
+//! (`set_model_quota`; a request it refuses takes no slot of the key's quota), and a lockout
+//! (`lock_model`: every request of the model refused for a while, with or without a
+//! `Retry-After`, the body saying "try again in N hours" either way). The quota may be
+//! stated in headers on every chat answer (`state_limits`: OpenAI's `x-ratelimit-*` or
+//! Anthropic's `anthropic-ratelimit-requests-*`), truthfully or with a value the test chooses.
+//! NVIDIA's worker-capacity error comes as a 429 (`worker_busy_next`), a 503
+//! (`worker_503_next`) or as the first event of a 200 stream (`worker_in_stream_next`).
+//!
 //! For key pools and per-model limits (set through `MockState`, not the control endpoint):
 //! a key (the `Authorization: Bearer` value) may have a quota of its own
 //! (`set_key_quota`; keys without one share the global quota), a key may be revoked
@@ -119,6 +128,22 @@ const UNAVAILABLE_BODY: &str = r#"{"message":"ResourceExhausted: All workers are
 /// The body of `LimitStyle::WorkerCapacity` and of `MockState::worker_busy_next` answers.
 const WORKER_CAPACITY_BODY: &str = r#"{"status":429,"title":"Too Many Requests","detail":"ResourceExhausted: Worker local total request limit reached (33/32)"}"#;
 
+/// How the mock states its quota in headers (`MockState::state_limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stating {
+    /// `x-ratelimit-limit-requests`, `-remaining-requests`, `-reset-requests` (a duration).
+    OpenAi,
+    /// `anthropic-ratelimit-requests-limit`, `-remaining`, `-reset` (RFC 3339).
+    Anthropic,
+}
+
+/// A model's lockout (`MockState::lock_model`).
+#[derive(Debug, Clone, Copy)]
+struct Lockout {
+    until: Instant,
+    retry_after_header: bool,
+}
+
 /// The body of the 401 a revoked key gets (`MockState::revoke_key`).
 const REVOKED_BODY: &str = r#"{"error":{"message":"invalid key","type":"authentication_error"}}"#;
 
@@ -147,7 +172,12 @@ pub struct Arrival {
     pub worker_busy: bool,
     /// The JSON body's `"model"`, when there is one.
     pub model: Option<String>,
+    /// Refused by the model's own quota or lockout, not by the key's quota.
+    pub by_model: bool,
 }
+
+/// Each model's quota, and what it remembers per key.
+type ModelQuotas = HashMap<String, (Quota, HashMap<String, QuotaBook>)>;
 
 pub struct MockState {
     quota: Mutex<Option<Quota>>,
@@ -168,6 +198,16 @@ pub struct MockState {
     worker_busy_next: AtomicUsize,
     /// The next N chat requests get a 503 "all workers are busy".
     unavailable_next: AtomicUsize,
+    /// The next N chat requests get a 503 with the worker-capacity detail.
+    worker_503_next: AtomicUsize,
+    /// The next N streamed chat requests get a 200 whose first event is the capacity error.
+    worker_in_stream_next: AtomicUsize,
+    /// Models with a rate quota of their own, counted per key (the bearer value, "" without).
+    model_quotas: Mutex<ModelQuotas>,
+    /// Models refused outright for a while.
+    lockouts: Mutex<HashMap<String, Lockout>>,
+    /// How the quota is stated in headers, and the limit to state instead of the true one.
+    stating: Mutex<Option<(Stating, Option<String>)>>,
     pub streams_finished: AtomicUsize,
 }
 
@@ -292,6 +332,31 @@ impl Drop for ModelSlot {
     }
 }
 
+/// `when` in RFC 3339, UTC, whole seconds (as Anthropic's reset headers).
+fn rfc3339(when: std::time::SystemTime) -> String {
+    let secs = when
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// The key of `Authorization: Bearer <key>`.
 fn bearer_key(authorization: &str) -> Option<&str> {
     let (scheme, key) = authorization.trim().split_once(' ')?;
@@ -321,6 +386,11 @@ impl MockState {
             fail_next: AtomicUsize::new(0),
             worker_busy_next: AtomicUsize::new(0),
             unavailable_next: AtomicUsize::new(0),
+            worker_503_next: AtomicUsize::new(0),
+            worker_in_stream_next: AtomicUsize::new(0),
+            model_quotas: Mutex::new(HashMap::new()),
+            lockouts: Mutex::new(HashMap::new()),
+            stating: Mutex::new(None),
             streams_finished: AtomicUsize::new(0),
         })
     }
@@ -504,6 +574,144 @@ impl MockState {
         Some(self.book.lock().unwrap().headroom(quota, self.started, at))
     }
 
+    /// Requests for `model` also count against a quota of their own, per key; `None` removes
+    /// it. A request the model's quota refuses gets the style's 429 and takes no slot of the
+    /// key's quota.
+    pub fn set_model_quota(&self, model: &str, quota: Option<Quota>) {
+        let mut quotas = self.model_quotas.lock().unwrap();
+        match quota {
+            Some(q) => {
+                quotas.insert(model.to_string(), (q, HashMap::new()));
+            }
+            None => {
+                quotas.remove(model);
+            }
+        }
+    }
+
+    /// For `duration` from now every request for `model` gets a 429 whose body says "try
+    /// again in N hours" (or minutes), with `Retry-After` when `retry_after_header`.
+    pub fn lock_model(&self, model: &str, duration: Duration, retry_after_header: bool) {
+        self.lockouts.lock().unwrap().insert(
+            model.to_string(),
+            Lockout {
+                until: Instant::now() + duration,
+                retry_after_header,
+            },
+        );
+    }
+
+    /// States the quota in headers on every chat answer, the true limit per minute or
+    /// `limit` as given (any text: a test of hostile values).
+    pub fn state_limits(&self, stating: Option<Stating>, limit: Option<&str>) {
+        *self.stating.lock().unwrap() = stating.map(|s| (s, limit.map(str::to_string)));
+    }
+
+    /// The next `n` chat requests get a 503 with NVIDIA's worker-capacity detail.
+    pub fn worker_503_next(&self, n: usize) {
+        self.worker_503_next.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` streamed chat requests get a 200 whose first event is NVIDIA's
+    /// worker-capacity error (the axum mock only: the raw one does not stream).
+    pub fn worker_in_stream_next(&self, n: usize) {
+        self.worker_in_stream_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Requests for `model` refused by its own quota or lockout.
+    pub fn model_refusals(&self, model: &str) -> usize {
+        self.arrivals()
+            .iter()
+            .filter(|a| a.by_model && a.model.as_deref() == Some(model))
+            .count()
+    }
+
+    /// Chat requests for `model` accepted in `[from, to)`.
+    pub fn accepted_of_model_between(&self, model: &str, from: Instant, to: Instant) -> usize {
+        self.arrivals()
+            .iter()
+            .filter(|a| {
+                a.status == 200
+                    && a.at >= from
+                    && a.at < to
+                    && a.model.as_deref() == Some(model)
+                    && a.path.starts_with("/v1/chat")
+            })
+            .count()
+    }
+
+    /// The lockout answer for `model`, if it is locked now.
+    fn lockout_answer(&self, model: Option<&str>, at: Instant) -> Option<Answer> {
+        let lockout = *self.lockouts.lock().unwrap().get(model?)?;
+        let left = lockout.until.checked_duration_since(at)?;
+        let hours = left.as_secs_f64() / 3600.0;
+        let words = if hours >= 1.0 {
+            format!("{} hours", hours.ceil() as u64)
+        } else {
+            format!(
+                "{} minutes",
+                (left.as_secs_f64() / 60.0).ceil().max(1.0) as u64
+            )
+        };
+        let body = format!(
+            r#"{{"status":429,"title":"Too Many Requests","detail":"The model is rate limited for this account, try again in {words}"}}"#
+        );
+        let mut answer = Answer::json(429, body);
+        if lockout.retry_after_header {
+            answer.set_header("retry-after", left.as_secs().max(1).to_string());
+        }
+        Some(answer)
+    }
+
+    /// Takes a slot of `model`'s own quota under `key`; false when it is over that quota.
+    fn admit_model(&self, model: Option<&str>, key: Option<&str>, at: Instant) -> bool {
+        let Some(model) = model else { return true };
+        let mut quotas = self.model_quotas.lock().unwrap();
+        let Some((quota, books)) = quotas.get_mut(model) else {
+            return true;
+        };
+        let quota = *quota;
+        books
+            .entry(key.unwrap_or("").to_string())
+            .or_insert_with(|| QuotaBook::new(Some(quota)))
+            .admit(quota, self.started, at)
+    }
+
+    /// The stated-limit headers on a chat answer, if the mock states its quota.
+    fn add_stated(&self, key: Option<&str>, at: Instant, answer: &mut Answer) {
+        let Some((stating, limit)) = self.stating.lock().unwrap().clone() else {
+            return;
+        };
+        let quota = key
+            .and_then(|k| self.key_quotas.lock().unwrap().get(k).map(|(q, _)| *q))
+            .or(*self.quota.lock().unwrap());
+        let Some(quota) = quota else { return };
+        let (remaining, reset) = self
+            .headroom(key, at)
+            .unwrap_or((quota.limit, Duration::ZERO));
+        let per_minute = quota.limit as f64 * 60.0 / quota.window.as_secs_f64();
+        let limit = limit.unwrap_or_else(|| format!("{}", per_minute.round() as u64));
+        match stating {
+            Stating::OpenAi => {
+                answer.set_header("x-ratelimit-limit-requests", limit);
+                answer.set_header("x-ratelimit-remaining-requests", remaining.to_string());
+                answer.set_header(
+                    "x-ratelimit-reset-requests",
+                    format!("{}ms", reset.as_millis().max(1)),
+                );
+            }
+            Stating::Anthropic => {
+                answer.set_header("anthropic-ratelimit-requests-limit", limit);
+                answer.set_header(
+                    "anthropic-ratelimit-requests-remaining",
+                    remaining.to_string(),
+                );
+                let when = std::time::SystemTime::now() + reset;
+                answer.set_header("anthropic-ratelimit-requests-reset", rfc3339(when));
+            }
+        }
+    }
+
     /// The next `n` chat requests get a 429 whatever the quota says.
     pub fn fail_next(&self, n: usize) {
         self.fail_next.store(n, Ordering::SeqCst);
@@ -636,6 +844,7 @@ impl Arrival {
             body_checksum: fnv1a64(body),
             worker_busy,
             model: None,
+            by_model: false,
         }
     }
 
@@ -803,6 +1012,8 @@ enum ChatOutcome {
     Buffered(Answer),
     /// Accepted, answered with an SSE stream of `chunks` events `delay` apart.
     Stream { chunks: u64, delay: Duration },
+    /// A 200 stream whose first event is NVIDIA's worker-capacity error.
+    StreamError,
 }
 
 /// Decides and records a chat request. `can_stream` false answers `stream: true` requests
@@ -821,13 +1032,15 @@ fn decide_chat(
         serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     let model = request["model"].as_str();
     // The body was parsed once already: record its model without parsing it again.
-    let record = |status: u16, worker_busy: bool| {
+    let record_as = |status: u16, worker_busy: bool, by_model: bool| {
         let arrival = Arrival {
             model: model.map(str::to_string),
+            by_model,
             ..Arrival::new(at, PATH, status, headers, body, worker_busy)
         };
         state.arrivals.lock().unwrap().push(arrival);
     };
+    let record = |status: u16, worker_busy: bool| record_as(status, worker_busy, false);
     let style = *state.style.lock().unwrap();
     if let Some(answer) = state.revoked_answer(headers) {
         record(401, false);
@@ -844,6 +1057,17 @@ fn decide_chat(
             None,
         );
     }
+    if state
+        .worker_503_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        record(503, true);
+        return (
+            ChatOutcome::Limited(Answer::json(503, WORKER_CAPACITY_BODY)),
+            None,
+        );
+    }
     if state.take_worker_busy() {
         record(429, true);
         return (
@@ -855,6 +1079,16 @@ fn decide_chat(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_key);
+    if let Some(answer) = state.lockout_answer(model, at) {
+        record_as(429, false, true);
+        return (ChatOutcome::Limited(answer), None);
+    }
+    if !state.admit_model(model, key, at) {
+        record_as(429, false, true);
+        let mut answer = too_many(style);
+        state.add_stated(key, at, &mut answer);
+        return (ChatOutcome::Limited(answer), None);
+    }
     let (admitted, slot) = match state.take_model_slot(model, || state.admit(at, key)) {
         Ok(taken) => taken,
         Err(()) => {
@@ -871,10 +1105,20 @@ fn decide_chat(
         if style == LimitStyle::RateLimitHeaders {
             add_ratelimit_headers(state, key, at, &mut answer);
         }
+        state.add_stated(key, at, &mut answer);
         return (ChatOutcome::Limited(answer), None);
     }
     record(200, false);
     let streaming = request["stream"].as_bool() == Some(true);
+    if streaming
+        && can_stream
+        && state
+            .worker_in_stream_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        return (ChatOutcome::StreamError, slot);
+    }
     if streaming && can_stream {
         let outcome = ChatOutcome::Stream {
             chunks: request["chunks"].as_u64().unwrap_or(5),
@@ -891,6 +1135,7 @@ fn decide_chat(
     if style == LimitStyle::RateLimitHeaders {
         add_ratelimit_headers(state, key, at, &mut answer);
     }
+    state.add_stated(key, at, &mut answer);
     (ChatOutcome::Buffered(answer), slot)
 }
 
@@ -901,6 +1146,12 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
     }
     match outcome {
         ChatOutcome::Limited(answer) | ChatOutcome::Buffered(answer) => answer.into_response(),
+        ChatOutcome::StreamError => Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(
+                "data: {\"error\":{\"message\":\"ResourceExhausted: Worker local total request limit reached (33/32)\",\"code\":503}}\n\ndata: [DONE]\n\n",
+            ))
+            .unwrap(),
         ChatOutcome::Stream { chunks, delay } => {
             let stream = async_stream(chunks, delay, state.clone(), slot);
             Response::builder()
@@ -1086,7 +1337,9 @@ mod raw {
                         ChatOutcome::Limited(answer) | ChatOutcome::Buffered(answer) => {
                             (answer, true)
                         }
-                        ChatOutcome::Stream { .. } => unreachable!("can_stream is false"),
+                        ChatOutcome::Stream { .. } | ChatOutcome::StreamError => {
+                            unreachable!("can_stream is false")
+                        }
                     }
                 }
                 ("GET", "/v1/models") => (models_answer(&state, &request.headers), false),

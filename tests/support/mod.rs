@@ -9,7 +9,7 @@ pub mod sidecar;
 pub mod tls;
 
 #[allow(unused_imports)]
-pub use mock_upstream::{fnv1a64, Framing, LimitStyle, MockUpstream, Quota, QuotaKind};
+pub use mock_upstream::{fnv1a64, Framing, LimitStyle, MockUpstream, Quota, QuotaKind, Stating};
 
 #[allow(unused_imports)]
 pub use redis_server::{RedisServer, Sentinels};
@@ -39,6 +39,35 @@ pub fn require_tool(tool: &str) -> bool {
         eprintln!("skipping: {tool} is not installed (CI installs it; see .ci/run)");
     }
     found
+}
+
+/// Checks a metrics exposition with `promtool check metrics` (skipped with a reason when
+/// promtool is missing, a failure under `CI=true`).
+pub fn promtool_check(metrics: &str) {
+    use std::io::Write;
+    if !require_tool("promtool") {
+        return;
+    }
+    let mut check = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A chat body of about `bytes` bytes: a coding agent's long prompt.

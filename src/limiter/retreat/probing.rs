@@ -70,6 +70,16 @@ impl RetreatController {
         }
     }
 
+    /// When the next probe would be due if the one out now were refused.
+    pub fn next_probe_if_refused(&self, now: Instant) -> Option<Instant> {
+        let p = self.probing()?;
+        let next = now + (p.spacing * PROBE_GROWTH).min(PROBE_SPACING_MAX);
+        Some(match p.frees_at {
+            Some(frees) if frees > now => next.min(frees),
+            _ => next,
+        })
+    }
+
     /// When the next probe is due, while none is out.
     pub fn probe_due_at(&self) -> Option<Instant> {
         self.probing()
