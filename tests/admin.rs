@@ -5,12 +5,11 @@
 
 mod support;
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use support::{chat_body, client, require_tool, LimitStyle, MockUpstream, Sidecar};
+use support::{chat_body, client, LimitStyle, MockUpstream, Sidecar};
 
 async fn get_json(url: &str) -> (u16, Value) {
     let response = client().get(url).send().await.unwrap();
