@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
