@@ -18,6 +18,7 @@ fn settings(capacity: u32, queue_max: usize) -> LimiterSettings {
         keys: Vec::new(),
         models: Vec::new(),
         client_caps: Vec::new(),
+        auto: false,
         retreat: RetreatSettings {
             safety_margin: 0.0,
             ..RetreatSettings::default()

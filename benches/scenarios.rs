@@ -31,6 +31,9 @@ mod loadgen;
 #[path = "support/adaptive_matrix.rs"]
 mod adaptive_matrix;
 
+#[path = "support/backoff_proxy.rs"]
+mod backoff_proxy;
+
 #[path = "support/overhead.rs"]
 mod overhead;
 

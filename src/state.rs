@@ -413,7 +413,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load_overrides(dir.path()).unwrap(), Overrides::default());
         let set = Overrides {
-            rate_rpm: Some(12.5),
+            rate_rpm: Some(crate::config::RateRpm::Fixed(12.5)),
             fallback_enabled_passthrough: Some(true),
             ..Overrides::default()
         };

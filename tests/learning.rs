@@ -399,3 +399,120 @@ async fn a_learned_lane_is_reset_through_the_admin_api() {
     assert_eq!(locked["limiting"], false, "{locked}");
     assert_eq!(locked["state"], "normal");
 }
+
+/// `rate_rpm: auto` against an upstream that states its quota, in OpenAI's headers and in
+/// Anthropic's: the route starts at 40 rpm and climbs to the stated limit (at most twice what
+/// was accepted per window), no client sees a 429.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_takes_the_limit_the_upstream_states_in_either_style() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    for stating in [support::Stating::OpenAi, support::Stating::Anthropic] {
+        let mock = MockUpstream::start(
+            Some(Quota::sliding(30, Duration::from_secs(4))),
+            LimitStyle::Nvidia,
+        )
+        .await;
+        mock.state.state_limits(Some(stating), None);
+        let sidecar = Sidecar::start(
+            &mock.url(),
+            &format!("rate_rpm: auto\nrequest_timeout: 60\n{SCALED}"),
+        )
+        .await;
+        let config = sidecar.admin_json("/api/admin/config").await;
+        assert_eq!(config["config"]["rate_rpm"], "auto", "{config}");
+        let statuses = run_clients(&sidecar, "m", 4, Duration::from_secs(18)).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{stating:?}: {statuses:?}"
+        );
+        let status = sidecar.status().await;
+        let key = &status["keys"][0];
+        println!("{stating:?}: {key}");
+        assert_eq!(key["stated_rpm"], 450.0, "{stating:?}: {key}");
+        let base = key["base_rpm"].as_f64().unwrap();
+        assert!(base > 160.0 && base <= 450.0, "{stating:?}: base {base}");
+        assert!(
+            mock.state.violations() <= 3,
+            "{stating:?}: {}",
+            mock.state.violations()
+        );
+    }
+}
+
+/// Hostile statements: a limit of 10¹² on an upstream that grants 300 rpm never lifts the
+/// rate above twice what was accepted; a zero changes nothing (negative and unreadable values
+/// are dropped where they are read: `limiter::signals` tests them).
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_stated_limits_never_lift_the_rate_far_above_what_was_accepted() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    for value in ["1e12", "0"] {
+        let mock = MockUpstream::start(
+            Some(Quota::sliding(20, Duration::from_secs(4))),
+            LimitStyle::Nvidia,
+        )
+        .await;
+        mock.state
+            .state_limits(Some(support::Stating::OpenAi), Some(value));
+        let sidecar = Sidecar::start(
+            &mock.url(),
+            &format!("rate_rpm: auto\nrequest_timeout: 60\n{SCALED}"),
+        )
+        .await;
+        let mut highest = 0.0f64;
+        let stop = Instant::now() + Duration::from_secs(10);
+        let clients = tokio::spawn({
+            let url = sidecar.url("/v1/chat/completions");
+            async move { run_clients_at(url, "m", 4, Duration::from_secs(10)).await }
+        });
+        while Instant::now() < stop {
+            let status = sidecar.status().await;
+            highest = highest.max(status["keys"][0]["effective_rpm"].as_f64().unwrap());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let statuses = clients.await.unwrap();
+        println!("{value}: highest effective rate {highest}");
+        assert!(statuses.iter().all(|s| *s == 200), "{value}: {statuses:?}");
+        if value == "1e12" {
+            assert!(
+                highest <= 2.0 * 300.0 + 1.0,
+                "{value}: climbed to {highest}"
+            );
+        } else {
+            assert_eq!(highest, 40.0, "{value}: the statement changed the rate");
+        }
+    }
+}
+
+/// `n` closed-loop clients asking for `model` through `sidecar` for `run`; their statuses.
+async fn run_clients(sidecar: &Sidecar, model: &str, n: usize, run: Duration) -> Vec<u16> {
+    run_clients_at(sidecar.url("/v1/chat/completions"), model, n, run).await
+}
+
+async fn run_clients_at(url: String, model: &str, n: usize, run: Duration) -> Vec<u16> {
+    let stop = Instant::now() + run;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (url, model) = (url.clone(), model.to_string());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while Instant::now() < stop {
+                    let response = client()
+                        .post(&url)
+                        .header("x-client-id", format!("c{i}"))
+                        .header("content-type", "application/json")
+                        .body(body(&model))
+                        .send()
+                        .await
+                        .unwrap();
+                    statuses.push(response.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    statuses
+}

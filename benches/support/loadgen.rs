@@ -15,6 +15,8 @@ pub struct ClientSpec {
     pub priority: &'static str,
     /// A client key, sent as `Authorization: Bearer …` (sidecars with `clients:`).
     pub bearer: Option<String>,
+    /// The model its requests ask for (`mock` unless set).
+    pub model: Option<String>,
 }
 
 impl ClientSpec {
@@ -24,6 +26,15 @@ impl ClientSpec {
             parallel: 1,
             priority: "normal",
             bearer: None,
+            model: None,
+        }
+    }
+
+    /// The same client asking for `model`.
+    pub fn model(self, model: &str) -> Self {
+        ClientSpec {
+            model: Some(model.to_string()),
+            ..self
         }
     }
 }
@@ -141,11 +152,12 @@ pub async fn run(spec: LoadSpec) -> Report {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let stop = start + spec.duration;
-    let body =
-        serde_json::json!({"model": "mock", "messages": [{"role": "user", "content": "hi"}]})
-            .to_string();
     let mut tasks = Vec::new();
     for (index, client) in spec.clients.iter().enumerate() {
+        let model = client.model.as_deref().unwrap_or("mock");
+        let body =
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+                .to_string();
         for _ in 0..client.parallel {
             let (http, samples, spec, client, body) = (
                 http.clone(),

@@ -42,9 +42,12 @@ pub(crate) async fn show(State(state): State<Arc<AdminState>>) -> Response {
         answer.insert(key.to_string(), config[key].clone());
     }
     // In the Python service `rate_rpm` was the rate in force, after any retreat.
-    let base = config["rate_rpm"].clone();
+    let mut base = config["rate_rpm"].clone();
     if let Some(gate) = &table.default.gate {
-        answer.insert("rate_rpm".to_string(), json!(gate.snapshot().effective_rpm));
+        let snapshot = gate.snapshot();
+        answer.insert("rate_rpm".to_string(), json!(snapshot.effective_rpm));
+        // With `rate_rpm: auto` the base is what the upstream stated (or 40 before it did).
+        base = json!(snapshot.base_rpm);
     }
     answer.insert("base_rpm".to_string(), base);
     answer.insert(

@@ -22,6 +22,8 @@ pub struct KeyView {
     pub pause_remaining_seconds: f64,
     #[serde(flatten)]
     pub learning: LearningView,
+    /// The highest limit the upstream stated for this key (`rate_rpm: auto`; `null`: none).
+    pub stated_rpm: Option<f64>,
     /// The lanes of the models learned on this key.
     pub models: Vec<ModelLaneView>,
 }
@@ -67,6 +69,8 @@ pub struct ModelLaneView {
     pub pause_remaining_seconds: f64,
     #[serde(flatten)]
     pub learning: LearningView,
+    /// The limit the upstream stated for this model on this key (`rate_rpm: auto`).
+    pub stated_rpm: Option<f64>,
 }
 
 impl ModelLaneView {
@@ -79,6 +83,7 @@ impl ModelLaneView {
             probing: m.probing,
             pause_remaining_seconds: round3(m.paused_for.map_or(0.0, |d| d.as_secs_f64())),
             learning: LearningView::of(&m.learning),
+            stated_rpm: m.stated_rpm,
         }
     }
 }
@@ -96,6 +101,7 @@ pub fn key_views(s: &LimiterSnapshot) -> Vec<KeyView> {
             probing: k.probing,
             pause_remaining_seconds: round3(k.paused_for.map_or(0.0, |d| d.as_secs_f64())),
             learning: LearningView::of(&k.learning),
+            stated_rpm: k.stated_rpm,
             models: k.models.iter().map(ModelLaneView::of).collect(),
         })
         .collect()

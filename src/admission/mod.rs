@@ -268,6 +268,12 @@ impl AdmissionGate {
         }
     }
 
+    /// The limit the upstream stated on its answer to `grant` (`rate_rpm: auto`).
+    pub fn observe_stated(&self, grant: Grant, stated: crate::limiter::StatedLimit) {
+        self.lock().limiter.observe_stated(grant, stated, now());
+        self.wake.notify_one();
+    }
+
     /// The stamp for answers to requests sent without a token: the first active key's, which
     /// they go out on.
     pub fn current_grant(&self) -> Grant {

@@ -11,6 +11,7 @@ fn gate(rpm: f64) -> Arc<AdmissionGate> {
         keys: Vec::new(),
         models: Vec::new(),
         client_caps: Vec::new(),
+        auto: false,
         retreat: RetreatSettings {
             safety_margin: 0.0,
             ..RetreatSettings::default()

@@ -11,6 +11,8 @@ pub const UPSTREAM_URL: &str = "https://integrate.api.nvidia.com";
 /// Where the upstream key is read from when the config names no source.
 pub const API_KEY_ENV: &str = "NVIDIA_API_KEY";
 pub const RATE_RPM: f64 = 40.0;
+/// Where `rate_rpm: auto` starts before the upstream states a limit (NVIDIA's usual figure).
+pub const AUTO_START_RPM: f64 = 40.0;
 pub const BUCKET_CAPACITY: u32 = 1;
 pub const REQUEST_TIMEOUT: f64 = 300.0;
 pub const QUEUE_MAX_SIZE: usize = 100;

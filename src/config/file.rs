@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::bytes::ByteSize;
+use super::rate::RateRpm;
 use super::seconds::Seconds;
 
 /// The whole configuration file.
@@ -22,8 +23,10 @@ pub struct FileConfig {
     pub metrics_port: Option<u16>,
     /// Where admitted requests go, e.g. `https://integrate.api.nvidia.com`.
     pub upstream_url: Option<String>,
-    /// Base token refill rate of the shared bucket, in requests per minute.
-    pub rate_rpm: Option<f64>,
+    /// Base token refill rate of the shared bucket, in requests per minute; or `auto`:
+    /// start at 40 and take the upstream's stated limits (`x-ratelimit-limit-requests`,
+    /// `anthropic-ratelimit-requests-limit`) per key and per model as they come.
+    pub rate_rpm: Option<RateRpm>,
     /// Burst size: tokens the bucket holds at most. 1 spaces every request evenly.
     pub bucket_capacity: Option<u32>,
     /// Seconds: the whole budget of a normal or high priority request (queue wait + upstream).
@@ -187,8 +190,8 @@ pub struct RouteSection {
     pub passthrough: bool,
     /// Upstream of this route (default: the top-level `upstream_url`).
     pub upstream_url: Option<String>,
-    /// Rate of this route's own bucket; required unless `passthrough`.
-    pub rate_rpm: Option<f64>,
+    /// Rate of this route's own bucket (a number or `auto`); required unless `passthrough`.
+    pub rate_rpm: Option<RateRpm>,
     /// Burst size of this route's own bucket (default: the top-level `bucket_capacity`).
     pub bucket_capacity: Option<u32>,
     /// A `"stream": true` request that waits longer than 3 s for its token gets its `200` and

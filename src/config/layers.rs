@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ConfigError, FileConfig, Seconds};
+use super::{ConfigError, FileConfig, RateRpm, Seconds};
 
 /// Declares the live-changeable fields once: the `Overrides` struct, `LIVE_FIELDS`, and the
 /// ways they are laid over the file, merged and named all come from this one list, so a field
@@ -60,7 +60,7 @@ macro_rules! live_fields {
 }
 
 live_fields! {
-    rate_rpm: f64,
+    rate_rpm: RateRpm,
     bucket_capacity: u32,
     queue_max_size: usize,
     low_priority_timeout: Seconds,
@@ -152,7 +152,10 @@ mod tests {
         assert!(text
             .iter()
             .any(|t| t.starts_with("colour: is not a live-changeable field")));
-        assert!(text.iter().any(|t| t.starts_with("rate_rpm: invalid type")));
+        assert!(
+            text.iter().any(|t| t.starts_with("rate_rpm: not a rate")),
+            "{text:?}"
+        );
         assert!(Overrides::from_json(&json!([1])).is_err());
         assert!(Overrides::from_json(&json!({})).is_err());
     }
@@ -165,14 +168,14 @@ mod tests {
         let layers = ConfigLayers {
             path: None,
             file: FileConfig {
-                rate_rpm: Some(40.0),
+                rate_rpm: Some(RateRpm::Fixed(40.0)),
                 queue_max_size: Some(7),
                 ..FileConfig::default()
             },
             overrides: Overrides::default().merged(&patch),
         };
         let effective = layers.effective();
-        assert_eq!(effective.rate_rpm, Some(20.0));
+        assert_eq!(effective.rate_rpm, Some(RateRpm::Fixed(20.0)));
         assert_eq!(effective.queue_max_size, Some(7));
         assert_eq!(effective.request_timeout.map(|s| s.0), Some(120.0));
     }

@@ -11,6 +11,7 @@ mod keys;
 mod layers;
 mod models;
 mod parse;
+mod rate;
 mod seconds;
 mod secret;
 mod settings;
@@ -28,6 +29,7 @@ pub use file::{
 pub use keys::UpstreamKey;
 pub use layers::{ConfigLayers, Overrides, LIVE_FIELDS};
 pub use parse::{parse, read_file};
+pub use rate::RateRpm;
 pub use seconds::Seconds;
 pub use secret::Secret;
 pub use settings::{

@@ -103,6 +103,11 @@ impl RouteSettings {
         self.bucket.is_none()
     }
 
+    /// `rate_rpm: auto`: the upstream's stated limits set the rates.
+    pub fn is_auto(&self) -> bool {
+        self.bucket.as_ref().is_some_and(|b| b.auto)
+    }
+
     /// Whether a request path falls under this route's prefix, on a segment boundary:
     /// `/v1/models` takes `/v1/models` and `/v1/models/x`, not `/v1/modelsXYZ`.
     pub fn matches(&self, path: &str) -> bool {

@@ -12,7 +12,7 @@ use super::defaults;
 use super::file::{FileConfig, RouteSection};
 use super::shared_quota::validate_shared_quota;
 use super::{
-    AccessSettings, AdminSettings, ConfigError, RouteSettings, ServerSettings, Settings,
+    AccessSettings, AdminSettings, ConfigError, RateRpm, RouteSettings, ServerSettings, Settings,
     UpstreamOptions, UpstreamUrl,
 };
 use crate::limiter::{KeyRate, LimiterSettings, Priority, RetreatSettings};
@@ -174,7 +174,11 @@ pub fn validate(
     let models = super::models::validate_models(&mut c, &file.models);
     let clients = super::clients::validate_clients(&mut c, &file.clients, env);
     let client_caps = clients.caps();
-    let bucket = |c: &mut Checker, key: &str, rpm: f64, capacity: u32| {
+    let bucket = |c: &mut Checker, key: &str, rate: RateRpm, capacity: u32| {
+        let (rpm, auto) = match rate {
+            RateRpm::Fixed(rpm) => (rpm, false),
+            RateRpm::Auto => (defaults::AUTO_START_RPM, true),
+        };
         let mut rpm = c.positive(key, rpm);
         if rpm > 0.0 && !(MIN_RPM..=MAX_RPM).contains(&rpm) {
             c.fail(
@@ -191,6 +195,7 @@ pub fn validate(
             models: models.clone(),
             client_caps: client_caps.clone(),
             retreat: retreat.clone(),
+            auto,
         }
     };
     let upstream_text = file
@@ -208,7 +213,7 @@ pub fn validate(
         bucket: Some(bucket(
             &mut c,
             "rate_rpm",
-            file.rate_rpm.unwrap_or(defaults::RATE_RPM),
+            file.rate_rpm.unwrap_or(RateRpm::Fixed(defaults::RATE_RPM)),
             capacity,
         )),
         keepalive_while_queued: false,
@@ -439,7 +444,7 @@ fn validate_route(
     r: &RouteSection,
     default_upstream: &UpstreamUrl,
     default_capacity: u32,
-    bucket: &dyn Fn(&mut Checker, &str, f64, u32) -> LimiterSettings,
+    bucket: &dyn Fn(&mut Checker, &str, RateRpm, u32) -> LimiterSettings,
 ) -> Option<RouteSettings> {
     let key = |field: &str| format!("routes[{i}].{field}");
     if !r.path_prefix.starts_with('/') {

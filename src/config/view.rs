@@ -11,12 +11,21 @@ fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// A bucket's rate as configured: its number, or `"auto"`.
+fn rate_json(bucket: &crate::limiter::LimiterSettings) -> Value {
+    if bucket.auto {
+        json!("auto")
+    } else {
+        json!(bucket.base_rpm)
+    }
+}
+
 fn route_json(r: &RouteSettings) -> Value {
     json!({
         "path_prefix": r.path_prefix,
         "upstream_url": r.upstream.to_string(),
         "passthrough": r.is_passthrough(),
-        "rate_rpm": r.bucket.as_ref().map(|b| b.base_rpm),
+        "rate_rpm": r.bucket.as_ref().map(rate_json),
         "bucket_capacity": r.bucket.as_ref().map(|b| b.capacity),
         "keepalive_while_queued": r.keepalive_while_queued,
     })
@@ -37,7 +46,7 @@ pub fn effective_view(settings: &Settings) -> Value {
         "listen_port": settings.listen_port,
         "metrics_port": settings.metrics_port,
         "upstream_url": settings.default_route.upstream.to_string(),
-        "rate_rpm": bucket.base_rpm,
+        "rate_rpm": rate_json(bucket),
         "bucket_capacity": bucket.capacity,
         "request_timeout": secs(settings.request_timeout),
         "queue_max_size": bucket.queue_max,

@@ -36,6 +36,8 @@ pub struct Lane {
     pub model_charged: Option<(super::ModelRef, Instant)>,
     /// The key was charged while one model alone used it (see `blame`): that model, and when.
     pub alone: Option<(super::ModelRef, Instant)>,
+    /// The highest limit the upstream stated for this key (`rate_rpm: auto`).
+    pub stated: Option<f64>,
     /// Up to when demand was told to the controller.
     noted: Instant,
 }
@@ -62,6 +64,7 @@ impl Lane {
             blame: None,
             model_charged: None,
             alone: None,
+            stated: None,
             noted: now,
         }
     }

@@ -120,6 +120,10 @@ fn cells() -> Vec<(String, Scenario, bool)> {
         ..s
     };
     let models = |s: Scenario, models: &'static [SimModel]| Scenario { models, ..s };
+    let stated = |s: Scenario, text: &'static str| Scenario {
+        stated: Some(text),
+        ..s
+    };
     let idle = |s: Scenario| Scenario {
         idle: Duration::from_secs(70),
         clients: 6,
@@ -220,6 +224,41 @@ fn cells() -> Vec<(String, Scenario, bool)> {
             "minute, one model locked for 5 hours, right",
             models(high(Kind::Sliding, 40, 60, 40.0), LOCKED),
             false,
+        ),
+        (
+            "auto, 60/60 s stated truthfully (starts at 40)",
+            stated(high(Kind::Sliding, 60, 60, 40.0), "truth"),
+            true,
+        ),
+        (
+            "auto, 40/60 s stating 1e12",
+            stated(high(Kind::Sliding, 40, 60, 40.0), "1e12"),
+            false,
+        ),
+        (
+            "auto, 40/60 s stating 1000 (contradicted by 429s)",
+            stated(high(Kind::Sliding, 40, 60, 40.0), "1000"),
+            false,
+        ),
+        (
+            "auto, 40/60 s stating 0",
+            stated(high(Kind::Sliding, 40, 60, 40.0), "0"),
+            true,
+        ),
+        (
+            "auto, 40/60 s stating -5",
+            stated(high(Kind::Sliding, 40, 60, 40.0), "-5"),
+            true,
+        ),
+        (
+            "auto, 40/60 s stating NaN",
+            stated(high(Kind::Sliding, 40, 60, 40.0), "NaN"),
+            true,
+        ),
+        (
+            "auto, 10 s window (30/10 s) stated truthfully (starts at 40)",
+            stated(high(Kind::Sliding, 30, 10, 40.0), "truth"),
+            true,
         ),
     ];
     cells

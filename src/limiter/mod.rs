@@ -35,6 +35,7 @@ mod shared;
 mod signals;
 mod slots;
 mod snapshot;
+mod stated;
 
 pub use bucket::TokenBucket;
 pub use clients::{ClientCap, ClientCaps};
@@ -50,7 +51,8 @@ pub use retreat::{
 pub use settings::{KeyRate, LimiterSettings};
 pub use shared::Supply;
 pub use signals::{
-    parse_go_duration, retry_after_header, seconds, NonRateLimitReason, UpstreamSignal,
+    parse_go_duration, parse_rfc3339, retry_after_header, seconds, NonRateLimitReason, StatedLimit,
+    UpstreamSignal,
 };
 pub use slots::Slots;
 pub use snapshot::{
@@ -85,6 +87,8 @@ pub struct Limiter {
     /// A 429 came since the last `poll`: a pause or a probe may put waiters past their
     /// deadline (see `deadline`).
     check_deadlines: bool,
+    /// `rate_rpm: auto` (see `stated`).
+    auto: bool,
 }
 
 impl Limiter {
@@ -120,6 +124,7 @@ impl Limiter {
             last_grant: Grant::default(),
             stalled: false,
             check_deadlines: false,
+            auto: settings.auto,
         }
     }
 

@@ -35,6 +35,10 @@ pub struct ModelRef {
 pub struct RateLane {
     pub bucket: TokenBucket,
     pub controller: RetreatController,
+    /// The limit the upstream stated for this model on this key (`rate_rpm: auto`).
+    pub stated: Option<f64>,
+    /// The key's effective rate as of the last `advance`.
+    key_rpm: f64,
     /// Up to when demand was told to the controller.
     noted: Instant,
 }
@@ -44,13 +48,18 @@ impl RateLane {
         RateLane {
             bucket: TokenBucket::new(1, now),
             controller: RetreatController::for_model(key_rpm, retreat, now),
+            stated: None,
+            key_rpm,
             noted: now,
         }
     }
 
-    /// Whether the lane holds its model back (it runs at a rate of its own, or is paused).
+    /// Whether the lane holds its model back: it runs at a rate of its own (learned, or
+    /// stated below its key's), or is paused.
     pub fn limiting(&self, now: Instant) -> bool {
-        self.controller.state() != RetreatState::Normal || self.controller.is_paused(now)
+        self.controller.state() != RetreatState::Normal
+            || self.controller.is_paused(now)
+            || self.stated.is_some_and(|s| s < self.key_rpm)
     }
 
     /// Brings the lane up to `now`, following its key's rate; `busy` when requests of the
@@ -61,7 +70,9 @@ impl RateLane {
             self.controller.note_demand(self.noted, now, busy);
             self.noted = now;
         }
-        self.controller.set_base_rpm(key_rpm);
+        self.key_rpm = key_rpm;
+        self.controller
+            .set_base_rpm(self.stated.map_or(key_rpm, |s| s.min(key_rpm)));
         let rate = self.controller.admission_rate_per_sec(now);
         if rate == 0.0 {
             self.bucket.hold(now);
@@ -321,6 +332,15 @@ impl ModelLanes {
         self.keys = keys;
         for model in self.slots.iter_mut().filter_map(|s| s.model.as_mut()) {
             model.lanes.resize_with(keys, || None);
+        }
+    }
+
+    /// Drops every stated limit (`rate_rpm` is no longer `auto`).
+    pub fn forget_stated(&mut self) {
+        for model in self.slots.iter_mut().filter_map(|s| s.model.as_mut()) {
+            for lane in model.lanes.iter_mut().flatten() {
+                lane.stated = None;
+            }
         }
     }
 

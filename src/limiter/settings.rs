@@ -27,6 +27,8 @@ pub struct LimiterSettings {
     pub models: Vec<ModelSettings>,
     /// Per-client rate caps.
     pub client_caps: Vec<ClientCap>,
+    /// `rate_rpm: auto`: the upstream's stated limits set the keys' and models' rates.
+    pub auto: bool,
 }
 
 impl LimiterSettings {
@@ -45,6 +47,7 @@ impl LimiterSettings {
             keys: Vec::new(),
             models: Vec::new(),
             client_caps: Vec::new(),
+            auto: false,
         }
     }
 
@@ -62,9 +65,14 @@ impl LimiterSettings {
 
 impl Limiter {
     /// Sets the route's rate: the rate of every key without a rate of its own.
+    /// With `rate_rpm: auto` a key keeps the limit the upstream stated for it.
     pub fn set_base_rpm(&mut self, rpm: f64, now: Instant) {
         self.advance(now);
+        let auto = self.auto;
         for lane in self.lanes.iter_mut().filter(|l| l.own_rpm.is_none()) {
+            if auto && lane.stated.is_some() {
+                continue;
+            }
             lane.controller.set_base_rpm(rpm);
         }
     }
@@ -92,6 +100,13 @@ impl Limiter {
     /// pattern stays at its place.
     pub fn set_limits(&mut self, settings: &LimiterSettings, now: Instant) {
         self.advance(now);
+        self.auto = settings.auto;
+        if !self.auto {
+            for lane in &mut self.lanes {
+                lane.stated = None;
+            }
+            self.learned.forget_stated();
+        }
         for (lane, key) in self.lanes.iter_mut().zip(settings.key_rates()) {
             lane.own_rpm = key.rpm;
             if let Some(rpm) = key.rpm {

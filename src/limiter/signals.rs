@@ -67,6 +67,7 @@ impl UpstreamSignal {
                 header("x-ratelimit-reset-requests").and_then(parse_go_duration)
             } else {
                 ietf_reset_when_exhausted(&header)
+                    .or_else(|| anthropic_reset_when_exhausted(&header, now))
             };
             return UpstreamSignal::Accepted {
                 pause: pause.map(|p| p.min(MAX_PAUSE)),
@@ -127,6 +128,83 @@ impl UpstreamSignal {
     }
 }
 
+/// The request limit an upstream states in its headers: OpenAI's
+/// `x-ratelimit-limit-requests` / `-remaining-requests` and Anthropic's
+/// `anthropic-ratelimit-requests-limit` / `-remaining`, taken as requests per minute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StatedLimit {
+    pub rpm: f64,
+    pub remaining: Option<f64>,
+}
+
+impl StatedLimit {
+    /// The limit the headers state; `None` when they state none, or something that is no
+    /// limit: not a number, not above zero, not finite, or fewer than what they say remains.
+    pub fn read<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<StatedLimit> {
+        let number = |name: &str| header(name).and_then(|v| v.trim().parse::<f64>().ok());
+        let (limit, remaining) = match number("x-ratelimit-limit-requests") {
+            Some(limit) => (limit, number("x-ratelimit-remaining-requests")),
+            None => (
+                number("anthropic-ratelimit-requests-limit")?,
+                number("anthropic-ratelimit-requests-remaining"),
+            ),
+        };
+        let sane = limit.is_finite()
+            && limit > 0.0
+            && remaining.is_none_or(|r| r.is_finite() && r >= 0.0 && r <= limit);
+        sane.then_some(StatedLimit {
+            rpm: limit,
+            remaining,
+        })
+    }
+}
+
+/// RFC 3339 (`2026-12-01T12:00:30Z`, `…30.5+01:00`) as a system time.
+pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
+    let text = text.trim();
+    let (date, rest) = text.split_once(['T', 't', ' '])?;
+    let mut ymd = date.split('-');
+    let year: i64 = ymd.next()?.parse().ok()?;
+    let month: i64 = ymd.next()?.parse().ok()?;
+    let day: i64 = ymd.next()?.parse().ok()?;
+    let offset_at = rest.find(['Z', 'z', '+', '-'])?;
+    let (time, zone) = rest.split_at(offset_at);
+    let mut hms = time.split(':');
+    let hour: i64 = hms.next()?.parse().ok()?;
+    let minute: i64 = hms.next()?.parse().ok()?;
+    let second: f64 = hms.next()?.parse().ok()?;
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    if !(0.0..61.0).contains(&second) {
+        return None;
+    }
+    let offset = match zone {
+        "Z" | "z" => 0,
+        z => {
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let (h, m) = z[1..].split_once(':')?;
+            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
+        }
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(secs)
+            + seconds(second.fract())?
+            + Duration::from_secs(second.trunc() as u64),
+    )
+}
+
 /// The upstream's own word on how long to wait (after a 429 or a 503), most precise header
 /// first, at most an hour.
 pub fn retry_after_header<'a>(
@@ -156,7 +234,23 @@ fn retry_after<'a>(header: &impl Fn(&str) -> Option<&'a str>, now: SystemTime) -
     if let Some(reset) = header("x-ratelimit-reset-requests").and_then(parse_go_duration) {
         return Some(reset);
     }
-    ietf_reset_when_exhausted(header)
+    ietf_reset_when_exhausted(header).or_else(|| anthropic_reset_when_exhausted(header, now))
+}
+
+/// Anthropic's `anthropic-ratelimit-requests-reset` (RFC 3339), when nothing remains.
+fn anthropic_reset_when_exhausted<'a>(
+    header: &impl Fn(&str) -> Option<&'a str>,
+    now: SystemTime,
+) -> Option<Duration> {
+    let remaining = header("anthropic-ratelimit-requests-remaining")?
+        .trim()
+        .parse::<f64>()
+        .ok()?;
+    if remaining > 0.0 {
+        return None;
+    }
+    let reset = parse_rfc3339(header("anthropic-ratelimit-requests-reset")?)?;
+    Some(reset.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The IETF draft `RateLimit` header's reset time, when it says nothing remains.
@@ -488,6 +582,83 @@ mod tests {
         assert!(!UpstreamSignal::capacity_error_in(
             b"data: {\"choices\":[]}\n\n"
         ));
+    }
+
+    #[test]
+    fn stated_limits_of_both_styles_are_read_and_nonsense_is_not() {
+        let stated = |headers: &[(&str, &str)]| {
+            StatedLimit::read(|name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| *v)
+            })
+        };
+        assert_eq!(
+            stated(&[
+                ("x-ratelimit-limit-requests", "500"),
+                ("x-ratelimit-remaining-requests", "499")
+            ]),
+            Some(StatedLimit {
+                rpm: 500.0,
+                remaining: Some(499.0)
+            })
+        );
+        assert_eq!(
+            stated(&[("anthropic-ratelimit-requests-limit", "50")]),
+            Some(StatedLimit {
+                rpm: 50.0,
+                remaining: None
+            })
+        );
+        for bad in ["0", "-5", "NaN", "inf", "abc", ""] {
+            assert_eq!(
+                stated(&[("x-ratelimit-limit-requests", bad)]),
+                None,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            stated(&[
+                ("x-ratelimit-limit-requests", "10"),
+                ("x-ratelimit-remaining-requests", "50")
+            ]),
+            None,
+            "more remaining than the limit is no limit"
+        );
+        assert_eq!(stated(&[]), None);
+    }
+
+    #[test]
+    fn rfc3339_times_parse() {
+        let at = |s: &str| {
+            parse_rfc3339(s).map(|t| {
+                t.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs_f64()
+            })
+        };
+        assert_eq!(at("1970-01-01T00:00:30Z"), Some(30.0));
+        assert_eq!(at("2026-12-01T12:00:00Z"), Some(1_796_126_400.0));
+        assert_eq!(at("2026-12-01T13:00:00+01:00"), Some(1_796_126_400.0));
+        assert_eq!(at("1970-01-01T00:00:01.5Z"), Some(1.5));
+        assert_eq!(at("2026-13-01T00:00:00Z"), None);
+        assert_eq!(at("yesterday"), None);
+        // Anthropic's reset on an exhausted success pauses until then.
+        let used_up = read(
+            200,
+            &[
+                ("anthropic-ratelimit-requests-remaining", "0"),
+                ("anthropic-ratelimit-requests-reset", "1970-01-01T00:00:20Z"),
+            ],
+            "",
+        );
+        assert_eq!(
+            used_up,
+            UpstreamSignal::Accepted {
+                pause: Some(Duration::from_secs(20))
+            }
+        );
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Scenario {
     pub idle: Duration,
     /// The quota's limit changes to this at this time into the run.
     pub limit_change: Option<(Duration, usize)>,
+    /// `rate_rpm: auto`, and what the upstream states as `x-ratelimit-limit-requests` on
+    /// every answer: `"truth"` for its real limit per minute, else the text as given.
+    pub stated: Option<&'static str>,
 }
 
 impl Scenario {
@@ -84,6 +87,7 @@ impl Scenario {
             run: Duration::from_secs(run_s),
             idle: Duration::ZERO,
             limit_change: None,
+            stated: None,
         }
     }
 
@@ -244,9 +248,30 @@ impl Sim {
         Ok(())
     }
 
+    /// What the upstream states on an answer, read as the proxy reads it.
+    fn state_limit(&mut self, grant: Grant, now: Instant) {
+        let Some(text) = self.scenario.stated else {
+            return;
+        };
+        let truth = format!(
+            "{}",
+            self.key.limit as f64 * 60.0 / self.scenario.window.as_secs_f64()
+        );
+        let value = if text == "truth" {
+            truth.as_str()
+        } else {
+            text
+        };
+        let header = |name: &str| (name == "x-ratelimit-limit-requests").then_some(value);
+        if let Some(stated) = StatedLimit::read(header) {
+            self.limiter.observe_stated(grant, stated, now);
+        }
+    }
+
     fn answer(&mut self, now: Instant) {
         while let Some((request, grant)) = self.sending.pop() {
             let secs = now.duration_since(self.start).as_secs_f64();
+            self.state_limit(grant, now);
             let model = self.clients[request.client].1;
             match self.upstream(model, now) {
                 Ok(()) => {
@@ -338,6 +363,7 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
             keys: Vec::new(),
             models: Vec::new(),
             client_caps: Vec::new(),
+            auto: scenario.stated.is_some(),
             retreat,
         },
         t0,

@@ -21,6 +21,8 @@ pub struct KeySnapshot {
     pub paused_for: Option<Duration>,
     /// What the key's controller learned, and when it moves next.
     pub learning: Learning,
+    /// The highest limit the upstream stated for the key (`rate_rpm: auto`).
+    pub stated_rpm: Option<f64>,
     /// The lanes of the models learned on this key.
     pub models: Vec<ModelLaneSnapshot>,
 }
@@ -73,6 +75,8 @@ pub struct ModelLaneSnapshot {
     pub probing: bool,
     pub paused_for: Option<Duration>,
     pub learning: Learning,
+    /// The limit the upstream stated for this model on this key (`rate_rpm: auto`).
+    pub stated_rpm: Option<f64>,
 }
 
 /// A read-only picture of one learned model (across keys).
@@ -151,6 +155,7 @@ impl Limiter {
                 probing: l.controller.is_probing(),
                 paused_for: l.paused_for(now),
                 learning: Learning::of(&l.controller, now),
+                stated_rpm: l.stated,
                 models: self
                     .learned
                     .models()
@@ -168,6 +173,7 @@ impl Limiter {
                                 .map(|p| p.saturating_duration_since(now))
                                 .filter(|d| !d.is_zero()),
                             learning: Learning::of(c, now),
+                            stated_rpm: lane.stated,
                         })
                     })
                     .collect(),

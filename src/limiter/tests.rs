@@ -10,6 +10,7 @@ pub(super) fn settings(rpm: f64, capacity: u32, queue_max: usize) -> LimiterSett
         keys: Vec::new(),
         models: Vec::new(),
         client_caps: Vec::new(),
+        auto: false,
         retreat: RetreatSettings {
             safety_margin: 0.0,
             window: Duration::from_secs(10),

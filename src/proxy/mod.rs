@@ -47,7 +47,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::admission::{now, Verdict};
 use crate::app::App;
-use crate::limiter::model_index;
+use crate::limiter::{model_index, StatedLimit};
 
 pub use classify::{ambiguous_path, log_value};
 pub use connection::ProxyApp;
@@ -369,6 +369,12 @@ impl ProxyHttp for SidecarProxy {
         let signal = replay::read_header(response);
         let backoff = replay::backoff(response);
         let settings = ctx.settings.clone();
+        if let (Some(grant), true) = (ctx.grant(), route.settings.is_auto()) {
+            let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
+            if let Some(stated) = StatedLimit::read(header) {
+                gate.observe_stated(grant, stated);
+            }
+        }
         if let (401 | 403, Some(grant)) = (status, ctx.grant()) {
             if self.refused_key(ctx, &gate, grant, status)
                 && ctx.body.is_complete()

@@ -264,6 +264,11 @@ impl RetreatController {
         self.epoch += 1;
     }
 
+    /// Requests per minute the upstream accepted of this lane over the last window.
+    pub fn accepted_rpm(&self, now: Instant) -> f64 {
+        self.history.accepted_rpm(now)
+    }
+
     /// When this lane last had an answer.
     pub fn last_answer(&self) -> Option<Instant> {
         self.history.last_answer()
