@@ -240,6 +240,18 @@ async fn a_late_dashboard_opens_on_the_history_with_the_retreat_and_the_clients(
     }
     let by_wait = browser.text("clients-by-wait").await;
     assert!(clients.iter().all(|c| by_wait.contains(c)), "{by_wait:?}");
+    // The key's own lane, with what it learned: its state and its last 429.
+    let lanes = browser
+        .wait_text("lanes", Duration::from_secs(5), |t| {
+            t.contains("default") && t.contains("ago (rate_limit)")
+        })
+        .await;
+    assert!(
+        lanes.contains("default") && lanes.contains("rpm") && lanes.contains("ago (rate_limit)"),
+        "the keys and models panel: {lanes:?}"
+    );
+    let note = browser.text("lanes-note").await;
+    assert!(note.contains("models learned"), "{note:?}");
     let status: Value = sidecar.status().await;
     assert_eq!(status["clients"]["by_rate"].as_array().unwrap().len(), 3);
 
