@@ -108,7 +108,7 @@ async fn bad_patches_are_rejected_and_change_nothing() {
     for (body, needle) in [
         (json!({"rate_rpm": 0}), "rate_rpm must be > 0"),
         (json!({"rate_rpm": -5}), "rate_rpm must be > 0, got -5"),
-        (json!({"rate_rpm": "abc"}), "rate_rpm: invalid type"),
+        (json!({"rate_rpm": "abc"}), "rate_rpm: not a rate"),
         (
             json!({"colour": "red"}),
             "colour is not a live-changeable field",

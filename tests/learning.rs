@@ -20,6 +20,10 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 const SCALED: &str =
     "adaptive:\n  window: 4\n  quiet_period: 2\n  recover_interval: 0.5\n  probe_interval: 20";
 
+/// Scaled further (a 2 s window) for the tests of stated limits, which climb window by window.
+const SCALED_FAST: &str =
+    "adaptive:\n  window: 2\n  quiet_period: 1\n  recover_interval: 0.25\n  probe_interval: 10";
+
 fn body(model: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "model": model,
@@ -408,19 +412,19 @@ async fn auto_takes_the_limit_the_upstream_states_in_either_style() {
     let _serial = ONE_AT_A_TIME.lock().await;
     for stating in [support::Stating::OpenAi, support::Stating::Anthropic] {
         let mock = MockUpstream::start(
-            Some(Quota::sliding(30, Duration::from_secs(4))),
+            Some(Quota::sliding(15, Duration::from_secs(2))),
             LimitStyle::Nvidia,
         )
         .await;
         mock.state.state_limits(Some(stating), None);
         let sidecar = Sidecar::start(
             &mock.url(),
-            &format!("rate_rpm: auto\nrequest_timeout: 60\n{SCALED}"),
+            &format!("rate_rpm: auto\nrequest_timeout: 60\n{SCALED_FAST}"),
         )
         .await;
         let config = sidecar.admin_json("/api/admin/config").await;
         assert_eq!(config["config"]["rate_rpm"], "auto", "{config}");
-        let statuses = run_clients(&sidecar, "m", 4, Duration::from_secs(18)).await;
+        let statuses = run_clients(&sidecar, "m", 4, Duration::from_secs(10)).await;
         assert!(
             statuses.iter().all(|s| *s == 200),
             "{stating:?}: {statuses:?}"
@@ -447,7 +451,7 @@ async fn hostile_stated_limits_never_lift_the_rate_far_above_what_was_accepted()
     let _serial = ONE_AT_A_TIME.lock().await;
     for value in ["1e12", "0"] {
         let mock = MockUpstream::start(
-            Some(Quota::sliding(20, Duration::from_secs(4))),
+            Some(Quota::sliding(10, Duration::from_secs(2))),
             LimitStyle::Nvidia,
         )
         .await;
@@ -455,14 +459,14 @@ async fn hostile_stated_limits_never_lift_the_rate_far_above_what_was_accepted()
             .state_limits(Some(support::Stating::OpenAi), Some(value));
         let sidecar = Sidecar::start(
             &mock.url(),
-            &format!("rate_rpm: auto\nrequest_timeout: 60\n{SCALED}"),
+            &format!("rate_rpm: auto\nrequest_timeout: 60\n{SCALED_FAST}"),
         )
         .await;
         let mut highest = 0.0f64;
-        let stop = Instant::now() + Duration::from_secs(10);
+        let stop = Instant::now() + Duration::from_secs(7);
         let clients = tokio::spawn({
             let url = sidecar.url("/v1/chat/completions");
-            async move { run_clients_at(url, "m", 4, Duration::from_secs(10)).await }
+            async move { run_clients_at(url, "m", 4, Duration::from_secs(7)).await }
         });
         while Instant::now() < stop {
             let status = sidecar.status().await;

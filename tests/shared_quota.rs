@@ -788,3 +788,85 @@ async fn two_sidecars_share_a_pool_of_two_keys_without_a_violation() {
         status["shared_quota"]
     );
 }
+
+/// What one sidecar learns of a model reaches the others sharing its key: the upstream locks
+/// a model for an hour at the first sidecar's upstream only; within a few lease round trips
+/// the second sidecar answers that model's requests at once (`model_locked`) without sending
+/// any upstream, while its other model flows and its key is not paused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_locked_at_one_sidecar_is_locked_at_the_other() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = RedisServer::start();
+    let locking = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let calm = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    let key = unique_key("model-lock");
+    let first = shared_sidecar(&locking.url(), &redis, &key, MARGIN).await;
+    let second = shared_sidecar(&calm.url(), &redis, &key, MARGIN).await;
+    let ask = |sidecar: &Sidecar, model: &str| {
+        let url = sidecar.url("/v1/chat/completions");
+        let body =
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        async move {
+            let response = client()
+                .post(url)
+                .header("x-client-id", "c")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap())
+        }
+    };
+    for sidecar in [&first, &second] {
+        assert_eq!(ask(sidecar, "open").await.0, 200);
+    }
+    locking
+        .state
+        .lock_model("locked", Duration::from_secs(3600), true);
+    assert_eq!(ask(&first, "locked").await.0, 429);
+    // Leases run about every heartbeat (5 s) while idle; keep the second sidecar busy so it
+    // leases, and wait for the lock to reach it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        assert_eq!(ask(&second, "open").await.0, 200);
+        let status = second.status().await;
+        let locked = status["keys"][0]["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["model"] == "locked")
+            .is_some_and(|m| m["pause_remaining_seconds"].as_f64() > Some(3000.0));
+        if locked {
+            break ask(&second, "locked").await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lock never reached the second sidecar: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(answer.0, 429, "{}", answer.1);
+    assert!(answer.1.contains("model_locked"), "{}", answer.1);
+    assert_eq!(
+        calm.state.model_refusals("locked"),
+        0,
+        "the second sidecar's upstream saw none"
+    );
+    assert!(
+        calm.state
+            .arrivals()
+            .iter()
+            .all(|a| a.model.as_deref() != Some("locked")),
+        "nothing of the locked model went out from the second sidecar"
+    );
+    let status = second.status().await;
+    assert_eq!(
+        status["keys"][0]["pause_remaining_seconds"], 0.0,
+        "{status}"
+    );
+    assert_eq!(ask(&second, "open").await.0, 200);
+}

@@ -87,6 +87,20 @@ impl Lease<'_> {
         self.gate.wake.notify_one();
     }
 
+    /// The model lanes of this key that hold a model back, for the other sidecars.
+    pub fn model_controls(&self) -> Vec<(Arc<str>, SharedControl)> {
+        self.gate.lock().limiter.model_controls(self.lane, now())
+    }
+
+    /// Takes over what the sidecars sharing this key report of its models.
+    pub fn adopt_model_controls(&self, reports: &[(Arc<str>, SharedControl)], live: u32) {
+        self.gate
+            .lock()
+            .limiter
+            .adopt_model_controls(self.lane, reports, live, now());
+        self.gate.wake.notify_one();
+    }
+
     /// Takes over the controller state the sidecars agreed on for this key.
     pub fn adopt_shared(&self, control: &SharedControl) {
         self.gate

@@ -39,6 +39,8 @@ pub struct RateLane {
     pub stated: Option<f64>,
     /// The key's effective rate as of the last `advance`.
     key_rpm: f64,
+    /// This sidecar's share of the lane's rate when the quota is shared with others (1 alone).
+    share: f64,
     /// Up to when demand was told to the controller.
     noted: Instant,
 }
@@ -50,6 +52,7 @@ impl RateLane {
             controller: RetreatController::for_model(key_rpm, retreat, now),
             stated: None,
             key_rpm,
+            share: 1.0,
             noted: now,
         }
     }
@@ -73,7 +76,7 @@ impl RateLane {
         self.key_rpm = key_rpm;
         self.controller
             .set_base_rpm(self.stated.map_or(key_rpm, |s| s.min(key_rpm)));
-        let rate = self.controller.admission_rate_per_sec(now);
+        let rate = self.controller.admission_rate_per_sec(now) * self.share;
         if rate == 0.0 {
             self.bucket.hold(now);
         } else {
@@ -124,8 +127,10 @@ impl RateLane {
         if self.controller.is_probing() {
             return self.controller.next_probe_event();
         }
-        self.bucket
-            .next_token_at(self.controller.admission_rate_per_sec(now), now)
+        self.bucket.next_token_at(
+            self.controller.admission_rate_per_sec(now) * self.share,
+            now,
+        )
     }
 }
 
@@ -332,6 +337,17 @@ impl ModelLanes {
         self.keys = keys;
         for model in self.slots.iter_mut().filter_map(|s| s.model.as_mut()) {
             model.lanes.resize_with(keys, || None);
+        }
+    }
+
+    /// This sidecar's share of every model lane's rate on key `key` (the quota is shared by
+    /// `1 / share` sidecars); the lanes then see only part of the traffic.
+    pub fn set_share(&mut self, key: usize, share: f64) {
+        for model in self.slots.iter_mut().filter_map(|s| s.model.as_mut()) {
+            if let Some(Some(lane)) = model.lanes.get_mut(key) {
+                lane.share = share;
+                lane.controller.set_partial_view(share < 1.0);
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! its local bucket or on slots leased from the shared bucket, and its controller state is
 //! agreed with the other sidecars.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Limiter, SharedControl, TokenBucket};
@@ -117,6 +118,51 @@ impl Limiter {
             lane.bucket.drain();
             lane.slots.clear();
         }
+    }
+
+    /// The lanes of key `lane` that hold a model back, as the other sidecars should see them.
+    pub fn model_controls(&mut self, lane: usize, now: Instant) -> Vec<(Arc<str>, SharedControl)> {
+        self.advance(now);
+        self.learned
+            .models()
+            .filter_map(|m| {
+                let l = m.lanes.get(lane)?.as_ref()?;
+                l.limiting(now)
+                    .then(|| (m.id.clone(), l.controller.shared(now)))
+            })
+            .collect()
+    }
+
+    /// Takes over what the sidecars sharing key `lane` report of its models: a report that
+    /// slows a lane down (a lower rate, a longer pause) is taken at once. Each sidecar runs
+    /// a model's lane at its share of the rate (`1 / live`), so that together they stay
+    /// within the model's limit; and, seeing only its part of the traffic, a lane learns no
+    /// ceiling from what it saw accepted.
+    pub fn adopt_model_controls(
+        &mut self,
+        lane: usize,
+        reports: &[(Arc<str>, SharedControl)],
+        live: u32,
+        now: Instant,
+    ) {
+        self.advance(now);
+        let share = 1.0 / f64::from(live.max(1));
+        let key_rpm = self.lane(lane).controller.effective_rpm();
+        for (model, remote) in reports {
+            let Some(m) = self.learned.intern(model, now) else {
+                continue;
+            };
+            let Some(l) = self.learned.lane_mut(m, lane, key_rpm, &self.retreat, now) else {
+                continue;
+            };
+            if remote.slows_down(&l.controller.shared(now)) {
+                l.controller.adopt(remote, now);
+                if l.controller.is_paused(now) || l.controller.is_probing() {
+                    l.bucket.drain();
+                }
+            }
+        }
+        self.learned.set_share(lane, share);
     }
 
     /// Whether any key takes tokens from its local bucket while the quota is shared.

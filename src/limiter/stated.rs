@@ -6,8 +6,9 @@
 //! Stated values are taken with care: what is no limit at all is dropped when it is read
 //! (`StatedLimit::read`); a limit well below what the lane was seen to accept over its last
 //! window contradicts it and is ignored; a limit above the rate now raises it to at most twice
-//! what the upstream accepted over the last window, so a huge or false value never lifts the
-//! rate far above what was accepted; and a ceiling learned from 429s still caps recovery.
+//! what the upstream accepted over the last window (this answer included), so a huge or false
+//! value never lifts the rate far above what was accepted; and a ceiling learned from 429s
+//! still caps recovery.
 
 use std::time::Instant;
 
@@ -57,6 +58,9 @@ impl Limiter {
         if stated_for_key < CONTRADICTS_BELOW * accepted {
             return;
         }
+        // What was accepted, counting the answer that states the limit (not recorded yet).
+        let window = key.controller.settings().window.as_secs_f64().max(1e-3);
+        let accepted = accepted + 60.0 / window;
         key.stated = Some(stated_for_key);
         let current = key.controller.base_rpm();
         let base = if stated_for_key > current {
@@ -67,5 +71,109 @@ impl Limiter {
         if (base - current).abs() > 1e-9 {
             key.controller.set_base_rpm(base);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick their own instants
+mod tests {
+    use super::super::tests::{client, ms};
+    use super::super::*;
+    use std::time::Duration;
+
+    fn auto(window_s: u64) -> LimiterSettings {
+        LimiterSettings {
+            auto: true,
+            ..LimiterSettings::single(
+                40.0,
+                1,
+                100,
+                RetreatSettings {
+                    window: Duration::from_secs(window_s),
+                    ..RetreatSettings::default()
+                },
+            )
+        }
+    }
+
+    /// Closed-loop demand for `secs`, every answer accepted and stating `limit`: the base
+    /// rate after each second.
+    fn climb(limit: f64, window_s: u64, secs: u64) -> Vec<f64> {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(auto(window_s), t0);
+        let stated = StatedLimit {
+            rpm: limit,
+            remaining: None,
+        };
+        let far = t0 + Duration::from_secs(3600);
+        let mut bases = Vec::new();
+        let mut now = t0;
+        for _ in 0..4 {
+            if l.request(client("c"), Priority::Normal, far, now) == Admission::Granted {
+                let g = l.last_grant();
+                l.observe_stated(g, stated, now);
+                l.observe_answer(&UpstreamSignal::Accepted { pause: None }, g, now);
+            }
+        }
+        while now < t0 + Duration::from_secs(secs) {
+            now += ms(10);
+            for r in l.poll(now) {
+                if let Resolution::Granted(_, g) = r {
+                    l.observe_stated(g, stated, now);
+                    l.observe_answer(&UpstreamSignal::Accepted { pause: None }, g, now);
+                    let _ = l.request(client("c"), Priority::Normal, far, now);
+                }
+            }
+            if now.duration_since(t0).as_millis().is_multiple_of(1000) {
+                bases.push(l.controller().base_rpm());
+            }
+        }
+        bases
+    }
+
+    #[test]
+    fn a_stated_limit_is_climbed_to_within_a_few_windows() {
+        let bases = climb(450.0, 2, 12);
+        println!("{bases:?}");
+        assert_eq!(*bases.last().unwrap(), 450.0, "{bases:?}");
+        assert!(bases[0] < 450.0, "not at once: {bases:?}");
+    }
+
+    /// 10¹² stated by an upstream that (here) accepts everything: at every moment the rate is
+    /// at most twice what the last window accepted (with one answer more), never the stated
+    /// value at once.
+    #[test]
+    fn a_huge_statement_lifts_the_rate_no_faster_than_acceptance_grows() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(auto(2), t0);
+        let stated = StatedLimit {
+            rpm: 1e12,
+            remaining: None,
+        };
+        let far = t0 + Duration::from_secs(3600);
+        let mut now = t0;
+        for _ in 0..4 {
+            let _ = l.request(client("c"), Priority::Normal, far, now);
+        }
+        let g = l.last_grant();
+        l.observe_stated(g, stated, now);
+        l.observe_answer(&UpstreamSignal::Accepted { pause: None }, g, now);
+        while now < t0 + Duration::from_secs(6) {
+            now += ms(10);
+            for r in l.poll(now) {
+                if let Resolution::Granted(_, g) = r {
+                    let accepted = l.controller().accepted_rpm(now);
+                    l.observe_stated(g, stated, now);
+                    let base = l.controller().base_rpm();
+                    assert!(
+                        base <= (2.0 * (accepted + 30.0)).max(40.0) + 1e-9,
+                        "base {base} with {accepted} accepted"
+                    );
+                    l.observe_answer(&UpstreamSignal::Accepted { pause: None }, g, now);
+                    let _ = l.request(client("c"), Priority::Normal, far, now);
+                }
+            }
+        }
+        assert!(l.controller().base_rpm() < 1e6);
     }
 }

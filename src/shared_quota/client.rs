@@ -86,6 +86,7 @@ pub struct RedisQuota {
     key: String,
     instance: String,
     script: Script,
+    models_script: Script,
 }
 
 /// Why a call failed, for the log and the metric.
@@ -182,6 +183,7 @@ impl RedisQuota {
             key: settings.key.clone(),
             instance,
             script: Script::new(include_str!("lease.lua")),
+            models_script: Script::new(include_str!("models.lua")),
         })
     }
 
@@ -252,6 +254,83 @@ impl RedisQuota {
         }
         result
     }
+}
+
+/// What one sidecar reports of a model's lane on one key, and what it reads back: the most
+/// careful report of all (`models.lua`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelReport {
+    pub model: String,
+    pub rate: f64,
+    pub state: RetreatState,
+    /// 0 when none is known.
+    pub ceiling: f64,
+    pub pause: Duration,
+}
+
+/// How long a model report counts after it was written (three heartbeats).
+const MODEL_REPORT_FRESH: Duration = Duration::from_secs(15);
+
+impl RedisQuota {
+    /// Reports this sidecar's model lanes of `route` (a route and key, as for `lease`) and
+    /// reads back what all sidecars sharing it report, bounded by the configured timeout.
+    pub async fn models(
+        &self,
+        route: &str,
+        reports: &[ModelReport],
+    ) -> Result<Vec<ModelReport>, CallError> {
+        let call = async {
+            let mut connection = self.connection().await?;
+            let mut invocation = self.models_script.prepare_invoke();
+            invocation
+                .key(format!("{{{}}}:{route}:models", self.key))
+                .arg(&self.instance)
+                .arg((MODEL_REPORT_FRESH.as_micros() as u64).to_string())
+                .arg((KEY_LIFETIME.as_millis() as u64).to_string())
+                .arg(reports.len().to_string());
+            for r in reports {
+                invocation
+                    .arg(&r.model)
+                    .arg(r.rate.to_string())
+                    .arg(encode_state(r.state).to_string())
+                    .arg(r.ceiling.to_string())
+                    .arg((r.pause.as_micros() as u64).to_string());
+            }
+            let reply: Vec<Value> = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(CallError::from)?;
+            parse_models(&reply).map_err(CallError::Redis)
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(CallError::Timeout),
+        }
+    }
+}
+
+/// The models script's reply, five fields a model; a field that does not read is an error
+/// (the whole reply is then ignored).
+fn parse_models(reply: &[Value]) -> Result<Vec<ModelReport>, String> {
+    reply
+        .chunks(5)
+        .map(|c| {
+            let number = |i: usize, what: &str| -> Result<f64, String> {
+                text(c.get(i), what)?
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .ok_or_else(|| format!("models: {what} is not a rate"))
+            };
+            Ok(ModelReport {
+                model: text(c.first(), "model")?,
+                rate: number(1, "rate")?,
+                state: decode_state(text(c.get(2), "state")?.parse().unwrap_or(1)),
+                ceiling: number(3, "ceiling")?,
+                pause: micros(int(c.get(4), "pause")?),
+            })
+        })
+        .collect()
 }
 
 /// The retreat state as the lease script stores it. Written apart from the metrics gauge, so

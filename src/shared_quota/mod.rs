@@ -108,6 +108,26 @@ impl SharedQuota {
         result
     }
 
+    /// One round trip of the model reports, counted and timed as the leases are.
+    async fn models(
+        &self,
+        route: &str,
+        reports: &[client::ModelReport],
+    ) -> Result<Vec<client::ModelReport>, CallError> {
+        let started = Instant::now();
+        let result = self.redis.models(route, reports).await;
+        self.metrics
+            .redis_duration
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(_) => "ok",
+            Err(CallError::Timeout) => "timeout",
+            Err(CallError::Redis(_)) => "error",
+        };
+        self.metrics.redis_calls.with_label_values(&[label]).inc();
+        result
+    }
+
     fn leased(&self, route: &str, slots: usize, live: u32) {
         self.track().live = Some(live);
         self.metrics.shared_instances.set(i64::from(live));
