@@ -93,31 +93,12 @@ async fn a_slow_model_is_learned_and_the_other_model_takes_what_it_leaves() {
     .await;
     let run = Duration::from_secs(20);
     let started = Instant::now();
-    let stop = started + run;
-    let mut clients = Vec::new();
-    for (i, model) in ["slow", "fast"].iter().flat_map(|m| [m; 4]).enumerate() {
-        let url = sidecar.url("/v1/chat/completions");
-        let model = model.to_string();
-        clients.push(tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            while Instant::now() < stop {
-                let response = client()
-                    .post(&url)
-                    .header("x-client-id", format!("c{i}"))
-                    .header("content-type", "application/json")
-                    .body(body(&model))
-                    .send()
-                    .await
-                    .unwrap();
-                statuses.push(response.status().as_u16());
-            }
-            statuses
-        }));
-    }
-    let mut statuses = Vec::new();
-    for c in clients {
-        statuses.extend(c.await.unwrap());
-    }
+    let url = sidecar.url("/v1/chat/completions");
+    let (slow, fast) = tokio::join!(
+        run_clients_at(url.clone(), "slow", 4, run),
+        run_clients_at(url, "fast", 4, run)
+    );
+    let statuses: Vec<u16> = slow.into_iter().chain(fast).collect();
     let status = sidecar.status().await;
     let from = started + Duration::from_secs(8);
     let end = started + run;
@@ -502,7 +483,7 @@ async fn run_clients_at(url: String, model: &str, n: usize, run: Duration) -> Ve
                 while Instant::now() < stop {
                     let response = client()
                         .post(&url)
-                        .header("x-client-id", format!("c{i}"))
+                        .header("x-client-id", format!("{model}-{i}"))
                         .header("content-type", "application/json")
                         .body(body(&model))
                         .send()

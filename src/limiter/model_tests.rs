@@ -41,8 +41,9 @@ fn run_until(
 
 use std::collections::HashMap;
 
-#[test]
-fn a_429_on_one_model_while_another_is_accepted_lowers_that_model_only() {
+/// One token a second; a request of the slow model holds the token, and three clients of
+/// each model wait: the limiter, its start, the slow model's grant and the waiters' models.
+fn slow_granted_others_waiting() -> (Limiter, Instant, Grant, HashMap<WaiterId, &'static str>) {
     let t0 = Instant::now();
     let mut l = Limiter::new(settings(60.0, 1, 100), t0);
     let far = t0 + secs(600);
@@ -62,6 +63,12 @@ fn a_429_on_one_model_while_another_is_accepted_lowers_that_model_only() {
             "slow",
         );
     }
+    (l, t0, slow, models)
+}
+
+#[test]
+fn a_429_on_one_model_while_another_is_accepted_lowers_that_model_only() {
+    let (mut l, t0, slow, models) = slow_granted_others_waiting();
     // The slow model's request meets a 429 while the fast model's requests wait: the slow
     // model is charged for now, and the key is judged by the next fast request.
     l.observe_answer(&LIMITED, slow, t0 + ms(100));
@@ -92,25 +99,7 @@ fn a_429_on_one_model_while_another_is_accepted_lowers_that_model_only() {
 
 #[test]
 fn a_429_on_the_test_request_lowers_the_key_and_gives_the_model_back_its_lane() {
-    let t0 = Instant::now();
-    let mut l = Limiter::new(settings(60.0, 1, 100), t0);
-    let far = t0 + secs(600);
-    assert_eq!(
-        l.request_with(ask("a", "slow", far), t0),
-        Admission::Granted
-    );
-    let slow = l.last_grant();
-    let mut models = HashMap::new();
-    for i in 0..3 {
-        models.insert(
-            queued(l.request_with(ask(&format!("f{i}"), "fast", far), t0)),
-            "fast",
-        );
-        models.insert(
-            queued(l.request_with(ask(&format!("s{i}"), "slow", far), t0)),
-            "slow",
-        );
-    }
+    let (mut l, t0, slow, models) = slow_granted_others_waiting();
     l.observe_answer(&LIMITED, slow, t0 + ms(100));
     let granted = run_until(&mut l, t0 + ms(100), t0 + secs(1), &models);
     let (_, _, test) = granted[0];

@@ -92,30 +92,27 @@ impl SharedQuota {
         self.tracking.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One round trip, counted and timed.
+    /// One round trip of the lease script.
     async fn call(&self, request: &LeaseRequest<'_>) -> Result<LeaseReply, CallError> {
-        let started = Instant::now();
-        let result = self.redis.lease(request).await;
-        self.metrics
-            .redis_duration
-            .observe(started.elapsed().as_secs_f64());
-        let label = match &result {
-            Ok(_) => "ok",
-            Err(CallError::Timeout) => "timeout",
-            Err(CallError::Redis(_)) => "error",
-        };
-        self.metrics.redis_calls.with_label_values(&[label]).inc();
-        result
+        self.counted(self.redis.lease(request)).await
     }
 
-    /// One round trip of the model reports, counted and timed as the leases are.
+    /// One round trip of the model reports.
     async fn models(
         &self,
         route: &str,
         reports: &[client::ModelReport],
     ) -> Result<Vec<client::ModelReport>, CallError> {
+        self.counted(self.redis.models(route, reports)).await
+    }
+
+    /// A round trip to Redis, counted (`redis_calls_total`) and timed.
+    async fn counted<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, CallError>>,
+    ) -> Result<T, CallError> {
         let started = Instant::now();
-        let result = self.redis.models(route, reports).await;
+        let result = call.await;
         self.metrics
             .redis_duration
             .observe(started.elapsed().as_secs_f64());
