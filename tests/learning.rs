@@ -386,8 +386,8 @@ async fn a_learned_lane_is_reset_through_the_admin_api() {
 }
 
 /// `rate_rpm: auto` against an upstream that states its quota, in OpenAI's headers and in
-/// Anthropic's: the route starts at 40 rpm and climbs to the stated limit (at most twice what
-/// was accepted per window), no client sees a 429.
+/// Anthropic's: the route starts at 40 rpm and climbs to the stated limit (at most 1.5 times
+/// what was accepted per window), no client sees a 429.
 #[tokio::test(flavor = "multi_thread")]
 async fn auto_takes_the_limit_the_upstream_states_in_either_style() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -425,7 +425,7 @@ async fn auto_takes_the_limit_the_upstream_states_in_either_style() {
 }
 
 /// Hostile statements: a limit of 10¹² on an upstream that grants 300 rpm never lifts the
-/// rate above twice what was accepted; a zero changes nothing (negative and unreadable values
+/// rate above 1.5 times what was accepted (one answer more counted); a zero changes nothing (negative and unreadable values
 /// are dropped where they are read: `limiter::signals` tests them).
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_stated_limits_never_lift_the_rate_far_above_what_was_accepted() {
@@ -459,7 +459,7 @@ async fn hostile_stated_limits_never_lift_the_rate_far_above_what_was_accepted()
         assert!(statuses.iter().all(|s| *s == 200), "{value}: {statuses:?}");
         if value == "1e12" {
             assert!(
-                highest <= 2.0 * 300.0 + 1.0,
+                highest <= 1.5 * (300.0 + 30.0) + 1.0,
                 "{value}: climbed to {highest}"
             );
         } else {

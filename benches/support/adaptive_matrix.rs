@@ -77,6 +77,8 @@ struct Cell {
     /// Goodput over this last part of the run (`None`: the last third).
     measure_last: Option<Duration>,
     proxy: Proxy,
+    /// Each request's prompt, about this many bytes (`None`: a short one).
+    body_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +113,7 @@ fn cells() -> Vec<Cell> {
         idle: Duration::ZERO,
         measure_last: None,
         proxy: Proxy::Sidecar,
+        body_bytes: None,
     };
     let minute = Cell {
         name: "minute (40/60 s), sliding, NVIDIA 429, split, +50% (NVIDIA-scale, 150 s)",
@@ -183,6 +186,11 @@ fn cells() -> Vec<Cell> {
             ..minute
         },
         Cell {
+            name: "minute (40/60 s), sliding, NVIDIA 429, split, +50%, 200 KiB prompts (150 s)",
+            body_bytes: Some(200 << 10),
+            ..minute
+        },
+        Cell {
             name: "baseline (10 s back-off): minute (40/60 s), split, +50% (150 s)",
             proxy: Proxy::Backoff(BACKOFF),
             ..minute
@@ -246,7 +254,10 @@ async fn run_cell(cell: Cell) -> Measured {
     }
     let clients: Vec<ClientSpec> = if cell.models.is_empty() {
         (0..cell.clients)
-            .map(|i| ClientSpec::new(format!("c{i}")))
+            .map(|i| ClientSpec {
+                body_bytes: cell.body_bytes,
+                ..ClientSpec::new(format!("c{i}"))
+            })
             .collect()
     } else {
         cell.models

@@ -17,6 +17,8 @@ pub struct ClientSpec {
     pub bearer: Option<String>,
     /// The model its requests ask for (`mock` unless set).
     pub model: Option<String>,
+    /// A prompt of about this many bytes instead of "hi" (a coding agent's long context).
+    pub body_bytes: Option<usize>,
 }
 
 impl ClientSpec {
@@ -27,6 +29,7 @@ impl ClientSpec {
             priority: "normal",
             bearer: None,
             model: None,
+            body_bytes: None,
         }
     }
 
@@ -155,8 +158,16 @@ pub async fn run(spec: LoadSpec) -> Report {
     let mut tasks = Vec::new();
     for (index, client) in spec.clients.iter().enumerate() {
         let model = client.model.as_deref().unwrap_or("mock");
+        let content: String = match client.body_bytes {
+            Some(n) => "lorem ipsum dolor sit amet "
+                .chars()
+                .cycle()
+                .take(n)
+                .collect(),
+            None => "hi".to_string(),
+        };
         let body =
-            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": content}]})
                 .to_string();
         for _ in 0..client.parallel {
             let (http, samples, spec, client, body) = (

@@ -5,10 +5,10 @@
 //!
 //! Stated values are taken with care: what is no limit at all is dropped when it is read
 //! (`StatedLimit::read`); a limit well below what the lane was seen to accept over its last
-//! window contradicts it and is ignored; a limit above the rate now raises it to at most twice
-//! what the upstream accepted over the last window (this answer included), so a huge or false
-//! value never lifts the rate far above what was accepted; and a ceiling learned from 429s
-//! still caps recovery.
+//! window contradicts it and is ignored; a limit above the rate now raises it to at most one
+//! and a half times what the upstream accepted over the last window (this answer included),
+//! so a huge or false value never lifts the rate far above what was accepted; and a ceiling
+//! learned from 429s still caps recovery.
 
 use std::time::Instant;
 
@@ -17,6 +17,12 @@ use super::{Grant, Limiter, StatedLimit};
 /// A stated limit below this share of what the lane accepted over its last window
 /// contradicts what was seen, and is ignored.
 const CONTRADICTS_BELOW: f64 = 0.9;
+
+/// A stated limit raises the rate to at most this multiple of what the upstream accepted
+/// over the last window. At twice, a false limit could double the rate into a full window,
+/// and the usual halving would land just at the quota: more 429s than one incident should
+/// cost.
+const RAISE_AT_MOST: f64 = 1.5;
 
 /// The lowest rate a statement sets (a model limited to less than this by a stated value is
 /// more likely a hostile value than a limit).
@@ -64,7 +70,7 @@ impl Limiter {
         key.stated = Some(stated_for_key);
         let current = key.controller.base_rpm();
         let base = if stated_for_key > current {
-            stated_for_key.min(current.max(2.0 * accepted))
+            stated_for_key.min(current.max(RAISE_AT_MOST * accepted))
         } else {
             stated_for_key
         };
@@ -140,7 +146,7 @@ mod tests {
     }
 
     /// 10¹² stated by an upstream that (here) accepts everything: at every moment the rate is
-    /// at most twice what the last window accepted (with one answer more), never the stated
+    /// at most 1.5 times what the last window accepted (with one answer more), never the stated
     /// value at once.
     #[test]
     fn a_huge_statement_lifts_the_rate_no_faster_than_acceptance_grows() {
@@ -166,7 +172,7 @@ mod tests {
                     l.observe_stated(g, stated, now);
                     let base = l.controller().base_rpm();
                     assert!(
-                        base <= (2.0 * (accepted + 30.0)).max(40.0) + 1e-9,
+                        base <= (1.5 * (accepted + 30.0)).max(40.0) + 1e-9,
                         "base {base} with {accepted} accepted"
                     );
                     l.observe_answer(&UpstreamSignal::Accepted { pause: None }, g, now);
