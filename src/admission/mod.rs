@@ -169,8 +169,10 @@ impl AdmissionGate {
     /// The request granted as `grant` is over: its model slot goes to the next waiter.
     pub fn release(&self, grant: Grant) {
         if grant.model.is_some() || grant.learned.is_some() {
-            self.lock().limiter.release(grant);
-            self.wake.notify_one();
+            // The clock is woken only when a waiter may go now.
+            if self.lock().limiter.release(grant) {
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -178,7 +180,11 @@ impl AdmissionGate {
     /// concurrency: `capacity` when the model's workers were full.
     pub fn observe_capacity(&self, grant: Grant, capacity: bool) {
         self.lock().limiter.observe_capacity(grant, capacity, now());
-        self.wake.notify_one();
+        // Only a lower limit can change what the clock does next (a raised one frees a
+        // waiter when a request ends, and `release` wakes the clock then).
+        if capacity {
+            self.wake.notify_one();
+        }
     }
 
     /// The upstream refused a request on key `lane` (401, or a 403); true when the key left

@@ -352,16 +352,23 @@ impl Limiter {
         }
     }
 
-    /// The request granted as `grant` is over: its model slot is free again.
-    pub fn release(&mut self, grant: Grant) {
+    /// The request granted as `grant` is over: its model slot is free again. True when a
+    /// waiter held by that slot may go now.
+    pub fn release(&mut self, grant: Grant) -> bool {
+        let mut freed = false;
         if let Some(m) = grant.model.and_then(|m| self.models.get_mut(m)) {
             m.release();
-            self.stalled = false;
+            freed = true;
         }
         if let Some(m) = grant.learned.and_then(|mg| self.learned.get_mut(mg.model)) {
             m.concurrency.release();
+            // An unlimited concurrency held nobody back.
+            freed |= m.concurrency.concurrency_limit().is_some();
+        }
+        if freed {
             self.stalled = false;
         }
+        freed && !self.queue.is_empty()
     }
 
     /// An honest guess at how long a request of `priority` would wait now: the waiters ahead

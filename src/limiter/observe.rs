@@ -1,11 +1,11 @@
 //! What an upstream answer does to the limiter: it goes to the key's controller and to the
 //! lane of the request's model on that key, and a 429 is charged to one of them (see
-//! `blame`); capacity answers go to the model's concurrency.
+//! `blame`); capacity answers (and every success) go to the model's concurrency.
 
 use std::time::Instant;
 
 use super::blame::Charge;
-use super::{Grant, Limiter, UpstreamSignal};
+use super::{Grant, Limiter, NonRateLimitReason, UpstreamSignal};
 
 impl Limiter {
     /// Feeds an upstream answer to the first key's controller, as the answer to a grant of
@@ -20,6 +20,14 @@ impl Limiter {
     /// before the cut is spent into a full window when probing ends.
     pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
         self.advance(now);
+        // Full workers are the model's limit, not the key's: they never cut a rate.
+        match signal {
+            UpstreamSignal::NotRateLimit(
+                NonRateLimitReason::WorkerConcurrency | NonRateLimitReason::Unavailable,
+            ) => self.observe_capacity(grant, true, now),
+            UpstreamSignal::Accepted { .. } => self.observe_capacity(grant, false, now),
+            _ => {}
+        }
         let key = grant.lane.min(self.lanes.len() - 1);
         if matches!(signal, UpstreamSignal::Accepted { .. }) {
             self.lanes[key].forbidden_in_a_row = 0;

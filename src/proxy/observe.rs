@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use super::{error_body, keepalive, replay, RequestCtx, SidecarProxy, Stage};
 use crate::admission::AdmissionGate;
-use crate::limiter::{Grant, NonRateLimitReason, UpstreamSignal};
+use crate::limiter::{Grant, UpstreamSignal};
 
 impl SidecarProxy {
     /// Feeds the current attempt's answer to the route's controller, once.
@@ -31,16 +31,7 @@ impl SidecarProxy {
             // Answers to requests sent without a token still tell about the quota.
             _ => gate.current_grant(),
         };
-        if grant.model.is_some() || grant.learned.is_some() {
-            // Full workers are the model's limit, not the key's: they never cut the rate.
-            match signal {
-                UpstreamSignal::NotRateLimit(
-                    NonRateLimitReason::WorkerConcurrency | NonRateLimitReason::Unavailable,
-                ) => gate.observe_capacity(grant, true),
-                UpstreamSignal::Accepted { .. } => gate.observe_capacity(grant, false),
-                _ => {}
-            }
-        }
+        // The model's concurrency hears it too (`Limiter::observe_answer`).
         gate.observe(signal, grant);
     }
 
