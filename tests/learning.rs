@@ -414,6 +414,7 @@ async fn auto_takes_the_limit_the_upstream_states_in_either_style() {
         let key = &status["keys"][0];
         println!("{stating:?}: {key}");
         assert_eq!(key["stated_rpm"], 450.0, "{stating:?}: {key}");
+        assert_eq!(key["ceiling_source"], "header", "{stating:?}: {key}");
         let base = key["base_rpm"].as_f64().unwrap();
         assert!(base > 160.0 && base <= 450.0, "{stating:?}: base {base}");
         assert!(

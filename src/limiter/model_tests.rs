@@ -313,3 +313,28 @@ fn a_retreat_learned_from_one_model_alone_goes_to_that_model_when_another_comes(
         .collect();
     assert_eq!(granted.len(), 1, "{granted:?}");
 }
+
+/// A model `models:` gives a rate shows that rate as its lane's ceiling, from `config`, while
+/// nothing was learned of it.
+#[test]
+fn a_configured_model_rate_shows_as_the_lane_s_ceiling() {
+    let t0 = Instant::now();
+    let settings = LimiterSettings {
+        models: vec![ModelSettings {
+            pattern: "meta/*".to_string(),
+            rate_rpm: Some(12.0),
+            max_concurrency: None,
+        }],
+        ..settings(60.0, 1, 100)
+    };
+    let mut l = Limiter::new(settings, t0);
+    let request = Ask {
+        model: Some(0),
+        ..ask("a", "meta/llama", t0 + secs(60))
+    };
+    assert_eq!(l.request_with(request, t0), Admission::Granted);
+    let s = l.snapshot(t0);
+    let lane = &s.keys[0].models[0];
+    assert_eq!(lane.learning.ceiling_rpm, Some(12.0));
+    assert_eq!(lane.learning.ceiling_source, Some("config"));
+}

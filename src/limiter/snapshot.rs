@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    Ceiling, Lane, Learned, Limiter, Priority, RetreatController, RetreatState, Supply, TokenBucket,
+    model_index, Ceiling, CeilingSource, Lane, Learned, Limiter, ModelSettings, Priority,
+    RetreatController, RetreatState, Supply, TokenBucket,
 };
 
 /// A read-only picture of one key.
@@ -44,6 +45,16 @@ pub struct Learning {
 }
 
 impl Learning {
+    /// With nothing learned from 429s, a limit that holds the lane anyway (stated by the
+    /// upstream, or configured) shows as its ceiling.
+    fn or_limit(mut self, limit: Option<Ceiling>) -> Learning {
+        if let (None, Some(c)) = (self.ceiling_rpm, limit) {
+            self.ceiling_rpm = Some(c.rpm);
+            self.ceiling_source = Some(c.source.as_str());
+        }
+        self
+    }
+
     fn of(controller: &RetreatController, now: Instant) -> Learning {
         let (ceiling_rpm, ceiling_source) = match controller.learned() {
             Learned::Nothing => (None, None),
@@ -141,6 +152,9 @@ pub struct LimiterState {
 impl Limiter {
     pub fn snapshot(&mut self, now: Instant) -> LimiterSnapshot {
         self.advance(now);
+        let patterns: Vec<ModelSettings> = self.models.iter().map(|m| m.settings.clone()).collect();
+        // The rate `models:` gives a model id, if any.
+        let configured = |id: &str| model_index(&patterns, id).and_then(|i| patterns[i].rate_rpm);
         let keys: Vec<KeySnapshot> = self
             .lanes
             .iter()
@@ -154,7 +168,10 @@ impl Limiter {
                 state: l.controller.state(),
                 probing: l.controller.is_probing(),
                 paused_for: l.paused_for(now),
-                learning: Learning::of(&l.controller, now),
+                learning: Learning::of(&l.controller, now).or_limit(l.stated.map(|rpm| Ceiling {
+                    rpm,
+                    source: CeilingSource::Header,
+                })),
                 stated_rpm: l.stated,
                 models: self
                     .learned
@@ -172,7 +189,20 @@ impl Limiter {
                                 .pause_until()
                                 .map(|p| p.saturating_duration_since(now))
                                 .filter(|d| !d.is_zero()),
-                            learning: Learning::of(c, now),
+                            learning: Learning::of(c, now).or_limit(
+                                lane.stated
+                                    .filter(|s| *s < l.controller.effective_rpm())
+                                    .map(|rpm| Ceiling {
+                                        rpm,
+                                        source: CeilingSource::Header,
+                                    })
+                                    .or_else(|| {
+                                        configured(&m.id).map(|rpm| Ceiling {
+                                            rpm,
+                                            source: CeilingSource::Config,
+                                        })
+                                    }),
+                            ),
                             stated_rpm: lane.stated,
                         })
                     })
