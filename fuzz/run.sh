@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-60}"
-for target in upstream_answer client_request admin_patch config_text redis_reply; do
+for target in upstream_answer client_request request_head admin_patch config_text redis_reply; do
   echo "== $target ($seconds s)"
   cargo +nightly fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" -max_len=65536 2>&1 \
     | grep -E "^#[0-9]+\s+(DONE|INITED)|Done [0-9]+ runs|ERROR|panicked|SUMMARY" || true

@@ -62,3 +62,16 @@ pub fn config_text(text: &str) {
 pub fn redis_reply(items: &[Result<i64, Vec<u8>>]) {
     crate::shared_quota::fuzz_reply(items);
 }
+
+/// A request head as a client sends it, in pieces: the first byte of `data` gives how many of
+/// the next bytes are piece lengths (up to 8), the rest is the head. Read as the connection
+/// loop reads it (the header deadline's clock, parking's parser, `Keep-Alive`).
+pub fn request_head(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(n % 9).min(rest.len());
+    let (cuts, bytes) = rest.split_at(n);
+    let cuts: Vec<usize> = cuts.iter().map(|c| usize::from(*c)).collect();
+    crate::proxy::check_request_head(bytes, &cuts);
+}

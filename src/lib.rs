@@ -17,6 +17,7 @@ pub(crate) mod admission;
 pub(crate) mod app;
 pub mod cli;
 pub mod config;
+pub mod file_limit;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod lifecycle;

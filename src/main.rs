@@ -39,7 +39,12 @@ fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(errors) => return rejected(errors),
     };
+    let max_connections = file_settings.server.max_connections;
     if cli.test {
+        let limit = nvidia_sidecar::file_limit::current();
+        if let Some(problem) = nvidia_sidecar::file_limit::problem(limit, max_connections) {
+            eprintln!("{source}: warning: {problem}");
+        }
         println!("{source}: configuration OK");
         return ExitCode::SUCCESS;
     }
@@ -59,6 +64,10 @@ fn main() -> ExitCode {
             eprintln!("{source}: {e}");
             return ExitCode::from(1);
         }
+    }
+    let (soft, _) = nvidia_sidecar::file_limit::raise(max_connections);
+    if let Some(problem) = nvidia_sidecar::file_limit::problem((soft, soft), max_connections) {
+        log::warn!("{problem}");
     }
     let app = match App::start(layers) {
         Ok(app) => app,

@@ -9,7 +9,7 @@ use pingora_core::listeners::ListenerConfig;
 use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 
 use crate::app::App;
-use crate::proxy::{ProxyApp, SidecarProxy};
+use crate::proxy::{ProxyApp, SidecarProxy, Slots};
 
 /// The longest timeout, in seconds, that Pingora's coarse timer keeps (see `server_conf`).
 pub const FAST_TIMEOUT_LIMIT_SECS: u64 = 10;
@@ -64,11 +64,12 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     let mut server = Server::new_with_opt_and_conf(opt, server_conf(&app, mode));
     server.bootstrap();
     let sidecar = SidecarProxy::new(app.clone());
+    let slots = Arc::new(Slots::new(settings.server.max_connections));
     let bodies = sidecar.bodies();
     let proxy = pingora::proxy::http_proxy(&server.configuration, sidecar);
     let mut proxy = pingora::services::listening::Service::new(
         "nvidia-sidecar proxy".to_string(),
-        ProxyApp::new(proxy, app.clone(), bodies, settings.server.max_connections),
+        ProxyApp::new(proxy, app.clone(), bodies, slots.clone()),
     );
     // No read buffer in front of the socket: Pingora's HTTP parser reads into buffers of its
     // own, sized to the header and to Content-Length, and a 64 KiB one per connection would be
@@ -83,7 +84,7 @@ pub fn build(app: Arc<App>, mode: RunMode) -> Server {
     );
     server.add_service(proxy);
 
-    let (admin, sampler) = crate::admin::admin_plane(app.clone());
+    let (admin, sampler) = crate::admin::admin_plane(app.clone(), slots);
     let mut admin =
         pingora::services::listening::Service::new("nvidia-sidecar admin".to_string(), admin);
     admin.add_tcp(&format!(

@@ -32,6 +32,7 @@ use pingora::services::background::BackgroundService;
 use tokio::sync::watch;
 
 use crate::app::App;
+use crate::proxy::Slots;
 
 /// State shared by the admin handlers.
 pub(crate) struct AdminState {
@@ -42,6 +43,8 @@ pub(crate) struct AdminState {
     pub status: watch::Receiver<Arc<str>>,
     /// Set when shutdown began: readiness turns 503.
     pub draining: AtomicBool,
+    /// The proxy port's connections: readiness turns 503 while a new one would be refused.
+    pub proxy_slots: Arc<Slots>,
 }
 
 impl AdminState {
@@ -73,7 +76,7 @@ impl AdminState {
 
 /// Builds the two halves of the admin plane: the connection handler for Pingora's listening
 /// service and the sampler background service.
-pub fn admin_plane(app: Arc<App>) -> (AdminApp, StatusSampler) {
+pub fn admin_plane(app: Arc<App>, proxy_slots: Arc<Slots>) -> (AdminApp, StatusSampler) {
     let mut builder = StatusBuilder::new(app.clone());
     let first = serde_json::to_string(&builder.build()).expect("snapshots serialise");
     let (tx, rx) = watch::channel::<Arc<str>>(Arc::from(first));
@@ -82,6 +85,7 @@ pub fn admin_plane(app: Arc<App>) -> (AdminApp, StatusSampler) {
         builder: Mutex::new(builder),
         status: rx,
         draining: AtomicBool::new(false),
+        proxy_slots,
     });
     let router = routes::router(state.clone());
     let grace = state.app.settings().server.grace_period;

@@ -156,6 +156,24 @@ async fn ready(State(state): State<Arc<AdminState>>) -> Response {
         )
             .into_response();
     }
+    let slots = &state.proxy_slots;
+    if !slots.can_accept() {
+        // Every connection busy and none idle to close for room: a new client is refused.
+        let reason = format!(
+            "server.max_connections ({}) connections open, none idle",
+            slots.max()
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "reason": reason})),
+        )
+            .into_response();
+    }
+    if slots.open() >= slots.max() {
+        // At the cap with some idle: the listener accepts, and a probe connection would only
+        // close an idle client's connection to make room for itself.
+        return Json(json!({"status": "ready"})).into_response();
+    }
     let probe = tokio::time::timeout(
         Duration::from_millis(500),
         tokio::net::TcpStream::connect(state.app.settings().proxy_probe_addr()),

@@ -28,6 +28,8 @@ pub const IDLE_TIMEOUT: f64 = 60.0;
 pub const DNS_TTL: f64 = 60.0;
 pub const THREADS: usize = 2;
 pub const MAX_CONNECTIONS: usize = 16_384;
+/// As Pingora's own, between nginx's 75 s and Envoy's one hour of idle time.
+pub const KEEPALIVE_TIMEOUT: f64 = 60.0;
 pub const GRACE_PERIOD: f64 = 30.0;
 pub const GRACEFUL_SHUTDOWN_TIMEOUT: f64 = 5.0;
 pub const PID_FILE: &str = "/tmp/nvidia-sidecar.pid";

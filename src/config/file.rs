@@ -235,9 +235,14 @@ pub struct AccessSection {
 pub struct ServerSection {
     /// Worker threads of the proxy service.
     pub threads: Option<usize>,
-    /// Proxy connections open at once at most (each waiting request holds one); beyond that a
-    /// new connection is closed at once. Default 16384; keep the file limit above it.
+    /// Proxy connections open at once at most (each waiting request holds one); beyond that the
+    /// longest idle connection is closed to make room for a new one, or, when none is idle, the
+    /// new one is closed at once. Default 16384; keep the file limit above it.
     pub max_connections: Option<usize>,
+    /// Seconds a kept-alive connection may stay idle before its next request; a client's own
+    /// shorter `Keep-Alive: timeout=N` wins. At `max_connections` the longest idle connection
+    /// is closed sooner, to make room for a new one.
+    pub keepalive_timeout: Option<Seconds>,
     /// Seconds in-flight and queued requests get to finish after SIGTERM.
     pub grace_period: Option<Seconds>,
     /// Seconds the runtimes get to stop after the grace period.

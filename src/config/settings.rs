@@ -207,6 +207,7 @@ impl AccessSettings {
 pub struct ServerSettings {
     pub threads: usize,
     pub max_connections: usize,
+    pub keepalive_timeout: Duration,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
     pub pid_file: String,

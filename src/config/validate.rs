@@ -362,6 +362,12 @@ pub fn validate(
     let server = ServerSettings {
         threads,
         max_connections,
+        keepalive_timeout: c.duration(
+            "server.keepalive_timeout",
+            s.keepalive_timeout,
+            defaults::KEEPALIVE_TIMEOUT,
+            false,
+        ),
         grace_period: c.duration(
             "server.grace_period",
             s.grace_period,

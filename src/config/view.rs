@@ -111,6 +111,7 @@ pub fn effective_view(settings: &Settings) -> Value {
         "server": {
             "threads": s.threads,
             "max_connections": s.max_connections,
+            "keepalive_timeout": secs(s.keepalive_timeout),
             "grace_period": secs(s.grace_period),
             "graceful_shutdown_timeout": secs(s.graceful_shutdown_timeout),
             "pid_file": s.pid_file,

@@ -96,6 +96,10 @@ pub struct Metrics {
     pub upstream_429_ratio: GaugeVec,
     pub upstream_duration: HistogramVec,
     pub inflight: IntGauge,
+    /// Proxy connections open and idle now, and closed, by why (`connection::Closed`).
+    pub connections_open: IntGauge,
+    pub connections_idle: IntGauge,
+    pub connections_closed: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub uptime: Gauge,
@@ -301,6 +305,30 @@ impl Metrics {
                     "inflight_requests",
                     "Requests being handled right now.",
                 )),
+            ),
+            connections_open: register(
+                r,
+                IntGauge::with_opts(opts(
+                    "proxy_connections_open",
+                    "Connections open on the proxy port.",
+                )),
+            ),
+            connections_idle: register(
+                r,
+                IntGauge::with_opts(opts(
+                    "proxy_connections_idle",
+                    "Proxy connections waiting for their next request.",
+                )),
+            ),
+            connections_closed: register(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "proxy_connections_closed_total",
+                        "Proxy connections closed, by why: client, request_end, header_deadline, idle_timeout, evicted, refused_full, stopping, lost_stream.",
+                    ),
+                    &["reason"],
+                ),
             ),
             config_reloads: register(
                 r,

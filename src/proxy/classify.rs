@@ -183,6 +183,19 @@ pub fn ambiguous_path(target: &[u8]) -> bool {
         .any(|segment| segment == "." || segment == "..")
 }
 
+/// Whether a `Content-Length` value is what HTTP allows, digits only (the parser has taken
+/// the spaces around it off already), and fits a length.
+fn plain_length(value: &[u8]) -> bool {
+    !value.is_empty() && value.len() <= 19 && value.iter().all(u8::is_ascii_digit)
+}
+
+/// Whether the client waits for `100 Continue` before it sends its body.
+pub fn expects_continue(req: &RequestHeader) -> bool {
+    req.headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// The refusal for what this proxy must not do: `CONNECT`, paths that could reach another
 /// endpoint than the one they are routed as, a `Host` it does not serve (a web page that
 /// rebinds its name to this machine), and absolute-form targets on hosts that are not
@@ -195,6 +208,14 @@ pub fn refusal(req: &RequestHeader, table: &RouteTable) -> Option<Answer> {
         return Some(Answer::refused(
             400,
             "the request has more than one Content-Length",
+            "bad_request",
+        ));
+    }
+    if first.is_some_and(|v| !plain_length(v.as_bytes())) {
+        // `+5`, `5 5`, `0x5`: parsers read these differently, so none is taken.
+        return Some(Answer::refused(
+            400,
+            "the request's Content-Length is not a plain number of bytes",
             "bad_request",
         ));
     }
@@ -248,7 +269,26 @@ pub fn refusal(req: &RequestHeader, table: &RouteTable) -> Option<Answer> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ambiguous_path, log_value};
+    use super::{ambiguous_path, log_value, plain_length};
+
+    #[test]
+    fn only_digits_are_a_content_length() {
+        for good in ["0", "5", "1048576", "0005"] {
+            assert!(plain_length(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "+5",
+            "-1",
+            "5 5",
+            "0x5",
+            "5.0",
+            " 5",
+            "99999999999999999999",
+        ] {
+            assert!(!plain_length(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     #[test]
     fn client_values_cannot_forge_log_fields() {

@@ -16,7 +16,7 @@ use crate::limiter::{Ask, Grant, Priority, Rejection, UpstreamSignal};
 use crate::metrics::Outcome;
 
 use super::body::BodyHold;
-use super::parking::Parked;
+use super::front::Parked;
 use super::respond::{client_gone, rejected_outcome};
 
 /// Where a request stands.
@@ -145,7 +145,7 @@ pub struct RequestCtx {
     pub first_chunk_seen: bool,
     /// An upstream refusal on its way to the client, classified once its body is read.
     pub refusal: Option<RefusalBody>,
-    /// The verdict of a request that waited before its session began (see `parking`).
+    /// The verdict of a request that waited before its session began (see `front::park`).
     pub parked: Option<Parked>,
 }
 

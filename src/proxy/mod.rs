@@ -10,7 +10,8 @@
 //!   comments for a waiting stream;
 //! - `observe`: what the upstream's answers tell the limiter;
 //! - `access_log`: the end of a request, its metrics and its access-log line;
-//! - `header_deadline`: a deadline for every request header, and a cap on connections.
+//! - `front`: the connection door — the loop over a connection's requests, room for
+//!   connections, parking, the header deadline.
 //!
 //! Replaying rides on Pingora's own retry loop: `upstream_response_filter` abandons an
 //! attempt that met a 429 with an error marked retryable, `error_while_proxy` keeps it
@@ -21,12 +22,10 @@
 mod access_log;
 mod body;
 mod classify;
-mod connection;
 mod context;
-mod header_deadline;
+mod front;
 mod keepalive;
 mod observe;
-mod parking;
 mod replay;
 mod respond;
 mod tenant;
@@ -50,18 +49,21 @@ use crate::app::App;
 use crate::limiter::{model_index, StatedLimit};
 
 pub use classify::{ambiguous_path, log_value};
-pub use connection::ProxyApp;
 pub use context::{RequestCtx, Stage};
+pub(crate) use front::check_request_head;
+pub use front::{ProxyApp, Slots};
 pub use respond::error_body;
 
 use body::{BodyBudget, BodyHold};
 use context::{ModelSlot, RefusalBody};
-use parking::Parked;
+use front::Parked;
 use respond::Answer;
 use waiting::{client_left, wait_for_token, wait_verdict, wait_watching_client};
 
 /// Request headers meant for the sidecar (or for a proxy), never sent upstream.
-static FOR_THE_SIDECAR_ONLY: [HeaderName; 4] = [
+static FOR_THE_SIDECAR_ONLY: [HeaderName; 5] = [
+    // Answered by the sidecar (`100 Continue` once admitted); the body goes upstream whole.
+    http::header::EXPECT,
     HeaderName::from_static("x-client-id"),
     HeaderName::from_static("x-priority"),
     HeaderName::from_static("proxy-authorization"),
@@ -84,6 +86,42 @@ impl SidecarProxy {
     pub fn bodies(&self) -> BodyBudget {
         self.bodies.clone()
     }
+
+    /// Reads the request's body ahead when it can be held (`body`), and what the sidecar
+    /// reads in it: the model (its limits are learned, and configured in `models`) and
+    /// whether it asks for a stream (`keepalive_route`: one that keeps waiting streams alive).
+    /// `held` is the share of the budget a parked body has already.
+    async fn hold_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        held: Option<body::Reservation>,
+        keepalive_route: bool,
+    ) -> Result<()> {
+        let settings = ctx.settings.clone();
+        let limits = body::Limits {
+            max_body: settings.max_replay_body,
+            budget: settings.replay_body_budget,
+        };
+        ctx.body = body::hold(session, ctx.deadline, limits, &self.bodies, held).await?;
+        if let BodyHold::Streamed(why) = &ctx.body {
+            self.app
+                .metrics
+                .replay_unavailable
+                .with_label_values(&[ctx.route_name(), why.as_str()])
+                .inc();
+        }
+        let fields = tenant::held_body(session, &ctx.body)
+            .map(|body| tenant::fields_of(&body))
+            .unwrap_or_default();
+        ctx.model = fields
+            .model
+            .as_deref()
+            .and_then(|id| model_index(&settings.models, id));
+        ctx.model_id = fields.model_id();
+        ctx.keepalive = keepalive_route && fields.stream == Some(true);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -101,9 +139,9 @@ impl ProxyHttp for SidecarProxy {
         context: Box<dyn Any + Send + Sync>,
     ) {
         // A request parked by the connection loop: it waited from `started` on.
-        if let Ok(parked) = context.downcast::<Parked>() {
+        if let Some(parked) = Parked::taken_from(context) {
             ctx.started = parked.started;
-            ctx.parked = Some(*parked);
+            ctx.parked = Some(parked);
         }
     }
 
@@ -113,7 +151,7 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // A request parked by the connection loop (see `parking`) has been counted since it
+        // A request parked by the connection loop (see `front::park`) has been counted since it
         // parked and has its verdict. It is taken here, so that every way out of this phase
         // gives back what it holds.
         let mut parked = ctx.parked.take();
@@ -165,37 +203,20 @@ impl ProxyHttp for SidecarProxy {
             return Ok(false);
         }
 
-        let limits = body::Limits {
-            max_body: settings.max_replay_body,
-            budget: settings.replay_body_budget,
-        };
-        // A parked body keeps the share of the budget it had while it waited.
-        let held = parked.as_mut().and_then(Parked::take_body);
-        ctx.body = body::hold(session, ctx.deadline, limits, &self.bodies, held).await?;
-        if let BodyHold::Streamed(why) = &ctx.body {
-            self.app
-                .metrics
-                .replay_unavailable
-                .with_label_values(&[ctx.route_name(), why.as_str()])
-                .inc();
+        // A client that sends `Expect: 100-continue` sends its body only once it is told to:
+        // it is admitted first (not knowing its model), then told, then its body is read.
+        let continues = classify::expects_continue(session.req_header());
+        if !continues {
+            // A parked body keeps the share of the budget it had while it waited.
+            let held = parked.as_mut().and_then(Parked::take_body);
+            self.hold_body(session, ctx, held, keepalive_route).await?;
         }
-        // The model is read from every held body: its limits are learned (and configured in
-        // `models`).
-        let fields = tenant::held_body(session, &ctx.body)
-            .map(|body| tenant::fields_of(&body))
-            .unwrap_or_default();
-        ctx.model = fields
-            .model
-            .as_deref()
-            .and_then(|id| model_index(&settings.models, id));
-        ctx.model_id = fields.model_id();
-        ctx.keepalive = keepalive_route && fields.stream == Some(true);
-        // A request that waited before its session began (see `parking`) has its verdict.
+        // A request that waited before its session began (see `front::park`) has its verdict.
         let verdict = match parked.and_then(|mut p| p.verdict_from(&gate)) {
             Some(verdict) => Some(verdict),
             None => {
                 let mut ticket = gate.admit_with(ctx.ask());
-                let watch = ctx.body.is_complete();
+                let watch = !continues && ctx.body.is_complete();
                 wait_verdict(session, &mut ticket, watch, ctx).await?
             }
         };
@@ -207,6 +228,10 @@ impl ProxyHttp for SidecarProxy {
                 ctx.stage = Stage::Admitted { grant };
                 let wait = at.saturating_duration_since(ctx.started);
                 self.app.activity.granted(&ctx.client, wait, at);
+                if continues {
+                    session.downstream_session.write_continue_response().await?;
+                    self.hold_body(session, ctx, None, false).await?;
+                }
                 Ok(false)
             }
             Some(Verdict::Rejected { .. }) if settings.fallback_passthrough => {

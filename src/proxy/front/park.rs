@@ -16,23 +16,25 @@
 //! that is refused, a body that is streamed (chunked, too large, over the budget, or behind
 //! `Expect: 100-continue`), a route that keeps waiting streams alive, and a passthrough route.
 
+use std::any::Any;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pingora::http::RequestHeader;
+use pingora::protocols::http::ServerSession;
 use pingora_core::protocols::http::authority::validate_request_authority;
-use pingora_core::protocols::Stream;
 use tokio::io::AsyncReadExt;
 
-use super::body::{declared_length, BodyBudget, Reservation};
-use super::classify::{self, Asker};
-use super::context::Inflight;
-use super::tenant;
+use super::stream::FrontStream;
 use crate::admission::{now, AdmissionGate, Verdict};
 use crate::app::{App, RouteTable};
 use crate::limiter::{model_index, Ask};
+use crate::proxy::body::{declared_length, BodyBudget, Reservation};
+use crate::proxy::classify::{self, Asker};
+use crate::proxy::context::Inflight;
+use crate::proxy::tenant;
 
 /// The longest request head read here; a longer one is left to Pingora.
 const MAX_HEAD: usize = 64 * 1024;
@@ -91,6 +93,24 @@ impl Parked {
     }
 }
 
+/// Hands `parked` to the session Pingora is about to serve, for `request_filter` to take
+/// (`Parked::taken_from`).
+///
+/// Pingora carries a connection's context to its next request only erased, as the
+/// `Box<dyn Any>` of `set_connection_user_context`, and offers no typed way: these two
+/// functions are the one place where the verdict is erased and recovered.
+pub fn hand_over(session: &mut ServerSession, parked: Parked) {
+    session.set_connection_user_context(Some(Box::new(parked)));
+}
+
+impl Parked {
+    /// The parked request `hand_over` gave the session, from the context Pingora passes
+    /// on; `None` for any other context.
+    pub fn taken_from(context: Box<dyn Any + Send + Sync>) -> Option<Parked> {
+        context.downcast::<Parked>().ok().map(|parked| *parked)
+    }
+}
+
 impl Drop for Parked {
     fn drop(&mut self) {
         // Granted, but the request never used it (Pingora refused the head, or the route
@@ -103,14 +123,16 @@ impl Drop for Parked {
 
 /// `buf` holds the first bytes of the next request on `stream`, from `peer`. When a bucket is
 /// congested, reads the rest of the request's head and body into `buf` and, if the request is
-/// one to park, waits for its verdict while watching the client.
+/// one to park, waits for its verdict while watching the client. Then `buf` holds the
+/// request and no more; what came after it (the start of a pipelined request) is returned
+/// beside it, to be read once this one is answered.
 pub async fn park(
     app: &App,
     bodies: &BodyBudget,
-    stream: &mut Stream,
+    stream: &mut FrontStream,
     buf: &mut BytesMut,
     peer: Option<IpAddr>,
-) -> Option<Parked> {
+) -> Option<(Parked, BytesMut)> {
     let settings = {
         let table = app.table();
         let congested = table
@@ -143,15 +165,24 @@ pub async fn park(
             // The body stalled past the deadline, or the client left: the request goes on
             // unparked, its time counted from its arrival (its deadline has passed, or its
             // body will never come).
-            return Some(Parked {
+            let parked = Parked {
                 started,
                 gate: plan.gate,
                 outcome: Outcome::NotParked,
                 held: None,
                 inflight: None,
-            });
+            };
+            return Some((parked, BytesMut::new()));
         }
     }
+    // Reads may have brought more than the request: the start of the next one, copied out
+    // (a split would keep the whole first read's room alive while the request waits).
+    let end = head_len + body_len;
+    let mut ahead = match buf.len() > end {
+        true => BytesMut::from(&buf[end..]),
+        false => BytesMut::new(),
+    };
+    buf.truncate(end);
     let inflight = Inflight::new(&app.metrics.inflight);
     let Plan { gate, asker, .. } = plan;
     let model_id = tenant::fields_of(&buf[head_len..head_len + body_len]).model_id();
@@ -174,13 +205,22 @@ pub async fn park(
         Some(verdict) => Some(verdict),
         None => {
             // Watch the client while it waits: it may hang up. A byte that arrives instead
-            // is the start of a pipelined request; it is kept, and watching stops.
+            // is the start of a pipelined request; it is kept for later, and watching stops.
             let mut probe = [0u8; 1];
+            let pipelined = !ahead.is_empty();
+            let watch = async {
+                if !pipelined {
+                    stream.read(&mut probe).await
+                } else {
+                    // Pipelined already: nothing to watch for.
+                    std::future::pending().await
+                }
+            };
             tokio::select! {
                 verdict = ticket.verdict() => Some(verdict),
-                read = stream.read(&mut probe) => match read {
+                read = watch => match read {
                     Ok(n) if n > 0 => {
-                        buf.extend_from_slice(&probe[..n]);
+                        ahead.extend_from_slice(&probe[..n]);
                         Some(ticket.verdict().await)
                     }
                     _ => None,
@@ -190,13 +230,14 @@ pub async fn park(
     };
     // Dropping the ticket now gives up the place of a client that left.
     drop(ticket);
-    Some(Parked {
+    let parked = Parked {
         started,
         gate,
         outcome: verdict.map_or(Outcome::ClientLeft, Outcome::Decided),
         held,
         inflight: Some(inflight),
-    })
+    };
+    Some((parked, ahead))
 }
 
 /// What parking needs to know of a request, read from its head.
@@ -240,7 +281,7 @@ fn plan(
 /// Reads until `buf` holds a whole request head, as httparse (Pingora's parser) ends it: the
 /// head and its length. `None` when the stream ends or fails first, the head does not parse
 /// here, or it is longer than `MAX_HEAD` (Pingora reads on and answers it).
-async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<(RequestHeader, usize)> {
+async fn read_head(stream: &mut FrontStream, buf: &mut BytesMut) -> Option<(RequestHeader, usize)> {
     loop {
         match parse_head(buf) {
             Ok(Some(head)) => return Some(head),
@@ -259,7 +300,7 @@ async fn read_head(stream: &mut Stream, buf: &mut BytesMut) -> Option<(RequestHe
 }
 
 /// Reads until `buf` holds `len` bytes; false when the stream ends or fails first.
-async fn read_to(stream: &mut Stream, buf: &mut BytesMut, len: usize) -> bool {
+async fn read_to(stream: &mut FrontStream, buf: &mut BytesMut, len: usize) -> bool {
     while buf.len() < len {
         buf.reserve(len - buf.len());
         match stream.read_buf(buf).await {
@@ -293,6 +334,46 @@ fn parse_head(buf: &[u8]) -> Result<Option<(RequestHeader, usize)>, ()> {
         req.append_header(name, value).map_err(|_| ())?;
     }
     Ok(Some((req, len)))
+}
+
+/// The client's own idle timeout for its connection, `Keep-Alive: timeout=N`, when `buf`
+/// starts with a whole request head that has one.
+pub fn client_keepalive(buf: &[u8]) -> Option<Duration> {
+    // Rare in requests: a look for the header's name first spares parsing the others.
+    let named = memchr::memchr_iter(b':', buf).any(|colon| {
+        colon >= 11
+            && buf[colon - 10..colon].eq_ignore_ascii_case(b"keep-alive")
+            && buf[colon - 11] == b'\n'
+    });
+    if !named {
+        return None;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    if !matches!(parsed.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let value = parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("keep-alive"))?
+        .value;
+    let value = std::str::from_utf8(value).ok()?;
+    value.split(',').find_map(|param| {
+        let (name, secs) = param.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        let secs: u64 = secs.trim().parse().ok()?;
+        Some(Duration::from_secs(secs))
+    })
+}
+
+/// The head at the start of `bytes` as parking reads it, and the length of the body it would
+/// read ahead (for the fuzz target).
+pub fn head_of(bytes: &[u8]) -> Option<(usize, Option<usize>)> {
+    let (req, len) = parse_head(bytes).ok()??;
+    Some((len, plain_body_length(&req)))
 }
 
 /// The length of a body that can be read ahead: 0 without one, its single `Content-Length`
@@ -353,6 +434,33 @@ mod tests {
         assert_eq!(length(b"GET / HTTP/1.1\nHost: a\n\nbody"), Ok(Some(24)));
         assert_eq!(length(b"GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
         assert_eq!(length(b"GET / HTTP/1.1\r\nBad Header: a\r\n\r\n"), Err(()));
+    }
+
+    #[test]
+    fn a_clients_keep_alive_timeout_is_read_from_a_whole_head() {
+        let secs = |head: &[u8]| client_keepalive(head).map(|d| d.as_secs());
+        assert_eq!(
+            secs(b"GET / HTTP/1.1\r\nKeep-Alive: timeout=5, max=100\r\n\r\n"),
+            Some(5)
+        );
+        assert_eq!(
+            secs(b"GET / HTTP/1.1\r\nkeep-alive: max=3,TIMEOUT = 7\r\n\r\n"),
+            Some(7)
+        );
+        for head in [
+            &b"GET / HTTP/1.1\r\nKeep-Alive: timeout=5\r\n"[..],
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nKeep-Alive: timeout=-1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nKeep-Alive: timeout=soon\r\n\r\n",
+        ] {
+            assert_eq!(secs(head), None, "{}", String::from_utf8_lossy(head));
+        }
+    }
+
+    #[test]
+    fn a_context_that_is_not_a_parked_request_is_not_taken_for_one() {
+        let other: Box<dyn Any + Send + Sync> = Box::new(7u32);
+        assert!(Parked::taken_from(other).is_none());
     }
 
     #[test]
