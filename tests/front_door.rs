@@ -107,6 +107,21 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// Connections the sidecar closed for `reason`, as counted.
+async fn closes(sidecar: &Sidecar, reason: &str) -> f64 {
+    let series = format!("nvidia_sidecar_proxy_connections_closed_total{{reason=\"{reason}\"}}");
+    sidecar.metric(&series).await
+}
+
+/// The sidecar's readiness answer.
+async fn ready(sidecar: &Sidecar) -> reqwest::Response {
+    support::client()
+        .get(sidecar.admin("/health/ready"))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).await.unwrap()
 }
@@ -166,9 +181,7 @@ async fn an_idle_kept_alive_connection_is_closed_at_the_timeout() {
         assert_eq!(answer.map(|a| a.status), Some(200));
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let closed = sidecar
-        .metric("nvidia_sidecar_proxy_connections_closed_total{reason=\"idle_timeout\"}")
-        .await;
+    let closed = closes(&sidecar, "idle_timeout").await;
     assert_eq!(closed, 2.0);
 }
 
@@ -200,12 +213,8 @@ async fn a_new_client_is_served_while_max_connections_idle_connections_are_open(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = support::client()
-        .get(sidecar.admin("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "idle connections can make room");
+    let readiness = ready(&sidecar).await;
+    assert_eq!(readiness.status(), 200, "idle connections can make room");
 
     // Three new clients that stay connected, each served.
     let mut newcomers = Vec::new();
@@ -221,9 +230,7 @@ async fn a_new_client_is_served_while_max_connections_idle_connections_are_open(
         let closed = closed_within(stream, Duration::from_millis(300)).await;
         assert_eq!(closed, i < 3, "idle connection {i}");
     }
-    let evicted = sidecar
-        .metric("nvidia_sidecar_proxy_connections_closed_total{reason=\"evicted\"}")
-        .await;
+    let evicted = closes(&sidecar, "evicted").await;
     assert_eq!(evicted, 3.0);
     drop((idle, newcomers));
 
@@ -246,13 +253,9 @@ async fn a_new_client_is_served_while_max_connections_idle_connections_are_open(
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let ready = support::client()
-        .get(sidecar.admin("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    assert!(ready.text().await.unwrap().contains("none idle"));
+    let readiness = ready(&sidecar).await;
+    assert_eq!(readiness.status(), 503);
+    assert!(readiness.text().await.unwrap().contains("none idle"));
     let mut fifth = connect(port).await;
     let _ = fifth.write_all(MODELS).await;
     assert!(
@@ -265,15 +268,9 @@ async fn a_new_client_is_served_while_max_connections_idle_connections_are_open(
         assert!(text.contains("[DONE]"), "a busy connection was cut: {text}");
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = support::client()
-        .get(sidecar.admin("/health/ready"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
-    let refused = sidecar
-        .metric("nvidia_sidecar_proxy_connections_closed_total{reason=\"refused_full\"}")
-        .await;
+    let readiness = ready(&sidecar).await;
+    assert_eq!(readiness.status(), 200);
+    let refused = closes(&sidecar, "refused_full").await;
     assert_eq!(refused, 1.0);
 }
 
