@@ -94,6 +94,33 @@ fn the_unit_is_hardened() {
     }
 }
 
+/// The unit's file limit holds the default `server.max_connections` with the admin plane's
+/// connections and the upstream ones (`file_limit::needed`).
+#[test]
+fn the_units_file_limit_holds_the_default_connections() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/nvidia-sidecar.service"
+    ))
+    .unwrap();
+    let limit: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("the unit sets LimitNOFILE")
+        .trim()
+        .parse()
+        .unwrap();
+    let max_connections = nvidia_sidecar::config::load_str("")
+        .unwrap()
+        .server
+        .max_connections;
+    let need = nvidia_sidecar::file_limit::needed(max_connections);
+    assert!(
+        limit >= need,
+        "LimitNOFILE={limit} is below the {need} the default config needs"
+    );
+}
+
 #[test]
 fn the_config_shipped_for_the_unit_is_valid() {
     let dir = tempfile::tempdir().unwrap();

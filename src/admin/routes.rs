@@ -134,6 +134,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     // Gauges are refreshed by the sampler every second; refresh them for this scrape too.
     let _ = state.snapshot();
+    // The proxy's connections are counted by its slots; the gauges show them as they are.
+    let (metrics, slots) = (&state.app.metrics, &state.proxy_slots);
+    metrics.connections_open.set(slots.open() as i64);
+    metrics.connections_idle.set(slots.idle() as i64);
     (
         [(
             header::CONTENT_TYPE,

@@ -96,7 +96,8 @@ pub struct Metrics {
     pub upstream_429_ratio: GaugeVec,
     pub upstream_duration: HistogramVec,
     pub inflight: IntGauge,
-    /// Proxy connections open and idle now, and closed, by why (`connection::Closed`).
+    /// Proxy connections open and idle (set from the proxy's slots at each scrape), and closed,
+    /// by why (`front::conn::Closed`).
     pub connections_open: IntGauge,
     pub connections_idle: IntGauge,
     pub connections_closed: IntCounterVec,

@@ -224,9 +224,19 @@ pub async fn hold(
     Ok(held)
 }
 
-/// The request's `Content-Length`, when it declares exactly one.
+/// The request's `Content-Length`, when it declares exactly one, as HTTP allows it.
 pub fn declared_length(req: &RequestHeader) -> Option<usize> {
     let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
-    let first = values.next()?.to_str().ok()?.trim().parse::<usize>().ok()?;
+    let first = plain_length(values.next()?.as_bytes())?;
     values.next().is_none().then_some(first)
+}
+
+/// A `Content-Length` value as HTTP allows it: digits only (the parser has taken the spaces
+/// around it off already), fitting a length. `+5`, `5 5` or `0x5` are read differently by
+/// different parsers, so none is taken.
+pub fn plain_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }

@@ -61,9 +61,7 @@ use respond::Answer;
 use waiting::{client_left, wait_for_token, wait_verdict, wait_watching_client};
 
 /// Request headers meant for the sidecar (or for a proxy), never sent upstream.
-static FOR_THE_SIDECAR_ONLY: [HeaderName; 5] = [
-    // Answered by the sidecar (`100 Continue` once admitted); the body goes upstream whole.
-    http::header::EXPECT,
+static FOR_THE_SIDECAR_ONLY: [HeaderName; 4] = [
     HeaderName::from_static("x-client-id"),
     HeaderName::from_static("x-priority"),
     HeaderName::from_static("proxy-authorization"),
@@ -230,6 +228,11 @@ impl ProxyHttp for SidecarProxy {
                 self.app.activity.granted(&ctx.client, wait, at);
                 if continues {
                     session.downstream_session.write_continue_response().await?;
+                    // Met here: the upstream gets the body whole and has nothing to continue.
+                    // (A passthrough route's request keeps it, and the upstream answers it.)
+                    session
+                        .req_header_mut()
+                        .remove_header(&http::header::EXPECT);
                     self.hold_body(session, ctx, None, false).await?;
                 }
                 Ok(false)

@@ -122,9 +122,7 @@ impl<A> ProxyApp<A> {
             return Err(Closed::Stopping);
         }
         let mark = self.slots.idle_mark();
-        let idle = &self.app.metrics.connections_idle;
-        idle.inc();
-        let next = tokio::select! {
+        tokio::select! {
             biased;
             read = stream.read_buf(buf) => match read {
                 Ok(n) if n > 0 => Ok(()),
@@ -134,9 +132,7 @@ impl<A> ProxyApp<A> {
             _ = stopped => Err(Closed::Stopping),
             _ = mark.closed() => Err(Closed::Evicted),
             _ = tokio::time::sleep(idle_for) => Err(Closed::IdleTimeout),
-        };
-        idle.dec();
-        next
+        }
     }
 
     /// The connection's requests, one after the other, until it closes; why it did.
@@ -236,9 +232,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ProxyApp<A> {
                 .inc();
             return None;
         };
-        metrics.connections_open.inc();
         let closed = self.serve(stream, shutdown).await;
-        metrics.connections_open.dec();
         metrics
             .connections_closed
             .with_label_values(&[closed.as_str()])

@@ -315,7 +315,7 @@ async fn read_to(stream: &mut FrontStream, buf: &mut BytesMut, len: usize) -> bo
 /// length: `Ok(None)` while it is incomplete, `Err` for anything httparse does not take as it
 /// is (Pingora then parses it, and answers it if it must). Not in `read_head` itself: the
 /// parser's header array would be kept in every connection's future.
-fn parse_head(buf: &[u8]) -> Result<Option<(RequestHeader, usize)>, ()> {
+pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(RequestHeader, usize)>, ()> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     let len = match parsed.parse(buf) {
@@ -348,17 +348,8 @@ pub fn client_keepalive(buf: &[u8]) -> Option<Duration> {
     if !named {
         return None;
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    if !matches!(parsed.parse(buf), Ok(httparse::Status::Complete(_))) {
-        return None;
-    }
-    let value = parsed
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("keep-alive"))?
-        .value;
-    let value = std::str::from_utf8(value).ok()?;
+    let (req, _) = parse_head(buf).ok()??;
+    let value = req.headers.get("keep-alive")?.to_str().ok()?;
     value.split(',').find_map(|param| {
         let (name, secs) = param.split_once('=')?;
         if !name.trim().eq_ignore_ascii_case("timeout") {
@@ -369,19 +360,11 @@ pub fn client_keepalive(buf: &[u8]) -> Option<Duration> {
     })
 }
 
-/// The head at the start of `bytes` as parking reads it, and the length of the body it would
-/// read ahead (for the fuzz target).
-pub fn head_of(bytes: &[u8]) -> Option<(usize, Option<usize>)> {
-    let (req, len) = parse_head(bytes).ok()??;
-    Some((len, plain_body_length(&req)))
-}
-
 /// The length of a body that can be read ahead: 0 without one, its single `Content-Length`
 /// otherwise. `None` for a chunked body, a doubtful length, or a client that waits for
 /// `100 Continue` before it sends its body.
 fn plain_body_length(req: &RequestHeader) -> Option<usize> {
-    if req.headers.contains_key(http::header::TRANSFER_ENCODING)
-        || req.headers.contains_key(http::header::EXPECT)
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) || classify::expects_continue(req)
     {
         return None;
     }
