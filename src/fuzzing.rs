@@ -30,7 +30,7 @@ pub fn client_request(priority: &str, client_id: &str, host: &str, path: &[u8]) 
     let access = config::AccessSettings::default();
     let _ = access.cap_priority(client_id, claimed);
     let _ = access.allows_host(host);
-    let _ = crate::proxy::log_value(client_id);
+    let _ = crate::logging::log_value(client_id);
     let _ = crate::proxy::ambiguous_path(path);
 }
 

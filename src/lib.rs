@@ -5,7 +5,7 @@
 //! `proxy` (the request path), `app` (shared state), `metrics`, `activity` (per-client counts
 //! and queue waits for the dashboard), `server` (Pingora wiring),
 //! `cli` (command line), `logging` (filters and the log writer thread), `state` (what survives a restart), `lifecycle` (signals,
-//! readiness, state saving), `admin` (the admin plane: metrics, health, status, dashboard,
+//! readiness, state saving), `supervise` (background tasks that end the process if they panic), `admin` (the admin plane: metrics, health, status, dashboard,
 //! config API), `shared_quota` (one quota for several sidecars, kept in Redis).
 #![forbid(unsafe_code)]
 // Every module but `limiter` may read the clock (see clippy.toml); `limiter` denies it.
@@ -29,6 +29,7 @@ pub(crate) mod routes;
 pub mod server;
 pub(crate) mod shared_quota;
 pub(crate) mod state;
+pub(crate) mod supervise;
 pub(crate) mod upstream;
 
 pub use app::App;

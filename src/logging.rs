@@ -44,6 +44,33 @@ const GATHER: Duration = Duration::from_millis(10);
 /// Unwritten bytes that make the writer write at once.
 const WRITE_AT: usize = 64 * 1024;
 
+/// A client-controlled value as it goes into the access log: as it is when it is a plain
+/// token, else quoted with `"` and `\` escaped, so that no value can add fields of its own
+/// (`X-Client-Id: x route=admin status=200`).
+pub fn log_value(value: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
+    if plain {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        match c {
+            '"' | '\\' => {
+                quoted.push('\\');
+                quoted.push(c);
+            }
+            c if c.is_control() => quoted.push_str(&c.escape_default().to_string()),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    std::borrow::Cow::Owned(quoted)
+}
+
 /// The log filter for `level` (or `RUST_LOG`, which overrides it): as asked, except that the
 /// modules that would log secrets stay at `info` unless `NVIDIA_SIDECAR_LOG_SECRETS=yes`.
 /// Returns the filter and whether a cap was applied.
@@ -337,6 +364,18 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_values_cannot_forge_log_fields() {
+        assert_eq!(log_value("agent-7"), "agent-7");
+        assert_eq!(log_value("10.0.0.1"), "10.0.0.1");
+        assert_eq!(
+            log_value("x route=admin status=200"),
+            "\"x route=admin status=200\""
+        );
+        assert_eq!(log_value("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(log_value(""), "\"\"");
+    }
 
     #[test]
     fn verbose_levels_keep_secret_bearing_modules_at_info() {

@@ -3,7 +3,9 @@
 //! - Upstream: nginx serving a small JSON answer itself (one worker, keep-alive), so that the
 //!   upstream is the same fast static server for both proxies.
 //! - Proxies: the sidecar with 1 and 2 threads (`server.threads`), its access log on at
-//!   `info`; nginx with 1 and 2 workers, upstream keep-alive, its access log on.
+//!   `info`; a bare Pingora proxy with no filters (`examples/bare_pingora.rs`, built here in
+//!   release) with 1 and 2 threads, the anchor the sidecar's own cost is read against; nginx
+//!   with 1 and 2 workers, upstream keep-alive, its access log on.
 //! - Routes: a passthrough route (`GET /v1/models`) and a token route with a rate too high to
 //!   ever queue (`POST /v1/chat/completions` with a small JSON body).
 //! - Load: `wrk -t1 -c32 -d8s --latency`, after a 2 s warm-up; each cell is run `REPEATS`
@@ -157,6 +159,55 @@ impl Nginx {
     }
 }
 
+/// The bare Pingora proxy (`examples/bare_pingora.rs`) on a free port, in front of
+/// `upstream`, with `threads` threads; killed when dropped.
+struct BarePingora {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl BarePingora {
+    /// Builds the example in release (once; cargo knows when it is up to date).
+    fn build() -> std::path::PathBuf {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--example", "bare_pingora"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "the bare Pingora proxy builds");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+        target.join("release/examples/bare_pingora")
+    }
+
+    fn start(binary: &std::path::Path, upstream: u16, threads: usize) -> BarePingora {
+        let port = free_port();
+        let child = Command::new(binary)
+            .args([port.to_string(), upstream.to_string(), threads.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the bare Pingora proxy starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the bare Pingora proxy did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BarePingora { child, port }
+    }
+}
+
+impl Drop for BarePingora {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A wrk script (in `dir`) that POSTs a small chat completion request.
 pub fn post_script(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("post.lua");
@@ -199,6 +250,10 @@ pub async fn overhead(repeats: usize) {
     let nginxes: Vec<Nginx> = [1, 2]
         .map(|workers| Nginx::reverse_proxy(workers, upstream.port))
         .into();
+    let bare_binary = BarePingora::build();
+    let bares: Vec<BarePingora> = [1, 2]
+        .map(|threads| BarePingora::start(&bare_binary, upstream.port, threads))
+        .into();
     let mut proxies = vec![Proxy {
         name: "direct (no proxy)",
         workers: 0,
@@ -211,6 +266,14 @@ pub async fn overhead(repeats: usize) {
             workers,
             url: format!("http://127.0.0.1:{}", sidecar.port),
             pids: vec![sidecar.pid()],
+        });
+    }
+    for (workers, bare) in [1, 2].into_iter().zip(&bares) {
+        proxies.push(Proxy {
+            name: "bare Pingora",
+            workers,
+            url: format!("http://127.0.0.1:{}", bare.port),
+            pids: vec![bare.child.id()],
         });
     }
     for (workers, nginx) in [1, 2].into_iter().zip(&nginxes) {
@@ -260,27 +323,37 @@ pub async fn overhead(repeats: usize) {
             }
         }
     }
-    println!("| route | proxy | workers | requests/s | vs nginx | p50 (ms) | p99 (ms) | CPU s per 10k requests | vs nginx | runs (req/s) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| route | proxy | workers | requests/s | vs nginx | vs bare Pingora | p50 (ms) | p99 (ms) | CPU s per 10k requests | vs nginx | vs bare Pingora | runs (req/s) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (r, (route, _, _)) in routes.iter().enumerate() {
         for (p, proxy) in proxies.iter().enumerate() {
             let cell = &cells[p][r];
             let rps = median(cell.runs.iter().map(|x| x.rps).collect());
             let cpu = median(cell.cpu_per_10k.clone());
-            let nginx = proxies
-                .iter()
-                .position(|q| q.name == "nginx" && q.workers == proxy.workers)
-                .map(|q| {
-                    let c = &cells[q][r];
-                    (
-                        median(c.runs.iter().map(|x| x.rps).collect()),
-                        median(c.cpu_per_10k.clone()),
-                    )
-                });
-            let (vs_rps, vs_cpu) = match (proxy.name, nginx) {
-                ("sidecar", Some((n_rps, n_cpu))) => {
-                    (format!("{:.2}", rps / n_rps), format!("{:.2}", cpu / n_cpu))
+            let of = |name: &str| {
+                proxies
+                    .iter()
+                    .position(|q| q.name == name && q.workers == proxy.workers)
+                    .map(|q| {
+                        let c = &cells[q][r];
+                        (
+                            median(c.runs.iter().map(|x| x.rps).collect()),
+                            median(c.cpu_per_10k.clone()),
+                        )
+                    })
+            };
+            let versus = |name: &str| match (proxy.name, of(name)) {
+                ("sidecar" | "bare Pingora", Some(_)) if proxy.name == name => {
+                    ("".to_string(), "".to_string())
                 }
+                ("sidecar" | "bare Pingora", Some((o_rps, o_cpu))) => {
+                    (format!("{:.2}", rps / o_rps), format!("{:.2}", cpu / o_cpu))
+                }
+                _ => ("".to_string(), "".to_string()),
+            };
+            let (vs_rps, vs_cpu) = versus("nginx");
+            let (vs_bare_rps, vs_bare_cpu) = match proxy.name {
+                "sidecar" => versus("bare Pingora"),
                 _ => ("".to_string(), "".to_string()),
             };
             let workers = if proxy.workers == 0 {
@@ -294,7 +367,7 @@ pub async fn overhead(repeats: usize) {
                 format!("{cpu:.3}")
             };
             println!(
-                "| {route} | {} | {workers} | {rps:.0} | {vs_rps} | {:.2} | {:.2} | {cpu_text} | {vs_cpu} | {:?} |",
+                "| {route} | {} | {workers} | {rps:.0} | {vs_rps} | {vs_bare_rps} | {:.2} | {:.2} | {cpu_text} | {vs_cpu} | {vs_bare_cpu} | {:?} |",
                 proxy.name,
                 median(cell.runs.iter().map(|x| x.p50_ms).collect()),
                 median(cell.runs.iter().map(|x| x.p99_ms).collect()),

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::routes::{detail, guard_mutation};
+use super::guard::{detail, guard_mutation};
 use super::AdminState;
 use crate::app::{ChangeReport, ChangeRequest, ChangeSource};
 use crate::config::{effective_view, ConfigError, Overrides, LIVE_FIELDS};

@@ -4,7 +4,6 @@
 
 use serde::Serialize;
 
-use super::status::round3;
 use crate::limiter::{
     LearnedModelSnapshot, Learning, LimiterSnapshot, ModelLaneSnapshot, MAX_LEARNED_MODELS,
 };
@@ -128,4 +127,9 @@ impl LearnedView {
             models: s.learned.clone(),
         }
     }
+}
+
+/// Rounded to three decimals, as `/status` shows its numbers.
+pub(super) fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }

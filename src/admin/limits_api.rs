@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::routes::{detail, guard_mutation};
+use super::guard::{detail, guard_mutation};
 use super::AdminState;
 
 /// What to reset: the route (`default` unless named), and a key's name, a model id, both, or

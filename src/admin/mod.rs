@@ -12,6 +12,7 @@
 
 mod config_api;
 mod dashboard;
+mod guard;
 mod history;
 mod lanes;
 mod limits_api;
@@ -178,7 +179,7 @@ impl BackgroundService for StatusSampler {
         else {
             return;
         };
-        crate::lifecycle::supervise(
+        crate::supervise::supervise(
             "status sampler",
             status::run_sampler(self.state.clone(), tx, shutdown),
         )

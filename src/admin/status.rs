@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::history::{History, HistorySample};
-use super::lanes::{key_views, KeyView, LearnedView};
+use super::lanes::{key_views, round3, KeyView, LearnedView};
 use crate::activity::ClientsView;
 use crate::app::App;
 use crate::limiter::{LimiterSnapshot, ModelSnapshot, Priority};
@@ -138,10 +138,6 @@ fn retreat_view(s: &LimiterSnapshot) -> RetreatView {
         upstream_429_rate: round3(s.upstream_429_ratio),
         pause_remaining_seconds: round3(s.paused_for.map_or(0.0, |d| d.as_secs_f64())),
     }
-}
-
-pub(super) fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// Totals kept at every snapshot, for rates over time.

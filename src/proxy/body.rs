@@ -13,7 +13,8 @@
 //!   pingora-proxy's `proxy_h1.rs`, `proxy_h2.rs` alike), where the proxy puts the whole body
 //!   in its place.
 //!
-//! Every held byte is counted against `adaptive.replay_body_budget`. A body that is too large,
+//! How a body is to be read is decided once, from its head (`BodyPlan`, part of the request's
+//! intake). Every held byte is counted against `adaptive.replay_body_budget`. A body that is too large,
 //! does not fit the budget, or has no declared length (chunked) is not read ahead: it streams
 //! through when its turn comes and is not replayable.
 
@@ -47,6 +48,38 @@ impl NotHeld {
             NotHeld::TooLarge => "body_too_large",
             NotHeld::BudgetFull => "budget_full",
             NotHeld::Chunked => "chunked_body",
+        }
+    }
+}
+
+/// How a request's body is read, as its head declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPlan {
+    /// No body.
+    Empty,
+    /// A plain `Content-Length` of this many bytes, small enough to hold: read ahead of
+    /// admission when the budget has room (`hold`).
+    Hold(usize),
+    /// Not read ahead: it streams through when its turn comes.
+    Stream(NotHeld),
+}
+
+impl BodyPlan {
+    /// The plan for `head`'s body, holding at most `max_body` bytes
+    /// (`adaptive.max_replay_body`). A malformed length never gets here: `classify::refusal`
+    /// refuses it.
+    pub fn of(head: &RequestHeader, max_body: usize) -> BodyPlan {
+        if head.headers.contains_key(http::header::TRANSFER_ENCODING) {
+            return BodyPlan::Stream(NotHeld::Chunked);
+        }
+        if !head.headers.contains_key(http::header::CONTENT_LENGTH) {
+            return BodyPlan::Empty;
+        }
+        match declared_length(head) {
+            Some(0) => BodyPlan::Empty,
+            Some(len) if len <= max_body => BodyPlan::Hold(len),
+            Some(_) => BodyPlan::Stream(NotHeld::TooLarge),
+            None => BodyPlan::Stream(NotHeld::Chunked),
         }
     }
 }
@@ -131,35 +164,28 @@ impl Drop for Reservation {
     }
 }
 
-/// How large a body may be held (`adaptive.max_replay_body`), and all held bodies together
-/// (`adaptive.replay_body_budget`).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_body: usize,
-    pub budget: usize,
-}
-
-/// Reads the request body ahead of admission when it can be held (see the module doc). `held`
-/// is the share of the budget the body has already (a parked request's).
+/// Reads the request body ahead of admission as `plan` says (see the module doc), when the
+/// held bodies leave room for it within `limit` (`adaptive.replay_body_budget`). `held` is the
+/// share of the budget the body has already (a parked request's).
 pub async fn hold(
     session: &mut Session,
+    plan: BodyPlan,
     deadline: Instant,
-    limits: Limits,
     budget: &BodyBudget,
+    limit: usize,
     held: Option<Reservation>,
 ) -> Result<BodyHold> {
     if session.downstream_session.is_body_empty() {
         return Ok(BodyHold::Empty);
     }
-    let Some(len) = declared_length(session.req_header()) else {
-        return Ok(BodyHold::Streamed(NotHeld::Chunked));
+    let len = match plan {
+        BodyPlan::Empty => return Ok(BodyHold::Empty),
+        BodyPlan::Stream(why) => return Ok(BodyHold::Streamed(why)),
+        BodyPlan::Hold(len) => len,
     };
-    if len > limits.max_body {
-        return Ok(BodyHold::Streamed(NotHeld::TooLarge));
-    }
     let reservation = match held.filter(|r| r.bytes == len) {
         Some(reservation) => reservation,
-        None => match budget.reserve(len, limits.budget) {
+        None => match budget.reserve(len, limit) {
             Some(reservation) => reservation,
             None => return Ok(BodyHold::Streamed(NotHeld::BudgetFull)),
         },
@@ -239,4 +265,13 @@ pub fn plain_length(value: &[u8]) -> Option<usize> {
         return None;
     }
     std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The held body's bytes, when the whole body is in hand.
+pub fn held_body(session: &Session, body: &BodyHold) -> Option<Bytes> {
+    match body {
+        BodyHold::Kept { body, .. } => Some(body.clone()),
+        BodyHold::RetryBuffer { .. } => session.downstream_session.get_retry_buffer(),
+        _ => None,
+    }
 }

@@ -128,33 +128,6 @@ pub fn priority(req: &RequestHeader) -> Priority {
         .unwrap_or(Priority::Normal)
 }
 
-/// A client-controlled value as it goes into the access log: as it is when it is a plain
-/// token, else quoted with `"` and `\` escaped, so that no value can add fields of its own
-/// (`X-Client-Id: x route=admin status=200`).
-pub fn log_value(value: &str) -> std::borrow::Cow<'_, str> {
-    let plain = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'=' && b != b'\\');
-    if plain {
-        return std::borrow::Cow::Borrowed(value);
-    }
-    let mut quoted = String::with_capacity(value.len() + 2);
-    quoted.push('"');
-    for c in value.chars() {
-        match c {
-            '"' | '\\' => {
-                quoted.push('\\');
-                quoted.push(c);
-            }
-            c if c.is_control() => quoted.push_str(&c.escape_default().to_string()),
-            c => quoted.push(c),
-        }
-    }
-    quoted.push('"');
-    std::borrow::Cow::Owned(quoted)
-}
-
 /// Whether a request path could mean another path to the upstream than the one routes are
 /// matched on: dot segments (`/v1/models/../chat/completions`), raw or percent-encoded, and
 /// encoded or back slashes (`..%2F`). No API client needs them; an upstream that normalises
@@ -263,7 +236,7 @@ pub fn refusal(req: &RequestHeader, table: &RouteTable) -> Option<Answer> {
 
 #[cfg(test)]
 mod tests {
-    use super::{ambiguous_path, log_value};
+    use super::ambiguous_path;
     use crate::proxy::body::plain_length;
 
     #[test]
@@ -283,18 +256,6 @@ mod tests {
         ] {
             assert!(plain_length(bad.as_bytes()).is_none(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn client_values_cannot_forge_log_fields() {
-        assert_eq!(log_value("agent-7"), "agent-7");
-        assert_eq!(log_value("10.0.0.1"), "10.0.0.1");
-        assert_eq!(
-            log_value("x route=admin status=200"),
-            "\"x route=admin status=200\""
-        );
-        assert_eq!(log_value("a\"b\\c"), "\"a\\\"b\\\\c\"");
-        assert_eq!(log_value(""), "\"\"");
     }
 
     #[test]

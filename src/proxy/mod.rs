@@ -1,17 +1,21 @@
-//! The proxy: Pingora's `ProxyHttp` phases for one request — classify, admit, forward,
+//! The proxy: Pingora's `ProxyHttp` phases for one request — take in, admit, forward,
 //! observe, stream, log. Each phase reads and moves the request's `Stage` (see `context`).
 //!
-//! - `classify`: client id, priority, and what is refused outright;
-//! - `body`: holding request bodies for replay and for watching waiting clients;
-//! - `replay`: sending a request again after an upstream 429, and where Pingora allows it;
-//! - `respond`: the sidecar's own answers and error responses;
-//! - `tenant`: client keys, client deadlines, the model of a body;
-//! - `waiting`: waiting for a verdict while watching the client; `keepalive`: headers and
-//!   comments for a waiting stream;
-//! - `observe`: what the upstream's answers tell the limiter;
-//! - `access_log`: the end of a request, its metrics and its access-log line;
+//! - `intake`: each request decided once — refusal, route, client and priority, mode, body
+//!   plan, and what its body asks for; `classify` and `tenant` are its parts (who asks, what
+//!   is refused outright; client keys and client deadlines);
 //! - `front`: the connection door — the loop over a connection's requests, room for
-//!   connections, parking, the header deadline.
+//!   connections, parking, the header deadline;
+//! - `wait`: waiting while watching the client, at either door; `keepalive`: the client's side
+//!   of a waiting stream (`Downstream`) and its headers and comments;
+//! - `body`: holding request bodies for replay and for watching waiting clients;
+//! - `attempt`: one attempt at the upstream, and what it holds;
+//! - `credential`: the pool key a request goes out with;
+//! - `replay`: sending a request again after an upstream 429, and where Pingora allows it;
+//! - `observe`: what the upstream's answers tell the limiter;
+//! - `respond`: the sidecar's own answers; `failure`: what a failed request's client is told;
+//! - `context`: the request's state, every phase's; `access_log`: the end of a request, its
+//!   metrics and its access-log line.
 //!
 //! Replaying rides on Pingora's own retry loop: `upstream_response_filter` abandons an
 //! attempt that met a 429 with an error marked retryable, `error_while_proxy` keeps it
@@ -20,16 +24,20 @@
 //! our own bound is the one that counts.
 
 mod access_log;
+mod attempt;
 mod body;
 mod classify;
 mod context;
+mod credential;
+mod failure;
 mod front;
+mod intake;
 mod keepalive;
 mod observe;
 mod replay;
 mod respond;
 mod tenant;
-mod waiting;
+mod wait;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -45,20 +53,20 @@ use pingora_core::{Error, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::admission::{now, Verdict};
-use crate::app::App;
-use crate::limiter::{model_index, StatedLimit};
+use crate::app::{App, RouteTable};
+use crate::limiter::StatedLimit;
 
-pub use classify::{ambiguous_path, log_value};
+pub use classify::ambiguous_path;
 pub use context::{RequestCtx, Stage};
 pub(crate) use front::check_request_head;
 pub use front::{ProxyApp, Slots};
-pub use respond::error_body;
 
+use attempt::{keep_error_body, Attempt, RefusalBody, ERROR_BODY_LIMIT};
 use body::{BodyBudget, BodyHold};
-use context::{ModelSlot, RefusalBody};
 use front::Parked;
+use intake::{Arrival, Intake, Mode};
+use keepalive::Downstream;
 use respond::Answer;
-use waiting::{client_left, wait_for_token, wait_verdict, wait_watching_client};
 
 /// Request headers meant for the sidecar (or for a proxy), never sent upstream.
 static FOR_THE_SIDECAR_ONLY: [HeaderName; 4] = [
@@ -85,23 +93,19 @@ impl SidecarProxy {
         self.bodies.clone()
     }
 
-    /// Reads the request's body ahead when it can be held (`body`), and what the sidecar
-    /// reads in it: the model (its limits are learned, and configured in `models`) and
-    /// whether it asks for a stream (`keepalive_route`: one that keeps waiting streams alive).
-    /// `held` is the share of the budget a parked body has already.
+    /// Reads the request's body ahead when it can be held (`body`), and reads what it asks
+    /// for (`Intake::read_body`), unless that was read already at the connection door. `held`
+    /// is the share of the budget a parked body has already.
     async fn hold_body(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         held: Option<body::Reservation>,
-        keepalive_route: bool,
     ) -> Result<()> {
         let settings = ctx.settings.clone();
-        let limits = body::Limits {
-            max_body: settings.max_replay_body,
-            budget: settings.replay_body_budget,
-        };
-        ctx.body = body::hold(session, ctx.deadline, limits, &self.bodies, held).await?;
+        let (plan, deadline) = (ctx.intake().body, ctx.deadline());
+        let limit = settings.replay_body_budget;
+        ctx.body = body::hold(session, plan, deadline, &self.bodies, limit, held).await?;
         if let BodyHold::Streamed(why) = &ctx.body {
             self.app
                 .metrics
@@ -109,17 +113,32 @@ impl SidecarProxy {
                 .with_label_values(&[ctx.route_name(), why.as_str()])
                 .inc();
         }
-        let fields = tenant::held_body(session, &ctx.body)
-            .map(|body| tenant::fields_of(&body))
-            .unwrap_or_default();
-        ctx.model = fields
-            .model
-            .as_deref()
-            .and_then(|id| model_index(&settings.models, id));
-        ctx.model_id = fields.model_id();
-        ctx.keepalive = keepalive_route && fields.stream == Some(true);
+        let intake = ctx.intake.as_mut().expect("taken in before its body");
+        if intake.asks.is_none() {
+            let body = body::held_body(session, &ctx.body);
+            intake.read_body(body.as_deref(), &settings.models);
+        }
         Ok(())
     }
+}
+
+/// Takes the request in by the routes of `table`: the intake it was parked with when `table`
+/// is still the one that made it, else a new one. `Err` is the answer that refuses it.
+fn take_in(
+    session: &Session,
+    started: std::time::Instant,
+    table: &Arc<RouteTable>,
+    parked: Option<&mut Parked>,
+) -> std::result::Result<Intake, Answer> {
+    if let Some(intake) = parked.and_then(|p| p.intake_for(table)) {
+        return Ok(intake);
+    }
+    Intake::new(
+        session.req_header(),
+        classify::peer_ip(session),
+        started,
+        table,
+    )
 }
 
 #[async_trait]
@@ -149,65 +168,50 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // A request parked by the connection loop (see `front::park`) has been counted since it
-        // parked and has its verdict. It is taken here, so that every way out of this phase
-        // gives back what it holds.
+        // A request taken in at the connection door (see `front::park`) comes with its intake,
+        // and, if it parked, its count and its verdict. It is taken here, so that every way out
+        // of this phase gives back what it holds.
         let mut parked = ctx.parked.take();
-        let counted = parked.as_mut().and_then(|p| p.inflight.take());
-        ctx.inflight = counted.or_else(|| Some(context::Inflight::new(&self.app.metrics.inflight)));
         let table = self.app.table();
         // One snapshot for the whole request: a reload meanwhile applies to the next one.
         ctx.settings = table.settings.clone();
-        if let Some(answer) = classify::refusal(session.req_header(), &table) {
-            ctx.stage = Stage::Refused;
-            answer.send(session).await?;
-            return Ok(true);
-        }
-        let route = table.route_for(session.req_header().uri.path()).clone();
-        let settings = &table.settings;
-        let peer = classify::peer_ip(session);
-        match classify::who_asks(session.req_header(), peer, settings, ctx.started) {
-            Ok(asker) => {
-                ctx.client = asker.client;
-                ctx.weight = asker.weight;
-                ctx.priority = asker.priority;
-                ctx.deadline = asker.deadline;
-            }
+        let intake = match take_in(session, ctx.started, &table, parked.as_deref_mut()) {
+            Ok(intake) => intake,
             Err(answer) => {
                 ctx.stage = Stage::Refused;
                 answer.send(session).await?;
                 return Ok(true);
             }
-        }
-        match &parked {
-            Some(p) if p.client_left() => {
-                ctx.stage = Stage::ClientLeft;
-                return client_left("client left while parked").map(|_| false);
-            }
-            // Its arrival was counted when it parked.
-            Some(_) => {}
-            None => self.app.activity.arrived(&ctx.client, ctx.started),
-        }
-        let gate = route.gate.clone();
-        let keepalive_route = route.settings.keepalive_while_queued;
-        ctx.route = Some(route);
-        let Some(gate) = gate else {
-            ctx.stage = Stage::Passthrough;
-            return Ok(false);
         };
-        if settings.fallback_passthrough && gate.is_degraded() {
-            // The shared quota is out of reach and the operator chose to fail open.
-            ctx.stage = Stage::FailOpen;
-            return Ok(false);
+        let counted = parked.as_deref_mut().and_then(Parked::take_arrival);
+        ctx.arrival = Some(
+            counted.unwrap_or_else(|| Arrival::count(&self.app, &intake.who.client, ctx.started)),
+        );
+        ctx.intake = Some(intake);
+        if parked.as_deref().is_some_and(Parked::client_left) {
+            ctx.stage = Stage::ClientLeft;
+            return client_left("client left while parked").map(|_| false);
         }
+        let gate = match &ctx.intake().mode {
+            Mode::Gated(gate) => gate.clone(),
+            Mode::Passthrough => {
+                ctx.stage = Stage::Passthrough;
+                return Ok(false);
+            }
+            Mode::FailOpen => {
+                ctx.stage = Stage::FailOpen;
+                return Ok(false);
+            }
+        };
+        let continues = ctx.intake().continues;
 
         // A client that sends `Expect: 100-continue` sends its body only once it is told to:
         // it is admitted first (not knowing its model), then told, then its body is read.
-        let continues = classify::expects_continue(session.req_header());
         if !continues {
             // A parked body keeps the share of the budget it had while it waited.
-            let held = parked.as_mut().and_then(Parked::take_body);
-            self.hold_body(session, ctx, held, keepalive_route).await?;
+            let held = parked.as_deref_mut().and_then(Parked::take_body);
+            self.hold_body(session, ctx, held).await?;
+            ctx.downstream = Downstream::for_request(ctx.intake().keeps_alive());
         }
         // A request that waited before its session began (see `front::park`) has its verdict.
         let verdict = match parked.and_then(|mut p| p.verdict_from(&gate)) {
@@ -215,17 +219,19 @@ impl ProxyHttp for SidecarProxy {
             None => {
                 let mut ticket = gate.admit_with(ctx.ask());
                 let watch = !continues && ctx.body.is_complete();
-                wait_verdict(session, &mut ticket, watch, ctx).await?
+                keepalive::verdict(session, &mut ticket, watch, &mut ctx.downstream).await?
             }
         };
         match verdict {
             Some(Verdict::Granted(grant)) => {
-                ctx.model_slot = ModelSlot::held(&gate, grant);
+                ctx.attempt = Attempt::granted(&gate, grant);
                 let at = now();
                 ctx.admitted_at = Some(at);
                 ctx.stage = Stage::Admitted { grant };
                 let wait = at.saturating_duration_since(ctx.started);
-                self.app.activity.granted(&ctx.client, wait, at);
+                self.app
+                    .activity
+                    .granted(&ctx.intake().who.client, wait, at);
                 if continues {
                     session.downstream_session.write_continue_response().await?;
                     // Met here: the upstream gets the body whole and has nothing to continue.
@@ -233,11 +239,11 @@ impl ProxyHttp for SidecarProxy {
                     session
                         .req_header_mut()
                         .remove_header(&http::header::EXPECT);
-                    self.hold_body(session, ctx, None, false).await?;
+                    self.hold_body(session, ctx, None).await?;
                 }
                 Ok(false)
             }
-            Some(Verdict::Rejected { .. }) if settings.fallback_passthrough => {
+            Some(Verdict::Rejected { .. }) if ctx.settings.fallback_passthrough => {
                 ctx.stage = Stage::FailOpen;
                 Ok(false)
             }
@@ -247,8 +253,8 @@ impl ProxyHttp for SidecarProxy {
                     retry_after,
                     after_upstream_429: false,
                 };
-                let answer = Answer::rejected(why, retry_after, false, ctx.model_id.as_deref());
-                if ctx.keepalive_started {
+                let answer = Answer::rejected(why, retry_after, false, ctx.model_id());
+                if ctx.downstream.headers_sent() {
                     keepalive::end_with_error(session, &answer.body).await?;
                 } else {
                     answer.send(session).await?;
@@ -268,17 +274,21 @@ impl ProxyHttp for SidecarProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let route = ctx.route.clone().expect("request_filter sets the route");
+        let route = ctx.route().cloned().expect("request_filter sets the route");
         if let Stage::ReplayPending { backoff } = ctx.stage {
             let gate = route.gate.clone().expect("only rate-limited routes replay");
-            if !backoff.is_zero() && !wait_watching_client(session, backoff).await {
+            if !backoff.is_zero()
+                && wait::until(Some(&mut *session), tokio::time::sleep(backoff))
+                    .await
+                    .is_none()
+            {
                 ctx.stage = Stage::ClientLeft;
                 return client_left("client left while waiting to replay");
             }
             let mut ticket = gate.admit_again_with(ctx.ask());
-            match wait_verdict(session, &mut ticket, true, ctx).await? {
+            match keepalive::verdict(session, &mut ticket, true, &mut ctx.downstream).await? {
                 Some(Verdict::Granted(grant)) => {
-                    ctx.model_slot = ModelSlot::held(&gate, grant);
+                    ctx.attempt = Attempt::granted(&gate, grant);
                     ctx.stage = Stage::Admitted { grant };
                 }
                 Some(Verdict::Rejected { why, retry_after }) => {
@@ -297,16 +307,18 @@ impl ProxyHttp for SidecarProxy {
                     return client_left("client left while waiting to replay");
                 }
             }
+        } else if ctx.attempt.is_sent() {
+            // Pingora tries another address after a connection that failed: a new attempt on
+            // the same grant.
+            ctx.attempt = std::mem::take(&mut ctx.attempt).again();
         }
-        ctx.answer_observed = false;
-        ctx.first_chunk_seen = false;
         let settings = ctx.settings.clone();
         let addr = route
             .upstream
             .resolve(settings.upstream.dns_ttl)
             .await
             .map_err(|e| Error::explain(ErrorType::ConnectError, e.to_string()).into_up())?;
-        ctx.upstream_sent_at = Some(now());
+        ctx.attempt.sent_at = Some(now());
         Ok(Box::new(route.upstream.peer(addr, &settings.upstream)))
     }
 
@@ -331,7 +343,7 @@ impl ProxyHttp for SidecarProxy {
         request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let route = ctx.route.clone().expect("request_filter sets the route");
+        let route = ctx.route().cloned().expect("request_filter sets the route");
         if request.uri.authority().is_some() || !request.raw_path().starts_with(b"/") {
             // Absolute-form target (client used us as HTTP_PROXY): send origin-form upstream.
             let origin_form = request
@@ -361,13 +373,13 @@ impl ProxyHttp for SidecarProxy {
                 .as_ref()
                 .map_or(0, |gate| gate.first_active_key()),
         };
-        let key = tenant::put_upstream_key(request, &settings, lane)?;
+        let key = credential::put_upstream_key(request, &settings, lane)?;
         if let (Some(key), Some(_)) = (key, ctx.grant()) {
             route
                 .metrics
                 .key_request(&self.app.metrics, lane, &key.name);
             if settings.upstream.keys.len() > 1 {
-                ctx.key = Some(key.name.clone());
+                ctx.attempt.key = Some(key.name.clone());
             }
         }
         for name in &FOR_THE_SIDECAR_ONLY {
@@ -386,8 +398,8 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = response.status.as_u16();
-        ctx.upstream_status = Some(status);
-        let Some(route) = ctx.route.as_ref() else {
+        ctx.attempt.status = Some(status);
+        let Some(route) = ctx.route() else {
             return Ok(());
         };
         route.metrics.upstream_response(&self.app.metrics, status);
@@ -410,7 +422,7 @@ impl ProxyHttp for SidecarProxy {
                 && replay::nothing_of_the_answer_sent(ctx, session)
             {
                 // The key was refused, not the request: it goes again on another key.
-                ctx.answer_observed = true;
+                ctx.attempt.observed = true;
                 return Err(self.send_again(ctx, Duration::ZERO));
             }
         }
@@ -422,13 +434,11 @@ impl ProxyHttp for SidecarProxy {
             self.observe(ctx, &gate, &signal);
             return Err(self.send_again(ctx, backoff));
         }
-        if ctx.keepalive_started && !(200..300).contains(&status) {
-            // The client has its 200 already: the error goes out as an event at the end.
-            ctx.stream_error = Some((status, Default::default()));
-        }
+        // A client that has its 200 already gets an error as an event at the end.
+        ctx.downstream.upstream_answered(status);
         if matches!(status, 429 | 503) {
             // Passed on to the client: classify it once its body is read.
-            ctx.refusal = Some(RefusalBody {
+            ctx.attempt.refusal = Some(RefusalBody {
                 status,
                 from_headers: signal,
                 body: Default::default(),
@@ -464,24 +474,21 @@ impl ProxyHttp for SidecarProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        if let Some(refusal) = ctx.refusal.as_mut() {
+        if let Some(refusal) = ctx.attempt.refusal.as_mut() {
             if let Some(chunk) = body.as_ref() {
-                let room = replay::REFUSAL_BODY_LIMIT.saturating_sub(refusal.body.len());
-                refusal
-                    .body
-                    .extend_from_slice(&chunk[..chunk.len().min(room)]);
+                keep_error_body(&mut refusal.body, chunk);
             }
-            if end_of_stream || refusal.body.len() >= replay::REFUSAL_BODY_LIMIT {
+            if end_of_stream || refusal.body.len() >= ERROR_BODY_LIMIT {
                 self.settle_refusal(ctx);
             }
         }
-        if !ctx.first_chunk_seen {
+        if !ctx.attempt.first_chunk_seen {
             if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
-                ctx.first_chunk_seen = true;
+                ctx.attempt.first_chunk_seen = true;
                 self.capacity_error_in_a_success(ctx, chunk);
             }
         }
-        self.stream_error_event(body, end_of_stream, ctx);
+        ctx.downstream.answer_body(body, end_of_stream);
         Ok(None)
     }
 
@@ -493,7 +500,7 @@ impl ProxyHttp for SidecarProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Nothing reached the upstream: try the name's next address, once each.
-        let Some(route) = ctx.route.as_ref() else {
+        let Some(route) = ctx.route().cloned() else {
             return e;
         };
         let Some(addr) = peer._address.as_inet().copied() else {
@@ -539,7 +546,7 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         FailToProxy {
-            error_code: respond::answer_failure(session, e, ctx).await,
+            error_code: failure::answer_failure(session, e, ctx).await,
             can_reuse_downstream: false,
         }
     }
@@ -565,4 +572,9 @@ impl ProxyHttp for SidecarProxy {
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         self.finish(session, error, ctx);
     }
+}
+
+/// The error that ends a request whose client left while it waited.
+fn client_left(context: &'static str) -> Result<Box<HttpPeer>> {
+    Error::e_explain(ErrorType::ConnectionClosed, context).map_err(|e| e.into_down())
 }

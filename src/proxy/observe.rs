@@ -1,9 +1,8 @@
 //! What the upstream's answers tell the limiter: the key's controller, the model's
-//! concurrency, a key the upstream refused; and the error event that ends a kept-alive stream.
+//! concurrency, a key the upstream refused.
 
-use bytes::Bytes;
-
-use super::{error_body, keepalive, replay, RequestCtx, SidecarProxy, Stage};
+use super::context::{RequestCtx, Stage};
+use super::SidecarProxy;
 use crate::admission::AdmissionGate;
 use crate::limiter::{Grant, UpstreamSignal};
 
@@ -22,10 +21,10 @@ impl SidecarProxy {
                 .with_label_values(&[ctx.route_name(), reason])
                 .inc();
         }
-        if ctx.answer_observed {
+        if ctx.attempt.observed {
             return;
         }
-        ctx.answer_observed = true;
+        ctx.attempt.observed = true;
         let grant = match ctx.stage {
             Stage::Admitted { grant } => grant,
             // Answers to requests sent without a token still tell about the quota.
@@ -39,7 +38,7 @@ impl SidecarProxy {
     /// stream says the model's workers are full): the model's concurrency is lowered, never
     /// the key's rate. The client already has the 200, so the answer goes through as it is.
     pub(super) fn capacity_error_in_a_success(&self, ctx: &RequestCtx, chunk: &[u8]) {
-        let (Some(200), Some(grant)) = (ctx.upstream_status, ctx.grant()) else {
+        let (Some(200), Some(grant)) = (ctx.attempt.status, ctx.grant()) else {
             return;
         };
         if grant.model.is_none() && grant.learned.is_none() {
@@ -48,7 +47,7 @@ impl SidecarProxy {
         if !UpstreamSignal::capacity_error_in(chunk) {
             return;
         }
-        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+        let Some(gate) = ctx.gate().cloned() else {
             return;
         };
         self.app
@@ -87,42 +86,12 @@ impl SidecarProxy {
         !gate.is_key_active(grant.lane)
     }
 
-    /// On a kept-alive stream: marks the upstream's events as started, or swallows an error
-    /// answer's body and puts an error event in its place at its end.
-    pub(super) fn stream_error_event(
-        &self,
-        body: &mut Option<Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) {
-        if !ctx.keepalive_started {
-            return;
-        }
-        let Some((status, kept)) = ctx.stream_error.as_mut() else {
-            ctx.streaming |= body.as_ref().is_some_and(|b| !b.is_empty());
-            return;
-        };
-        if let Some(chunk) = body.take() {
-            let room = replay::REFUSAL_BODY_LIMIT.saturating_sub(kept.len());
-            kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        }
-        if end_of_stream {
-            let text = String::from_utf8_lossy(kept);
-            let message = format!(
-                "the upstream answered {status}: {}",
-                text.trim().chars().take(512).collect::<String>()
-            );
-            let event = error_body(&message, "upstream_error", &format!("upstream_{status}"));
-            *body = Some(keepalive::error_event(&event));
-        }
-    }
-
     /// Classifies a passed-on refusal once its body (or its first KiB) is in.
     pub(super) fn settle_refusal(&self, ctx: &mut RequestCtx) {
-        let Some(refusal) = ctx.refusal.take() else {
+        let Some(refusal) = ctx.attempt.refusal.take() else {
             return;
         };
-        let Some(gate) = ctx.route.as_ref().and_then(|r| r.gate.clone()) else {
+        let Some(gate) = ctx.gate().cloned() else {
             return;
         };
         let signal = refusal
@@ -130,23 +99,5 @@ impl SidecarProxy {
             .clone()
             .with_body(refusal.status, &refusal.body);
         self.observe(ctx, &gate, &signal);
-    }
-
-    /// Abandons the attempt under way: the request gives back its model slot and waits
-    /// `backoff`, then for a new token (see `replay`). Returns the error that does it.
-    pub(super) fn send_again(
-        &self,
-        ctx: &mut RequestCtx,
-        backoff: std::time::Duration,
-    ) -> Box<pingora_core::Error> {
-        ctx.model_slot = None;
-        ctx.replays += 1;
-        ctx.stage = Stage::ReplayPending { backoff };
-        self.app
-            .metrics
-            .replays
-            .with_label_values(&[ctx.route_name()])
-            .inc();
-        replay::replay_error()
     }
 }

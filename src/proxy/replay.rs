@@ -32,12 +32,10 @@ use crate::config::Settings;
 use crate::limiter::{retry_after_header, UpstreamSignal};
 
 use super::context::{RequestCtx, Stage};
+use super::SidecarProxy;
 
 /// The error that sends a request back to the queue after an upstream refusal.
 const REPLAY_ERROR: ErrorType = ErrorType::Custom("upstream rate limited, replaying");
-
-/// How much of a passed-on refusal's body is kept to classify it.
-pub const REFUSAL_BODY_LIMIT: usize = 4096;
 
 /// The reading of an upstream answer from its status line and headers alone.
 pub fn read_header(response: &ResponseHeader) -> UpstreamSignal {
@@ -103,14 +101,14 @@ pub fn may_replay(
         && ctx.replays < settings.max_replays
         && nothing_of_the_answer_sent(ctx, session)
         && gate.replays_429s(grant)
-        && (gate.estimated_wait(ctx.priority) + asked.max(backoff)).max(held)
-            < ctx.deadline.saturating_duration_since(now())
+        && (gate.estimated_wait(ctx.priority()) + asked.max(backoff)).max(held)
+            < ctx.deadline().saturating_duration_since(now())
 }
 
 /// Nothing of the upstream's answer has reached the client: no response at all, or only the
 /// headers and comments of a kept-alive stream.
 pub fn nothing_of_the_answer_sent(ctx: &RequestCtx, session: &Session) -> bool {
-    session.response_written().is_none() || ctx.keepalive_started && !ctx.streaming
+    session.response_written().is_none() || ctx.downstream.awaits_answer()
 }
 
 /// The error that abandons the attempt and sends the request back to the queue.
@@ -121,4 +119,25 @@ pub fn replay_error() -> Box<Error> {
     );
     e.set_retry(true);
     e.into_up()
+}
+
+impl SidecarProxy {
+    /// Abandons the attempt under way: the request gives back its model slot and waits
+    /// `backoff`, then for a new token (see `replay`). Returns the error that does it.
+    pub(super) fn send_again(
+        &self,
+        ctx: &mut RequestCtx,
+        backoff: std::time::Duration,
+    ) -> Box<pingora_core::Error> {
+        // The attempt is over: its model slot goes to the next waiter.
+        ctx.attempt.slot = None;
+        ctx.replays += 1;
+        ctx.stage = Stage::ReplayPending { backoff };
+        self.app
+            .metrics
+            .replays
+            .with_label_values(&[ctx.route_name()])
+            .inc();
+        replay_error()
+    }
 }

@@ -1,5 +1,5 @@
-//! The sidecar's own answers: its 429s, and the error responses for what failed, all in the
-//! OpenAI error shape.
+//! The sidecar's own answers: its 429s, its refusals, and the error responses for what failed,
+//! all in the OpenAI error shape.
 
 use std::time::Duration;
 
@@ -9,10 +9,7 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_proxy::Session;
 
 use crate::limiter::Rejection;
-use crate::metrics::Outcome;
-
-use super::classify::log_value;
-use super::context::{RequestCtx, Stage};
+use crate::logging::log_value;
 
 /// An OpenAI-style error body.
 pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
@@ -23,6 +20,7 @@ pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
 }
 
 /// One complete answer of the sidecar's own.
+#[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub body: Bytes,
@@ -114,59 +112,6 @@ impl Answer {
             .write_response_header(Box::new(header), false)
             .await?;
         session.write_response_body(Some(self.body), true).await
-    }
-}
-
-/// Answers a request that failed with `e` before its response was complete, when there is
-/// anyone to answer: the sidecar's own 429 or the failure's status with a JSON body, or, on a
-/// kept-alive stream whose upstream events have not begun, the error event that ends it.
-/// Returns the status sent (0: none).
-pub async fn answer_failure(session: &mut Session, e: &Error, ctx: &RequestCtx) -> u16 {
-    if ctx.stage == Stage::ClientLeft || client_gone(e) {
-        return 0;
-    }
-    let kept_alive = ctx.keepalive_started && !ctx.streaming;
-    if session.response_written().is_some() && !kept_alive {
-        return 0;
-    }
-    let answer = match ctx.stage {
-        Stage::Rejected {
-            why,
-            retry_after,
-            after_upstream_429,
-        } => Answer::rejected(
-            why,
-            retry_after,
-            after_upstream_429,
-            ctx.model_id.as_deref(),
-        ),
-        _ => {
-            let upstream = ctx
-                .route
-                .as_ref()
-                .map_or("?".to_string(), |r| r.settings.upstream.to_string());
-            Answer::for_failure(e, &upstream)
-        }
-    };
-    let status = answer.status;
-    let sent = if kept_alive {
-        super::keepalive::end_with_error(session, &answer.body).await
-    } else {
-        answer.send(session).await
-    };
-    if sent.is_ok() {
-        status
-    } else {
-        0
-    }
-}
-
-/// The outcome counted for a request the sidecar answered 429 itself.
-pub fn rejected_outcome(why: Rejection) -> Outcome {
-    match why {
-        Rejection::QueueFull => Outcome::RejectedQueueFull,
-        Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
-        Rejection::ModelLocked => Outcome::RejectedModelLocked,
     }
 }
 

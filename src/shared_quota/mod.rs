@@ -267,7 +267,7 @@ impl SharedQuotaService {
 #[async_trait]
 impl BackgroundService for SharedQuotaService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        crate::lifecycle::supervise("shared quota", async {
+        crate::supervise::supervise("shared quota", async {
             let mut tables = self.tables.clone();
             let mut linked = HashMap::new();
             let mut names = HashMap::new();

@@ -30,11 +30,9 @@ use tokio::io::AsyncReadExt;
 use super::stream::FrontStream;
 use crate::admission::{now, AdmissionGate, Verdict};
 use crate::app::{App, RouteTable};
-use crate::limiter::{model_index, Ask};
-use crate::proxy::body::{declared_length, BodyBudget, Reservation};
-use crate::proxy::classify::{self, Asker};
-use crate::proxy::context::Inflight;
-use crate::proxy::tenant;
+use crate::proxy::body::{BodyBudget, Reservation};
+use crate::proxy::intake::{Arrival, BodyPlan, Intake, Mode};
+use crate::proxy::wait::{self, ClientWatch, Stir};
 
 /// The longest request head read here; a longer one is left to Pingora.
 const MAX_HEAD: usize = 64 * 1024;
@@ -42,44 +40,63 @@ const MAX_HEAD: usize = 64 * 1024;
 /// The most header lines read here (Pingora's own limit).
 const MAX_HEADERS: usize = 256;
 
-/// A request that waited before its session began, and the verdict it got.
+/// A request taken in at the connection door, handed to `request_filter` with what was
+/// decided about it there: its intake, and, when it parked, the verdict it waited for.
 pub struct Parked {
     /// When its head was read: the start of its queue wait.
     pub started: Instant,
-    gate: Arc<AdmissionGate>,
-    outcome: Outcome,
+    /// The route table its intake was made by.
+    table: Arc<RouteTable>,
+    intake: Option<Intake>,
+    wait: Wait,
     /// Its body's share of `adaptive.replay_body_budget` while it waited.
     held: Option<Reservation>,
-    /// Counts it in `inflight_requests` from the moment it parks (a stopping sidecar waits
-    /// for it); `request_filter` takes the count over.
-    pub inflight: Option<Inflight>,
+    /// Counted as arrived and in flight from the moment it parked; `request_filter` takes
+    /// the count over. `None` for a request that was not parked.
+    arrival: Option<Arrival>,
 }
 
-/// How a parked request's wait ended.
-enum Outcome {
-    /// It has its verdict (until `request_filter` takes it).
-    Decided(Verdict),
+/// How a request's wait at the connection door ended.
+enum Wait {
+    /// It has its verdict from `gate` (until `request_filter` takes it).
+    Decided {
+        gate: Arc<AdmissionGate>,
+        verdict: Verdict,
+    },
     /// Its client hung up.
     ClientLeft,
-    /// It was read ahead but not parked (its body stalled): it queues the usual way.
+    /// It did not wait here: it is not one to park, or its body stalled. It queues the
+    /// usual way.
     NotParked,
 }
 
 impl Parked {
+    /// Its intake, when `table` is the route table it was made by; `None` after a reload (the
+    /// request is taken in again by the new table), or once taken.
+    pub fn intake_for(&mut self, table: &Arc<RouteTable>) -> Option<Intake> {
+        Arc::ptr_eq(&self.table, table)
+            .then(|| self.intake.take())
+            .flatten()
+    }
+
     /// The verdict for the request, now routed to `gate`. `None` when it has none, or when it
     /// is routed elsewhere now (a reload came in between): it queues again there, and what it
     /// was granted here is given back.
     pub fn verdict_from(&mut self, gate: &Arc<AdmissionGate>) -> Option<Verdict> {
-        if !Arc::ptr_eq(&self.gate, gate) {
-            return None;
-        }
-        match std::mem::replace(&mut self.outcome, Outcome::NotParked) {
-            Outcome::Decided(verdict) => Some(verdict),
+        match std::mem::replace(&mut self.wait, Wait::NotParked) {
+            Wait::Decided {
+                gate: from,
+                verdict,
+            } if Arc::ptr_eq(&from, gate) => Some(verdict),
             other => {
-                self.outcome = other;
+                self.wait = other;
                 None
             }
         }
+    }
+
+    fn intake(&self) -> &Intake {
+        self.intake.as_ref().expect("made with its intake")
     }
 
     /// The body's share of the budget, for the request to hold its body with.
@@ -87,9 +104,14 @@ impl Parked {
         self.held.take()
     }
 
+    /// Its count as arrived and in flight, when it was counted here.
+    pub fn take_arrival(&mut self) -> Option<Arrival> {
+        self.arrival.take()
+    }
+
     /// The client hung up while the request was parked.
     pub fn client_left(&self) -> bool {
-        matches!(self.outcome, Outcome::ClientLeft)
+        matches!(self.wait, Wait::ClientLeft)
     }
 }
 
@@ -99,15 +121,15 @@ impl Parked {
 /// Pingora carries a connection's context to its next request only erased, as the
 /// `Box<dyn Any>` of `set_connection_user_context`, and offers no typed way: these two
 /// functions are the one place where the verdict is erased and recovered.
-pub fn hand_over(session: &mut ServerSession, parked: Parked) {
-    session.set_connection_user_context(Some(Box::new(parked)));
+pub fn hand_over(session: &mut ServerSession, parked: Box<Parked>) {
+    session.set_connection_user_context(Some(parked));
 }
 
 impl Parked {
     /// The parked request `hand_over` gave the session, from the context Pingora passes
     /// on; `None` for any other context.
-    pub fn taken_from(context: Box<dyn Any + Send + Sync>) -> Option<Parked> {
-        context.downcast::<Parked>().ok().map(|parked| *parked)
+    pub fn taken_from(context: Box<dyn Any + Send + Sync>) -> Option<Box<Parked>> {
+        context.downcast::<Parked>().ok()
     }
 }
 
@@ -115,63 +137,81 @@ impl Drop for Parked {
     fn drop(&mut self) {
         // Granted, but the request never used it (Pingora refused the head, or the route
         // changed): the token and the model slot go back.
-        if let Outcome::Decided(Verdict::Granted(grant)) = self.outcome {
-            self.gate.refund(grant);
+        if let Wait::Decided {
+            gate,
+            verdict: Verdict::Granted(grant),
+        } = &self.wait
+        {
+            gate.refund(*grant);
         }
     }
 }
 
 /// `buf` holds the first bytes of the next request on `stream`, from `peer`. When a bucket is
-/// congested, reads the rest of the request's head and body into `buf` and, if the request is
-/// one to park, waits for its verdict while watching the client. Then `buf` holds the
-/// request and no more; what came after it (the start of a pipelined request) is returned
-/// beside it, to be read once this one is answered.
+/// congested, reads the rest of the request's head and takes it in (`Intake`); if it is one
+/// to park, reads its body into `buf` too and waits for its verdict while watching the
+/// client. Then `buf` holds the request and no more; what came after it (the start of a
+/// pipelined request) is returned beside it, to be read once this one is answered.
 pub async fn park(
     app: &App,
     bodies: &BodyBudget,
     stream: &mut FrontStream,
     buf: &mut BytesMut,
     peer: Option<IpAddr>,
-) -> Option<(Parked, BytesMut)> {
-    let settings = {
-        let table = app.table();
-        let congested = table
-            .all()
-            .any(|r| r.gate.as_ref().is_some_and(|g| g.would_queue()));
-        if !congested {
-            return None;
-        }
-        table.settings.clone()
-    };
+) -> Option<(Box<Parked>, BytesMut)> {
+    let congested = app
+        .table()
+        .all()
+        .any(|r| r.gate.as_ref().is_some_and(|g| g.would_queue()));
+    if !congested {
+        return None;
+    }
     let started = now();
-    // Decided from the head in one step, so that nothing of the parsed head is kept while
+    // Taken in from the head in one step, so that nothing of the parsed head is kept while
     // the request waits.
-    let (plan, head_len) = {
+    let (table, taken, head_len) = {
         let (req, head_len) = read_head(stream, buf).await?;
-        (plan(req, &app.table(), peer, started)?, head_len)
+        let table = app.table();
+        let taken = take_in(&req, &table, peer, started)?;
+        (table, taken, head_len)
     };
-    let body_len = plan.body_len;
+    // Boxed as it will be handed over: while it waits, the connection's future holds a
+    // pointer to it, not its intake.
+    let not_parked = |intake, arrival| {
+        Box::new(Parked {
+            started,
+            table: table.clone(),
+            intake: Some(intake),
+            wait: Wait::NotParked,
+            held: None,
+            arrival,
+        })
+    };
+    let (intake, gate, body_len) = match taken {
+        Taken::Park(intake, gate, body_len) => (intake, gate, body_len),
+        Taken::Pass(intake) => return Some((not_parked(intake, None), BytesMut::new())),
+    };
+    let settings = &table.settings;
     let held = match body_len {
         0 => None,
-        len if len > settings.max_replay_body => return None,
-        len => Some(bodies.reserve(len, settings.replay_body_budget)?),
+        len => match bodies.reserve(len, settings.replay_body_budget) {
+            Some(held) => Some(held),
+            None => return Some((not_parked(intake, None), BytesMut::new())),
+        },
     };
     // From here on the request does not go back to `request_filter` uncounted.
-    app.activity.arrived(&plan.asker.client, started);
+    let arrival = Arrival::count(app, &intake.who.client, started);
+    let mut parked = not_parked(intake, Some(arrival));
     if body_len > 0 {
-        let deadline = tokio::time::Instant::from_std(plan.asker.deadline);
-        let read = tokio::time::timeout_at(deadline, read_to(stream, buf, head_len + body_len));
+        let deadline = parked.intake().who.deadline;
+        let read = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            read_to(stream, buf, head_len + body_len),
+        );
         if !matches!(read.await, Ok(true)) {
             // The body stalled past the deadline, or the client left: the request goes on
             // unparked, its time counted from its arrival (its deadline has passed, or its
             // body will never come).
-            let parked = Parked {
-                started,
-                gate: plan.gate,
-                outcome: Outcome::NotParked,
-                held: None,
-                inflight: None,
-            };
             return Some((parked, BytesMut::new()));
         }
     }
@@ -183,99 +223,92 @@ pub async fn park(
         false => BytesMut::new(),
     };
     buf.truncate(end);
-    let inflight = Inflight::new(&app.metrics.inflight);
-    let Plan { gate, asker, .. } = plan;
-    let model_id = tenant::fields_of(&buf[head_len..head_len + body_len]).model_id();
-    let model = model_id
-        .as_deref()
-        .and_then(|id| model_index(&settings.models, id));
+    let models = &settings.models;
+    let intake = parked.intake.as_mut().expect("made with its intake");
+    intake.read_body(Some(&buf[head_len..end]), models);
     if buf.capacity() > buf.len() + 256 {
         // It waits holding its bytes, not the room the first read had.
         *buf = BytesMut::from(&buf[..]);
     }
-    let mut ticket = gate.admit_with(Ask {
-        client: asker.client,
-        priority: asker.priority,
-        deadline: asker.deadline,
-        weight: asker.weight,
-        model,
-        model_id,
-    });
-    let verdict = match ticket.immediate() {
-        Some(verdict) => Some(verdict),
-        None => {
-            // Watch the client while it waits: it may hang up. A byte that arrives instead
-            // is the start of a pipelined request; it is kept for later, and watching stops.
-            let mut probe = [0u8; 1];
-            let pipelined = !ahead.is_empty();
-            let watch = async {
-                if !pipelined {
-                    stream.read(&mut probe).await
-                } else {
-                    // Pipelined already: nothing to watch for.
-                    std::future::pending().await
-                }
-            };
-            tokio::select! {
-                verdict = ticket.verdict() => Some(verdict),
-                read = watch => match read {
-                    Ok(n) if n > 0 => {
-                        ahead.extend_from_slice(&probe[..n]);
-                        Some(ticket.verdict().await)
-                    }
-                    _ => None,
-                },
-            }
-        }
+    let mut ticket = gate.admit_with(parked.intake().ask());
+    let mut watched = Watched {
+        stream,
+        ahead: &mut ahead,
     };
+    let verdict = wait::verdict(&mut ticket, Some(&mut watched)).await;
     // Dropping the ticket now gives up the place of a client that left.
     drop(ticket);
-    let parked = Parked {
-        started,
-        gate,
-        outcome: verdict.map_or(Outcome::ClientLeft, Outcome::Decided),
-        held,
-        inflight: Some(inflight),
+    parked.held = held;
+    parked.wait = match verdict {
+        Some(verdict) => Wait::Decided { gate, verdict },
+        None => Wait::ClientLeft,
     };
     Some((parked, ahead))
 }
 
-/// What parking needs to know of a request, read from its head.
-struct Plan {
-    gate: Arc<AdmissionGate>,
-    asker: Asker,
-    /// The length of its body, which is read ahead.
-    body_len: usize,
+/// What the connection door makes of a request it has read the head of.
+enum Taken {
+    /// It parks: it waits here for a token from the gate, its body (of this length) read
+    /// ahead.
+    Park(Intake, Arc<AdmissionGate>, usize),
+    /// It goes on to `request_filter` at once, with its intake.
+    Pass(Intake),
 }
 
-/// The plan for the request `req`, from `peer`, by the routes of `table`; `None` when it is
-/// not one to park.
-fn plan(
-    req: RequestHeader,
+/// What becomes of the request `req` from `peer`, by the routes of `table`; `None` for one
+/// that is refused, which `request_filter` answers.
+fn take_in(
+    req: &RequestHeader,
     table: &RouteTable,
     peer: Option<IpAddr>,
     started: Instant,
-) -> Option<Plan> {
+) -> Option<Taken> {
     // What Pingora refuses with a 400 (an ambiguous authority), or the sidecar refuses, is
     // answered at once.
-    if validate_request_authority(&req).is_err() || classify::refusal(&req, table).is_some() {
+    if validate_request_authority(req).is_err() {
         return None;
     }
-    let route = table.route_for(req.uri.path());
-    let gate = route.gate.clone()?;
-    let settings = &table.settings;
-    // A request whose own bucket can serve it now gets its token at once in `request_filter`.
-    if route.settings.keepalive_while_queued
-        || (settings.fallback_passthrough && gate.is_degraded())
-        || !gate.would_queue()
-    {
-        return None;
+    let intake = Intake::new(req, peer, started, table).ok()?;
+    let Mode::Gated(gate) = &intake.mode else {
+        return Some(Taken::Pass(intake));
+    };
+    let body_len = match intake.body {
+        BodyPlan::Empty => 0,
+        BodyPlan::Hold(len) => len,
+        BodyPlan::Stream(_) => return Some(Taken::Pass(intake)),
+    };
+    // A request whose own bucket can serve it now gets its token at once in
+    // `request_filter`; a waiting stream is kept alive there, and a body behind
+    // `100 Continue` is read there once admitted.
+    if intake.route.settings.keepalive_while_queued || intake.continues || !gate.would_queue() {
+        return Some(Taken::Pass(intake));
     }
-    Some(Plan {
-        gate,
-        asker: classify::who_asks(&req, peer, settings, started).ok()?,
-        body_len: plain_body_length(&req)?,
-    })
+    let gate = gate.clone();
+    Some(Taken::Park(intake, gate, body_len))
+}
+
+/// A parked request's connection, watched while it waits. A byte that arrives instead of a
+/// hang-up is the start of a pipelined request: it is kept in `ahead`, and watching stops.
+struct Watched<'a> {
+    stream: &'a mut FrontStream,
+    ahead: &'a mut BytesMut,
+}
+
+impl ClientWatch for Watched<'_> {
+    async fn stirs(&mut self) -> Stir {
+        if !self.ahead.is_empty() {
+            // Pipelined already: nothing to watch for.
+            return std::future::pending().await;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.read(&mut probe).await {
+            Ok(n) if n > 0 => {
+                self.ahead.extend_from_slice(&probe[..n]);
+                Stir::Spoke
+            }
+            _ => Stir::Left,
+        }
+    }
 }
 
 /// Reads until `buf` holds a whole request head, as httparse (Pingora's parser) ends it: the
@@ -360,20 +393,6 @@ pub fn client_keepalive(buf: &[u8]) -> Option<Duration> {
     })
 }
 
-/// The length of a body that can be read ahead: 0 without one, its single `Content-Length`
-/// otherwise. `None` for a chunked body, a doubtful length, or a client that waits for
-/// `100 Continue` before it sends its body.
-fn plain_body_length(req: &RequestHeader) -> Option<usize> {
-    if req.headers.contains_key(http::header::TRANSFER_ENCODING) || classify::expects_continue(req)
-    {
-        return None;
-    }
-    if !req.headers.contains_key(http::header::CONTENT_LENGTH) {
-        return Some(0);
-    }
-    declared_length(req)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,7 +417,6 @@ mod tests {
         assert_eq!(req.uri.path(), "/v1/chat/completions");
         assert_eq!(req.raw_path(), b"/v1/chat/completions?x=1");
         assert_eq!(req.headers["x-priority"], "high");
-        assert_eq!(plain_body_length(&req), Some(12));
         assert!(head(b"GET / HTTP/1.1\r\nHost: a\r\n").is_none());
         // Bare line feeds end a head for httparse, as for Pingora.
         assert_eq!(
@@ -444,24 +462,5 @@ mod tests {
     fn a_context_that_is_not_a_parked_request_is_not_taken_for_one() {
         let other: Box<dyn Any + Send + Sync> = Box::new(7u32);
         assert!(Parked::taken_from(other).is_none());
-    }
-
-    #[test]
-    fn only_plain_bodies_are_read_ahead() {
-        let length = |bytes: &[u8]| plain_body_length(&head(bytes).unwrap());
-        assert_eq!(length(b"GET / HTTP/1.1\r\n\r\n"), Some(0));
-        assert_eq!(
-            length(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"),
-            Some(5)
-        );
-        for bytes in [
-            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-        ] {
-            assert_eq!(length(bytes), None, "{}", String::from_utf8_lossy(bytes));
-        }
     }
 }
