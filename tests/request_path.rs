@@ -175,6 +175,13 @@ async fn a_waiter_that_disconnects_consumes_no_token() {
             .wait_for_access_line(|l| l.contains("client=b") && l.contains("outcome=client_closed"))
             .await;
         assert!(line.is_some(), "{size} B: {:?}", sidecar.access_log().await);
+        // Whichever door it waited at (a small body parks, a large one waits in Pingora's
+        // session), it is counted once, under its route.
+        let line = line.unwrap_or_default();
+        assert!(
+            line.contains(" route=default "),
+            "{size} B: counted under its route: {line}"
+        );
         assert!(
             !sidecar.log_text().await.contains(" ERROR "),
             "a client leaving is not an error:\n{}",
