@@ -70,6 +70,15 @@ pub fn wrk(url: &str, args: &[&str], script: Option<&std::path::Path>) -> WrkRun
     }
 }
 
+/// Waits (at most 10 s) until `what` listens on `port`.
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// An nginx process tree started from `conf` (with `{dir}` standing for its private directory);
 /// stopped on drop.
 pub struct Nginx {
@@ -111,11 +120,7 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("nginx starts (apt-get install nginx)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "nginx");
         Nginx {
             child,
             port,
@@ -189,14 +194,7 @@ impl BarePingora {
             .stderr(Stdio::null())
             .spawn()
             .expect("the bare Pingora proxy starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the bare Pingora proxy did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "the bare Pingora proxy");
         BarePingora { child, port }
     }
 }
