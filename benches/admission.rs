@@ -13,6 +13,7 @@ use nvidia_sidecar::limiter::{Admission, Limiter, LimiterSettings, Priority, Ret
 fn settings(capacity: u32, queue_max: usize) -> LimiterSettings {
     LimiterSettings {
         base_rpm: 40.0,
+        base_tpm: None,
         capacity,
         queue_max,
         keys: Vec::new(),

@@ -324,6 +324,7 @@ fn keep_restart_only(running: &Settings, next: &mut Settings) -> Vec<String> {
         .map(|k| crate::limiter::KeyRate {
             name: k.name.clone(),
             rpm: k.rate_rpm,
+            tpm: k.tpm,
         })
         .collect();
     let routes = std::iter::once(&mut next.default_route).chain(next.routes.iter_mut());

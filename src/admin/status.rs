@@ -98,6 +98,8 @@ pub struct ErrorsView {
     pub upstream_errors: u64,
     pub queue_timeouts: u64,
     pub client_closed: u64,
+    /// Answered 400 `request_too_large`: more than a whole token budget.
+    pub too_large: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -334,6 +336,7 @@ impl StatusBuilder {
                 upstream_errors: count(Outcome::UpstreamError),
                 queue_timeouts: count(Outcome::RejectedQueueTimeout),
                 client_closed: count(Outcome::ClientClosed),
+                too_large: count(Outcome::RejectedTooLarge),
             },
             inflight: m.inflight.get(),
             upstream_429_per_minute: per_minute_429,

@@ -58,7 +58,7 @@ impl Lease<'_> {
             wanted: if controller.is_paused(t) {
                 0
             } else {
-                limiter.slots_wanted(self.lane)
+                limiter.slots_wanted(self.lane, t)
             },
             held: limiter.slots_held(self.lane),
             waiting: limiter.queue_len(),

@@ -19,7 +19,7 @@ pub use lease::LeasePlan;
 
 use crate::limiter::{
     Admission, Ask, Grant, Limiter, LimiterSettings, LimiterSnapshot, LimiterState, Priority,
-    Rejection, Resolution, Supply, UpstreamSignal, WaiterId,
+    Rejection, Resolution, Supply, UpstreamSignal, Usage, WaiterId,
 };
 
 /// The final answer for a waiting request.
@@ -163,6 +163,13 @@ impl AdmissionGate {
     /// Gives back a grant whose request never went out: its token, and its model slot.
     pub fn refund(&self, grant: Grant) {
         self.lock().limiter.refund(grant, now());
+        self.wake.notify_one();
+    }
+
+    /// The upstream counted `usage` for the request granted as `grant`: its token reservations
+    /// become that; what it did not use may let a waiter go.
+    pub fn settle_tokens(&self, grant: Grant, usage: Usage) {
+        self.lock().limiter.settle_tokens(grant, usage, now());
         self.wake.notify_one();
     }
 

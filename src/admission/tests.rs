@@ -6,6 +6,7 @@ use crate::limiter::RetreatSettings;
 fn gate(rpm: f64) -> Arc<AdmissionGate> {
     AdmissionGate::new(LimiterSettings {
         base_rpm: rpm,
+        base_tpm: None,
         capacity: 1,
         queue_max: 10,
         keys: Vec::new(),

@@ -10,6 +10,8 @@ use crate::limiter::Priority;
 /// Lowest and highest rate any bucket may be given, in requests per minute.
 pub(super) const MIN_RPM: f64 = 0.01;
 pub(super) const MAX_RPM: f64 = 10_000_000.0;
+/// The largest token budget: ten billion tokens a minute.
+pub(super) const MAX_TPM: u64 = 10_000_000_000;
 
 /// Collects problems while validating.
 pub(super) struct Checker {
@@ -115,6 +117,18 @@ impl Checker {
     }
 
     /// A rate in requests per minute within the bounds every bucket takes.
+    /// A token budget (`tpm`): at least one token a minute, at most `MAX_TPM`.
+    pub(super) fn tpm(&mut self, key: &str, tpm: u64) -> Option<u64> {
+        if !(1..=MAX_TPM).contains(&tpm) {
+            self.fail(
+                key,
+                format!("must be between 1 and {MAX_TPM} tokens per minute, got {tpm}"),
+            );
+            return None;
+        }
+        Some(tpm)
+    }
+
     pub(super) fn rpm(&mut self, key: &str, rpm: f64) -> bool {
         if !(rpm.is_finite() && rpm > 0.0) {
             self.fail(key, format!("must be > 0, got {rpm}"));

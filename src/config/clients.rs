@@ -20,6 +20,7 @@ pub struct ClientSettings {
     pub weight: u32,
     pub max_priority: Priority,
     pub rate_rpm: Option<f64>,
+    pub tpm: Option<u64>,
 }
 
 /// Every configured client; empty when the proxy is open to any local client.
@@ -45,15 +46,15 @@ impl Clients {
         found
     }
 
-    /// The rate caps the limiter enforces.
+    /// The rate caps and token budgets the limiter enforces.
     pub fn caps(&self) -> Vec<ClientCap> {
         self.list
             .iter()
-            .filter_map(|c| {
-                c.rate_rpm.map(|rate_rpm| ClientCap {
-                    id: c.id.clone(),
-                    rate_rpm,
-                })
+            .filter(|c| c.rate_rpm.is_some() || c.tpm.is_some())
+            .map(|c| ClientCap {
+                id: c.id.clone(),
+                rate_rpm: c.rate_rpm,
+                tpm: c.tpm,
             })
             .collect()
     }
@@ -110,6 +111,7 @@ pub(super) fn validate_clients(
         if let Some(rpm) = s.rate_rpm {
             c.rpm(&at("rate_rpm"), rpm);
         }
+        let tpm = s.tpm.and_then(|t| c.tpm(&at("tpm"), t));
         let Some(key) = source(
             c,
             &at("key_file"),
@@ -129,6 +131,7 @@ pub(super) fn validate_clients(
             weight,
             max_priority,
             rate_rpm: s.rate_rpm,
+            tpm,
         });
     }
     Clients { list }

@@ -27,6 +27,11 @@ pub struct FileConfig {
     /// start at 40 and take the upstream's stated limits (`x-ratelimit-limit-requests`,
     /// `anthropic-ratelimit-requests-limit`) per key and per model as they come.
     pub rate_rpm: Option<RateRpm>,
+    /// Tokens per minute each key may use (prompt and completion, as the upstream counts
+    /// them), beside its `rate_rpm`; unset: no token budget. A request goes once its cost
+    /// fits in every budget that applies (key, model, client) over the last 60 s; one whose
+    /// estimated cost is more than a whole budget is answered 400 `request_too_large`.
+    pub tpm: Option<u64>,
     /// Burst size: tokens the bucket holds at most. 1 spaces every request evenly.
     pub bucket_capacity: Option<u32>,
     /// Seconds: the whole budget of a normal or high priority request (queue wait + upstream).
@@ -78,6 +83,8 @@ pub struct KeySection {
     pub key_file: Option<String>,
     /// This key's own quota in requests per minute (default: the route's `rate_rpm`).
     pub rate_rpm: Option<f64>,
+    /// This key's own token budget in tokens per minute (default: the route's `tpm`).
+    pub tpm: Option<u64>,
 }
 
 /// One entry of `models:`.
@@ -86,6 +93,8 @@ pub struct KeySection {
 pub struct ModelSection {
     /// Requests per minute for this model, on top of the key's rate.
     pub rate_rpm: Option<f64>,
+    /// Tokens per minute for this model over every key, on top of the keys' budgets.
+    pub tpm: Option<u64>,
     /// Requests of this model in flight at once at most. The upstream's "worker limit reached"
     /// answers lower it (halved), answers without them raise it back step by step.
     pub max_concurrency: Option<u32>,
@@ -109,6 +118,8 @@ pub struct ClientSection {
     pub max_priority: Option<String>,
     /// The most requests per minute this client may send, below the shared rate.
     pub rate_rpm: Option<f64>,
+    /// The most tokens per minute this client's requests may cost, below the keys' budgets.
+    pub tpm: Option<u64>,
 }
 
 /// `adaptive:` — how the bucket retreats on upstream 429s and recovers.
@@ -194,6 +205,8 @@ pub struct RouteSection {
     pub rate_rpm: Option<RateRpm>,
     /// Burst size of this route's own bucket (default: the top-level `bucket_capacity`).
     pub bucket_capacity: Option<u32>,
+    /// Token budget of each key on this route, in tokens per minute (unset: none).
+    pub tpm: Option<u64>,
     /// A `"stream": true` request that waits longer than 3 s for its token gets its `200` and
     /// event-stream headers then, and an SSE comment line every 15 s while it waits, so that
     /// its client does not give up. A failure after that (deadline, upstream error) ends the

@@ -22,6 +22,8 @@ pub struct UpstreamKey {
     pub authorization: Option<HeaderValue>,
     /// The key's own quota; `None` follows the route's `rate_rpm`.
     pub rate_rpm: Option<f64>,
+    /// The key's own token budget; `None` follows the route's `tpm`.
+    pub tpm: Option<u64>,
 }
 
 /// The `Authorization` value for `key`, or a problem reported under `source`.
@@ -50,6 +52,7 @@ pub(super) fn validate_keys(
             name: Arc::from("default"),
             authorization: single,
             rate_rpm: None,
+            tpm: None,
         }];
     }
     if section.api_key_env.is_some() || section.api_key_file.is_some() {
@@ -82,6 +85,7 @@ pub(super) fn validate_keys(
         if let Some(rpm) = k.rate_rpm {
             c.rpm(&at("rate_rpm"), rpm);
         }
+        let tpm = k.tpm.and_then(|t| c.tpm(&at("tpm"), t));
         let Some(secret) = source(
             c,
             &at("key_file"),
@@ -101,6 +105,7 @@ pub(super) fn validate_keys(
             name: Arc::from(k.name.as_str()),
             authorization,
             rate_rpm: k.rate_rpm,
+            tpm,
         });
     }
     keys

@@ -61,6 +61,7 @@ macro_rules! live_fields {
 
 live_fields! {
     rate_rpm: RateRpm,
+    tpm: u64,
     bucket_capacity: u32,
     queue_max_size: usize,
     low_priority_timeout: Seconds,

@@ -31,12 +31,13 @@ pub(super) fn validate_models(
             );
             continue;
         }
-        if m.rate_rpm.is_none() && m.max_concurrency.is_none() {
+        if m.rate_rpm.is_none() && m.max_concurrency.is_none() && m.tpm.is_none() {
             c.fail(
                 &format!("models.{pattern}"),
-                "sets neither rate_rpm nor max_concurrency",
+                "sets none of rate_rpm, tpm and max_concurrency",
             );
         }
+        let tpm = m.tpm.and_then(|t| c.tpm(&key("tpm"), t));
         if let Some(rpm) = m.rate_rpm {
             c.rpm(&key("rate_rpm"), rpm);
         }
@@ -52,6 +53,7 @@ pub(super) fn validate_models(
             pattern: pattern.clone(),
             rate_rpm: m.rate_rpm,
             max_concurrency: m.max_concurrency,
+            tpm,
         });
     }
     out.sort_by_key(|m| {

@@ -110,7 +110,7 @@ fn models_are_matched_exact_first_then_the_most_specific_glob() {
 fn bad_model_limits_are_named() {
     let e = errors("models:\n  a: {}\n  b: {max_concurrency: 0}\n  c: {rate_rpm: -1}\n");
     assert!(
-        e.contains(&"models.a: sets neither rate_rpm nor max_concurrency".to_string()),
+        e.contains(&"models.a: sets none of rate_rpm, tpm and max_concurrency".to_string()),
         "{e:?}"
     );
     assert!(
@@ -142,7 +142,7 @@ fn clients_are_found_by_their_key_and_bad_ones_are_named() {
     assert!(s.clients.by_key("").is_none());
     let caps = &s.default_route.bucket.as_ref().unwrap().client_caps;
     assert_eq!(caps.len(), 1);
-    assert_eq!((&*caps[0].id, caps[0].rate_rpm), ("alice", 10.0));
+    assert_eq!((&*caps[0].id, caps[0].rate_rpm), ("alice", Some(10.0)));
     assert!(!format!("{s:?}").contains("client-alice"));
     assert!(!effective_view(&s).to_string().contains("client-alice"));
 

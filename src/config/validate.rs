@@ -169,12 +169,18 @@ pub fn validate(
         .map(|k| KeyRate {
             name: k.name.clone(),
             rpm: k.rate_rpm,
+            tpm: k.tpm,
         })
         .collect();
     let models = super::models::validate_models(&mut c, &file.models);
     let clients = super::clients::validate_clients(&mut c, &file.clients, env);
     let client_caps = clients.caps();
-    let bucket = |c: &mut Checker, key: &str, rate: RateRpm, capacity: u32| {
+    let bucket = |c: &mut Checker, key: &str, b: BucketSection| {
+        let BucketSection {
+            rate,
+            capacity,
+            tpm,
+        } = b;
         let (rpm, auto) = match rate {
             RateRpm::Fixed(rpm) => (rpm, false),
             RateRpm::Auto => (defaults::AUTO_START_RPM, true),
@@ -187,8 +193,10 @@ pub fn validate(
             );
             rpm = defaults::RATE_RPM;
         }
+        let tpm_key = format!("{}tpm", key.trim_end_matches("rate_rpm"));
         LimiterSettings {
             base_rpm: rpm,
+            base_tpm: tpm.and_then(|t| c.tpm(&tpm_key, t)),
             capacity,
             queue_max,
             keys: key_rates.clone(),
@@ -213,8 +221,11 @@ pub fn validate(
         bucket: Some(bucket(
             &mut c,
             "rate_rpm",
-            file.rate_rpm.unwrap_or(RateRpm::Fixed(defaults::RATE_RPM)),
-            capacity,
+            BucketSection {
+                rate: file.rate_rpm.unwrap_or(RateRpm::Fixed(defaults::RATE_RPM)),
+                capacity,
+                tpm: file.tpm,
+            },
         )),
         keepalive_while_queued: false,
     };
@@ -444,13 +455,20 @@ pub fn validate(
     }
 }
 
+/// What a route's bucket is configured with, at the top level or in `routes[]`.
+struct BucketSection {
+    rate: RateRpm,
+    capacity: u32,
+    tpm: Option<u64>,
+}
+
 fn validate_route(
     c: &mut Checker,
     i: usize,
     r: &RouteSection,
     default_upstream: &UpstreamUrl,
     default_capacity: u32,
-    bucket: &dyn Fn(&mut Checker, &str, RateRpm, u32) -> LimiterSettings,
+    bucket: &dyn Fn(&mut Checker, &str, BucketSection) -> LimiterSettings,
 ) -> Option<RouteSettings> {
     let key = |field: &str| format!("routes[{i}].{field}");
     if !r.path_prefix.starts_with('/') {
@@ -470,6 +488,13 @@ fn validate_route(
         },
         None => default_upstream.clone(),
     };
+    if r.passthrough && r.tpm.is_some() {
+        c.fail(
+            &key("tpm"),
+            "a passthrough route takes no token, so it has no token budget",
+        );
+        return None;
+    }
     let bucket = match (r.passthrough, r.rate_rpm) {
         (true, Some(_)) => {
             c.fail(
@@ -489,8 +514,11 @@ fn validate_route(
         (false, Some(rpm)) => Some(bucket(
             c,
             &key("rate_rpm"),
-            rpm,
-            r.bucket_capacity.unwrap_or(default_capacity),
+            BucketSection {
+                rate: rpm,
+                capacity: r.bucket_capacity.unwrap_or(default_capacity),
+                tpm: r.tpm,
+            },
         )),
     };
     Some(RouteSettings {

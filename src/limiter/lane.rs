@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::blame::Blame;
-use super::{
-    Admit, Grant, Limiter, RetreatController, RetreatSettings, Slots, Supply, TokenBucket,
-};
+use super::{Admit, Grant, Limiter, RetreatController, Slots, Supply, TokenBucket, TokenWindow};
 
 /// 403s in a row after which a key leaves the pool (see `Limiter::key_refused`).
 pub const FORBIDDEN_IN_A_ROW: u32 = 3;
@@ -19,7 +17,11 @@ pub struct Lane {
     pub name: Arc<str>,
     /// The key's own rate; `None` follows the route's `rate_rpm`.
     pub own_rpm: Option<f64>,
+    /// The key's own token budget; `None` follows the route's `tpm`.
+    pub own_tpm: Option<u64>,
     pub bucket: TokenBucket,
+    /// The key's token budget (`tpm`), when one is configured.
+    pub tokens: Option<TokenWindow>,
     pub slots: Slots,
     pub supply: Supply,
     pub controller: RetreatController,
@@ -43,21 +45,21 @@ pub struct Lane {
 }
 
 impl Lane {
-    pub fn new(
-        name: Arc<str>,
-        own_rpm: Option<f64>,
-        base_rpm: f64,
-        capacity: u32,
-        retreat: RetreatSettings,
-        now: Instant,
-    ) -> Lane {
+    pub fn new(key: &super::KeyRate, base: &super::LimiterSettings, now: Instant) -> Lane {
+        let own_rpm = key.rpm;
         Lane {
-            name,
+            name: key.name.clone(),
             own_rpm,
-            bucket: TokenBucket::new(capacity, now),
+            own_tpm: key.tpm,
+            bucket: TokenBucket::new(base.capacity, now),
+            tokens: key.tpm.or(base.base_tpm).map(|t| TokenWindow::new(t, now)),
             slots: Slots::default(),
             supply: Supply::Refill { share: 1.0 },
-            controller: RetreatController::new(own_rpm.unwrap_or(base_rpm), retreat, now),
+            controller: RetreatController::new(
+                own_rpm.unwrap_or(base.base_rpm),
+                base.retreat.clone(),
+                now,
+            ),
             active: true,
             forbidden_in_a_row: 0,
             last_grant: Grant::default(),
@@ -86,6 +88,9 @@ impl Lane {
             self.bucket.refill(now, rate, idle);
         }
         self.slots.prune(now);
+        if let Some(tokens) = self.tokens.as_mut() {
+            tokens.advance(now);
+        }
         self.controller.tick(now);
     }
 
@@ -148,6 +153,24 @@ impl Lane {
         // one. It lapses, and the shared quota is under-used by one request.
         if let Supply::Refill { .. } = self.supply {
             self.bucket.refund();
+        }
+    }
+
+    /// Whether `cost` fits in the key's token budget now (always, without one).
+    pub fn tokens_fit(&self, cost: Option<super::TokenCost>, now: Instant) -> bool {
+        match (&self.tokens, cost) {
+            (Some(window), Some(cost)) => window.fits(cost, now),
+            _ => true,
+        }
+    }
+
+    /// Takes the key's token budget over to `tpm` (`None`: no budget any more); what was
+    /// reserved stays reserved.
+    pub fn set_tpm(&mut self, tpm: Option<u64>, now: Instant) {
+        match (self.tokens.as_mut(), tpm) {
+            (Some(window), Some(tpm)) => window.set_limit(tpm),
+            (None, Some(tpm)) => self.tokens = Some(TokenWindow::new(tpm, now)),
+            (_, None) => self.tokens = None,
         }
     }
 

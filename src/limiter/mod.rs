@@ -18,6 +18,7 @@
 
 mod blame;
 mod bucket;
+mod calibration;
 mod clients;
 mod deadline;
 mod lane;
@@ -36,8 +37,10 @@ mod signals;
 mod slots;
 mod snapshot;
 mod stated;
+mod token_window;
 
 pub use bucket::TokenBucket;
+pub use calibration::{Calibration, Priced, TokenAsk, Usage, DEFAULT_COMPLETION};
 pub use clients::{ClientCap, ClientCaps};
 pub use model_lanes::{LearnedModel, ModelLanes, ModelRef, RateLane, MAX_LEARNED_MODELS};
 pub use models::{model_index, ModelLimit, ModelSettings};
@@ -59,12 +62,13 @@ pub use snapshot::{
     KeySnapshot, LearnedModelSnapshot, Learning, LimiterSnapshot, LimiterState, ModelLaneSnapshot,
     ModelSnapshot, SavedModelLane,
 };
+pub use token_window::{HoldId, Holds, TokenCost, TokenHold, TokenWindow, TOKEN_WINDOW};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lane::Lane;
-use resources::Resources;
+use resources::{Backfill, Resources};
 
 /// One shared quota: the keys' buckets and controllers, the model and client limits, and the
 /// queue, together.
@@ -89,23 +93,18 @@ pub struct Limiter {
     check_deadlines: bool,
     /// `rate_rpm: auto` (see `stated`).
     auto: bool,
+    /// What requests naming no learned model cost (see `calibration`).
+    calibration: Calibration,
+    /// The token reservations of granted requests, until their answers are counted.
+    holds: Holds,
 }
 
 impl Limiter {
     pub fn new(settings: LimiterSettings, now: Instant) -> Self {
         let lanes = settings
             .key_rates()
-            .into_iter()
-            .map(|k| {
-                Lane::new(
-                    k.name,
-                    k.rpm,
-                    settings.base_rpm,
-                    settings.capacity,
-                    settings.retreat.clone(),
-                    now,
-                )
-            })
+            .iter()
+            .map(|k| Lane::new(k, &settings, now))
             .collect();
         let keys = settings.key_rates().len();
         Limiter {
@@ -125,6 +124,8 @@ impl Limiter {
             stalled: false,
             check_deadlines: false,
             auto: settings.auto,
+            calibration: Calibration::default(),
+            holds: Holds::default(),
         }
     }
 
@@ -144,6 +145,7 @@ impl Limiter {
             model.advance(now);
         }
         self.clients.advance(now);
+        self.holds.prune(now);
         self.settle_judgements(now);
     }
 
@@ -157,29 +159,47 @@ impl Limiter {
         }
     }
 
-    fn limits_allow(&self, client: &str, model: Option<usize>, learned: Option<ModelRef>) -> bool {
-        self.resources().limits_allow(client, model, learned)
+    fn ready_lane(
+        &self,
+        learned: Option<ModelRef>,
+        cost: Option<TokenCost>,
+        now: Instant,
+    ) -> Option<usize> {
+        self.resources().ready_lane(learned, cost, now)
     }
 
-    fn ready_lane(&self, learned: Option<ModelRef>, now: Instant) -> Option<usize> {
-        self.resources().ready_lane(learned, now)
+    /// Whether a token budget is configured anywhere: waiters may then be held by their cost.
+    fn any_token_budget(&self) -> bool {
+        self.lanes.iter().any(|l| l.tokens.is_some())
+            || self.models.iter().any(|m| m.tokens.is_some())
+            || !self.clients.is_empty()
     }
 
-    /// Takes a key's token, the lane of the request's model on that key, and the request's
-    /// own limits, all or nothing.
+    /// Takes a key's token, the lane of the request's model on that key, the request's own
+    /// limits, and its cost of every token budget that applies, all or nothing.
     fn take_all(
         &mut self,
         client: &str,
         model: Option<usize>,
         learned: Option<ModelRef>,
+        priced: Option<Priced>,
+        backfill: &Backfill,
         now: Instant,
     ) -> Option<Grant> {
-        if !self.limits_allow(client, model, learned) {
+        let cost = priced.map(|p| p.cost);
+        let resources = self.resources();
+        if !resources.limits_allow(client, model, learned, cost, now) {
             return None;
         }
-        let key = self.ready_lane(learned, now)?;
+        let key = match cost {
+            Some(cost) => resources.backfill_lane(learned, cost, backfill, now)?,
+            None => resources.ready_lane(learned, None, now)?,
+        };
         if !self.lanes[key].take(key, now) {
             return None;
+        }
+        if let (Some(window), Some(cost)) = (self.lanes[key].tokens.as_mut(), cost) {
+            window.take(cost, now);
         }
         let key_rpm = self.lanes[key].controller.effective_rpm();
         let model_grant = learned.and_then(|m| {
@@ -192,18 +212,26 @@ impl Limiter {
             })
         });
         if let Some(m) = learned.and_then(|m| self.learned.get_mut(m)) {
-            m.concurrency.take();
+            m.concurrency.take(None, now);
             m.last_used = now;
         }
         if let Some(m) = model.and_then(|m| self.models.get_mut(m)) {
-            m.take();
+            m.take(cost, now);
         }
-        self.clients.take(client);
+        let client_budget = self.clients.take(client, cost, now);
         let test = self.take_test(key, learned, now);
         let grant = Grant {
             model: model.filter(|m| *m < self.models.len()),
             learned: model_grant,
             test,
+            tokens: priced.map(|p| {
+                self.holds.add(TokenHold {
+                    at: now,
+                    cost: p.cost,
+                    ask: p.ask,
+                    client: client_budget,
+                })
+            }),
             ..self.lanes[key].last_grant
         };
         self.last_grant = grant;
@@ -257,11 +285,30 @@ impl Limiter {
             .as_ref()
             .and_then(|id| self.learned.intern(id, now));
         self.hand_over_alone(learned, now);
+        let priced = ask.tokens.map(|t| Priced {
+            ask: t,
+            cost: self.calibration_of(learned).cost(t),
+        });
+        let cost = priced.map(|p| p.cost);
+        if let Some(limit) = self.resources().too_small_for(&ask.client, ask.model, cost) {
+            let tokens = cost.map_or(0, |c| c.tokens);
+            return Admission::Rejected {
+                why: Rejection::TooLarge { tokens, limit },
+                retry_after: Duration::ZERO,
+            };
+        }
         let expired = ask.deadline <= now;
         if !(again && expired)
             && self.queue.waiting_at_or_above(ask.priority) == 0
             && self
-                .take_all(&ask.client, ask.model, learned, now)
+                .take_all(
+                    &ask.client,
+                    ask.model,
+                    learned,
+                    priced,
+                    &Backfill::default(),
+                    now,
+                )
                 .is_some()
         {
             return Admission::Granted;
@@ -285,13 +332,14 @@ impl Limiter {
             self.next_id += 1;
             return Admission::Rejected { why, retry_after };
         }
-        self.enqueue(ask, learned, now, again)
+        self.enqueue(ask, learned, priced, now, again)
     }
 
     fn enqueue(
         &mut self,
         ask: Ask,
         learned: Option<ModelRef>,
+        priced: Option<Priced>,
         now: Instant,
         front: bool,
     ) -> Admission {
@@ -305,6 +353,8 @@ impl Limiter {
             weight: ask.weight.max(1),
             model: ask.model,
             learned,
+            tokens: priced.map(|p| p.cost),
+            asked: priced.map(|p| p.ask),
         };
         self.learned.waiting(learned, true);
         if front {
@@ -349,6 +399,65 @@ impl Limiter {
         self.test_returned(grant);
         if let Some(lane) = self.lanes.get_mut(grant.lane) {
             lane.refund(grant);
+        }
+        if let Some(hold) = grant.tokens.and_then(|id| self.holds.take(id)) {
+            self.for_each_budget(grant, |window| window.refund(hold));
+            self.clients.refund_tokens(hold);
+        }
+    }
+
+    /// The upstream counted `actual` tokens for the request granted as `grant`: its
+    /// reservation on every token budget it took from becomes that, so that what it did not
+    /// use goes back (or what it used beyond the estimate is charged).
+    /// What was counted also teaches what the request's model costs (see `calibration`).
+    pub fn settle_tokens(&mut self, grant: Grant, usage: Usage, now: Instant) {
+        self.advance(now);
+        let Some(hold) = grant.tokens.and_then(|id| self.holds.take(id)) else {
+            return;
+        };
+        let actual = usage.total();
+        self.for_each_budget(grant, |window| window.settle(hold, actual));
+        self.clients.settle(hold, actual);
+        self.calibration_mut(grant.learned.map(|m| m.model))
+            .learn(hold.ask, usage);
+        // Tokens given back may let a waiter go.
+        self.stalled = false;
+    }
+
+    /// The token reservation `grant` holds, until its answer is counted.
+    pub fn token_hold(&self, grant: Grant) -> Option<TokenHold> {
+        self.holds.get(grant.tokens?)
+    }
+
+    /// What is learned of the costs of `learned`'s requests.
+    pub fn calibration_of(&self, learned: Option<ModelRef>) -> &Calibration {
+        learned
+            .and_then(|m| self.learned.get(m))
+            .map_or(&self.calibration, |m| &m.calibration)
+    }
+
+    fn calibration_mut(&mut self, learned: Option<ModelRef>) -> &mut Calibration {
+        match learned.and_then(|m| self.learned.get_mut(m)) {
+            Some(m) => &mut m.calibration,
+            None => &mut self.calibration,
+        }
+    }
+
+    /// The key's and the model's token budgets `grant` took from.
+    fn for_each_budget(&mut self, grant: Grant, mut apply: impl FnMut(&mut TokenWindow)) {
+        if let Some(window) = self
+            .lanes
+            .get_mut(grant.lane)
+            .and_then(|l| l.tokens.as_mut())
+        {
+            apply(window);
+        }
+        if let Some(window) = grant
+            .model
+            .and_then(|m| self.models.get_mut(m))
+            .and_then(|m| m.tokens.as_mut())
+        {
+            apply(window);
         }
     }
 
@@ -451,7 +560,7 @@ impl Limiter {
     /// token, an open slot or a due probe for it.
     pub fn would_queue(&mut self, now: Instant) -> bool {
         self.advance(now);
-        !self.queue.is_empty() || self.ready_lane(None, now).is_none()
+        !self.queue.is_empty() || self.ready_lane(None, None, now).is_none()
     }
 
     pub fn key_active(&self, lane: usize) -> bool {
@@ -486,3 +595,6 @@ mod simulation;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)]
 mod tests;
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)]
+mod token_tests;

@@ -144,6 +144,8 @@ pub struct LearnedModel {
     /// Requests of this model in the queue.
     pub waiting: u32,
     pub last_used: Instant,
+    /// What its requests cost in tokens, learned from its answers.
+    pub calibration: super::Calibration,
 }
 
 #[derive(Debug)]
@@ -211,11 +213,13 @@ impl ModelLanes {
                     pattern: id.to_string(),
                     rate_rpm: None,
                     max_concurrency: None,
+                    tpm: None,
                 },
                 now,
             ),
             waiting: 0,
             last_used: now,
+            calibration: super::Calibration::default(),
         });
         let slot = u32::try_from(slot).expect("at most MAX_LEARNED_MODELS slots");
         self.by_id.insert(id.clone(), slot);

@@ -324,6 +324,7 @@ fn a_configured_model_rate_shows_as_the_lane_s_ceiling() {
             pattern: "meta/*".to_string(),
             rate_rpm: Some(12.0),
             max_concurrency: None,
+            tpm: None,
         }],
         ..settings(60.0, 1, 100)
     };

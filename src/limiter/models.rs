@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::TokenBucket;
+use super::{TokenBucket, TokenCost, TokenWindow};
 
 /// What the operator configured for a model id, or for a glob of ids (`*` matches any run of
 /// characters).
@@ -16,6 +16,8 @@ pub struct ModelSettings {
     pub pattern: String,
     pub rate_rpm: Option<f64>,
     pub max_concurrency: Option<u32>,
+    /// Tokens per minute for the model, over every key.
+    pub tpm: Option<u64>,
 }
 
 /// A limit learned without a configured ceiling is dropped once it has grown this far.
@@ -56,6 +58,8 @@ fn glob_matches(pattern: &str, text: &str) -> bool {
 pub struct ModelLimit {
     pub settings: ModelSettings,
     bucket: Option<TokenBucket>,
+    /// The model's token budget (`tpm`).
+    pub tokens: Option<TokenWindow>,
     /// The concurrency allowed now (AIMD); infinite while unlimited.
     limit: f64,
     pub in_flight: u32,
@@ -68,6 +72,7 @@ impl ModelLimit {
     pub fn new(settings: ModelSettings, now: Instant) -> ModelLimit {
         ModelLimit {
             bucket: settings.rate_rpm.map(|_| TokenBucket::new(1, now)),
+            tokens: settings.tpm.map(|t| TokenWindow::new(t, now)),
             limit: settings.max_concurrency.map_or(f64::INFINITY, f64::from),
             settings,
             in_flight: 0,
@@ -81,6 +86,10 @@ impl ModelLimit {
         if settings.rate_rpm.is_some() != self.bucket.is_some() {
             self.bucket = settings.rate_rpm.map(|_| TokenBucket::new(1, now));
         }
+        match (self.tokens.as_mut(), settings.tpm) {
+            (Some(window), Some(tpm)) => window.set_limit(tpm),
+            (_, tpm) => self.tokens = tpm.map(|t| TokenWindow::new(t, now)),
+        }
         self.limit = match settings.max_concurrency {
             Some(max) => self.limit.min(f64::from(max)),
             None if self.settings.max_concurrency.is_some() => f64::INFINITY,
@@ -93,6 +102,9 @@ impl ModelLimit {
         if let (Some(bucket), Some(rpm)) = (self.bucket.as_mut(), self.settings.rate_rpm) {
             bucket.refill(now, rpm / 60.0, true);
         }
+        if let Some(tokens) = self.tokens.as_mut() {
+            tokens.advance(now);
+        }
     }
 
     /// Requests of this model allowed in flight now.
@@ -104,16 +116,25 @@ impl ModelLimit {
         }
     }
 
-    /// Whether a request of this model may go now (a slot free and, with a rate, a token).
-    pub fn ready(&self) -> bool {
-        self.in_flight < self.allowed() && self.bucket.as_ref().is_none_or(|b| b.has_token())
+    /// Whether a request of this model costing `cost` may go now (a slot free and, with a
+    /// rate, a token; with a token budget, room for its cost).
+    pub fn ready(&self, cost: Option<TokenCost>, now: Instant) -> bool {
+        self.in_flight < self.allowed()
+            && self.bucket.as_ref().is_none_or(|b| b.has_token())
+            && match (&self.tokens, cost) {
+                (Some(window), Some(cost)) => window.fits(cost, now),
+                _ => true,
+            }
     }
 
-    /// Takes a slot (and a token). Call only when `ready`.
-    pub fn take(&mut self) {
+    /// Takes a slot (and a token, and its cost of the token budget). Call only when `ready`.
+    pub fn take(&mut self, cost: Option<TokenCost>, now: Instant) {
         self.in_flight += 1;
         if let Some(bucket) = self.bucket.as_mut() {
             bucket.try_take();
+        }
+        if let (Some(window), Some(cost)) = (self.tokens.as_mut(), cost) {
+            window.take(cost, now);
         }
     }
 
@@ -134,6 +155,17 @@ impl ModelLimit {
     pub fn next_token_at(&self, now: Instant) -> Option<Instant> {
         let rpm = self.settings.rate_rpm?;
         self.bucket.as_ref()?.next_token_at(rpm / 60.0, now)
+    }
+
+    /// When the model's rate and token budget let a request costing `cost` go (`None`:
+    /// neither holds it).
+    pub fn next_ready_at(&self, cost: Option<TokenCost>, now: Instant) -> Option<Instant> {
+        let tokens = self
+            .tokens
+            .as_ref()
+            .zip(cost)
+            .and_then(|(w, c)| w.fits_at(c, now));
+        self.next_token_at(now).max(tokens)
     }
 
     /// The upstream said the model's workers are full: halve the concurrency (a model without
@@ -184,6 +216,7 @@ mod tests {
             pattern: pattern.to_string(),
             rate_rpm: rpm,
             max_concurrency: max,
+            tpm: None,
         }
     }
 
@@ -209,10 +242,10 @@ mod tests {
         let t0 = Instant::now();
         let mut m = ModelLimit::new(model("m", None, Some(8)), t0);
         for _ in 0..8 {
-            assert!(m.ready());
-            m.take();
+            assert!(m.ready(None, t0));
+            m.take(None, t0);
         }
-        assert!(!m.ready(), "eight in flight is the limit");
+        assert!(!m.ready(None, t0), "eight in flight is the limit");
         m.capacity_error(t0);
         m.capacity_error(t0 + Duration::from_millis(500));
         assert_eq!(m.allowed(), 4, "one cut per overload");
@@ -233,11 +266,11 @@ mod tests {
         let mut m = ModelLimit::new(model("m", None, None), t0);
         assert_eq!(m.concurrency_limit(), None);
         for _ in 0..10 {
-            m.take();
+            m.take(None, t0);
         }
         m.capacity_error(t0);
         assert_eq!(m.concurrency_limit(), Some(5));
-        assert!(!m.ready());
+        assert!(!m.ready(None, t0));
         for _ in 0..1_000_000 {
             m.answered();
             if m.concurrency_limit().is_none() {
@@ -255,12 +288,35 @@ mod tests {
     fn a_model_rate_paces_its_requests() {
         let t0 = Instant::now();
         let mut m = ModelLimit::new(model("m", Some(60.0), None), t0);
-        assert!(m.ready());
-        m.take();
+        assert!(m.ready(None, t0));
+        m.take(None, t0);
         m.release();
-        assert!(!m.ready(), "the model's token is spent");
+        assert!(!m.ready(None, t0), "the model's token is spent");
         assert_eq!(m.next_token_at(t0), Some(t0 + Duration::from_secs(1)));
         m.advance(t0 + Duration::from_secs(1));
-        assert!(m.ready());
+        assert!(m.ready(None, t0));
+    }
+
+    #[test]
+    fn a_model_token_budget_holds_big_requests_and_lets_small_ones_by() {
+        let t0 = Instant::now();
+        let settings = ModelSettings {
+            tpm: Some(20_000),
+            ..model("m", None, None)
+        };
+        let mut m = ModelLimit::new(settings, t0);
+        let cost = |tokens| {
+            Some(TokenCost {
+                tokens,
+                known: true,
+            })
+        };
+        m.take(cost(12_000), t0);
+        assert!(!m.ready(cost(12_000), t0));
+        assert!(m.ready(cost(500), t0));
+        assert_eq!(
+            m.next_ready_at(cost(12_000), t0),
+            Some(t0 + Duration::from_secs(61))
+        );
     }
 }

@@ -18,6 +18,7 @@ pub(super) fn key(name: &str, rpm: Option<f64>) -> KeyRate {
     KeyRate {
         name: Arc::from(name),
         rpm,
+        tpm: None,
     }
 }
 
@@ -30,6 +31,7 @@ pub(super) fn model(
         pattern: pattern.to_string(),
         rate_rpm,
         max_concurrency,
+        tpm: None,
     }
 }
 
@@ -287,10 +289,7 @@ fn weights_share_the_grants_in_their_ratio() {
 fn a_client_cap_holds_one_client_below_the_shared_rate() {
     let t0 = Instant::now();
     let settings = LimiterSettings {
-        client_caps: vec![ClientCap {
-            id: Arc::from("capped"),
-            rate_rpm: 60.0,
-        }],
+        client_caps: vec![ClientCap::rate("capped", 60.0)],
         ..LimiterSettings::single(600.0, 1, 1000, retreat())
     };
     let mut l = Limiter::new(settings, t0);
@@ -361,7 +360,7 @@ fn a_shared_pool_asks_each_key_for_its_part_of_the_waiters() {
     for i in 0..5 {
         let _ = l.request_with(ask(&format!("c{i}"), far), t0);
     }
-    assert_eq!((l.slots_wanted(0), l.slots_wanted(1)), (3, 3));
+    assert_eq!((l.slots_wanted(0, t0), l.slots_wanted(1, t0)), (3, 3));
     l.add_slots(
         1,
         &[t0 + Duration::from_secs(1)],
@@ -369,13 +368,13 @@ fn a_shared_pool_asks_each_key_for_its_part_of_the_waiters() {
         t0,
     );
     assert_eq!(
-        (l.slots_wanted(0), l.slots_wanted(1)),
+        (l.slots_wanted(0, t0), l.slots_wanted(1, t0)),
         (2, 2),
         "held slots of any key count"
     );
     assert!(l.revoke(1));
     assert_eq!(
-        (l.slots_wanted(0), l.slots_wanted(1)),
+        (l.slots_wanted(0, t0), l.slots_wanted(1, t0)),
         (5, 0),
         "a revoked key leases nothing"
     );

@@ -214,7 +214,7 @@ mod several_resources {
             let settings = LimiterSettings {
                 keys: vec![key("a", None), key("b", Some(30.0)), key("c", None)],
                 models: vec![model("one", None, Some(1)), model("rated", Some(30.0), Some(3))],
-                client_caps: vec![ClientCap { id: Arc::from("0"), rate_rpm: 20.0 }],
+                client_caps: vec![ClientCap::rate("0", 20.0)],
                 ..LimiterSettings::single(60.0, 2, 20, retreat())
             };
             let mut l = Limiter::new(settings, t0);

@@ -74,6 +74,10 @@ pub struct Waiter {
     pub model: Option<usize>,
     /// The learned model the request asks for.
     pub learned: Option<super::ModelRef>,
+    /// What it is expected to cost in tokens.
+    pub tokens: Option<super::TokenCost>,
+    /// What it asked, for its grant's `TokenHold`.
+    pub asked: Option<super::TokenAsk>,
 }
 
 /// The pass a client's waiter advances by when served, for weight 1; a client of weight `w`

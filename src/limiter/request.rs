@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Grant, Priority, WaiterId};
+use super::{Grant, Priority, TokenAsk, WaiterId};
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub enum Rejection {
     /// The upstream locked the request's model (a `Retry-After` beyond the request's
     /// deadline); its other models keep flowing.
     ModelLocked,
+    /// The request's estimated cost is more than a whole minute's token budget (`tpm`) of
+    /// every key, or of its model or its client: it could never be sent, so it is told at once.
+    TooLarge { tokens: u32, limit: u64 },
 }
 
 impl Rejection {
@@ -26,6 +29,7 @@ impl Rejection {
             Rejection::QueueFull => "queue_full",
             Rejection::QueueTimeout => "queue_timeout",
             Rejection::ModelLocked => "model_locked",
+            Rejection::TooLarge { .. } => "request_too_large",
         }
     }
 }
@@ -65,6 +69,9 @@ pub struct Ask {
     pub model: Option<usize>,
     /// The model the request asks for (the body's `"model"`), whose limits are learned.
     pub model_id: Option<Arc<str>>,
+    /// What it is expected to cost in tokens, for the token budgets (`tpm`); `None` counts
+    /// nothing.
+    pub tokens: Option<TokenAsk>,
 }
 
 impl Ask {
@@ -76,6 +83,7 @@ impl Ask {
             weight: 1,
             model: None,
             model_id: None,
+            tokens: None,
         }
     }
 }

@@ -67,6 +67,7 @@ impl Limiter {
                         pattern: learned.id.to_string(),
                         rate_rpm: None,
                         max_concurrency: None,
+                        tpm: None,
                     },
                     now,
                 );

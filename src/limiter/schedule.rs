@@ -3,8 +3,10 @@
 
 use std::time::Instant;
 
-use super::resources::Resources;
-use super::{Limiter, Rejection, Resolution};
+use std::cell::RefCell;
+
+use super::resources::{Backfill, Resources};
+use super::{Limiter, Priced, Rejection, Resolution};
 
 impl Limiter {
     /// Expires waiters whose deadline passed and grants tokens to the next waiters in line.
@@ -25,8 +27,9 @@ impl Limiter {
         }
         self.stalled = false;
         let gated =
-            !self.models.is_empty() || !self.clients.is_empty() || self.learned.any_limiting(now);
-        while !self.queue.is_empty() && self.ready_lane(None, now).is_some() {
+            !self.models.is_empty() || self.any_token_budget() || self.learned.any_limiting(now);
+        while !self.queue.is_empty() && self.ready_lane(None, None, now).is_some() {
+            let backfill = RefCell::new(Backfill::default());
             let next = if gated {
                 let resources = Resources {
                     lanes: &self.lanes,
@@ -34,7 +37,8 @@ impl Limiter {
                     learned: &self.learned,
                     clients: &self.clients,
                 };
-                self.queue.pop_next_ready(|w| resources.serve(w, now))
+                self.queue
+                    .pop_next_ready(|w| resources.serve_backfilling(w, &backfill, now))
             } else {
                 self.queue.pop_next()
             };
@@ -44,7 +48,17 @@ impl Limiter {
             };
             self.learned.waiting(waiter.learned, false);
             let grant = self
-                .take_all(&waiter.client, waiter.model, waiter.learned, now)
+                .take_all(
+                    &waiter.client,
+                    waiter.model,
+                    waiter.learned,
+                    waiter
+                        .tokens
+                        .zip(waiter.asked)
+                        .map(|(cost, ask)| Priced { cost, ask }),
+                    &backfill.borrow(),
+                    now,
+                )
                 .expect("a ready key and a waiter whose limits allow it");
             resolved.push(Resolution::Granted(id, grant));
         }
@@ -71,14 +85,22 @@ impl Limiter {
                     let model = w
                         .model
                         .and_then(|m| self.models.get(m))
-                        .and_then(|m| m.next_token_at(now));
-                    let client = self.clients.next_token_at(&w.client, now);
+                        .and_then(|m| m.next_ready_at(w.tokens, now));
+                    let client = self.clients.next_ready_at(&w.client, w.tokens, now);
                     let lanes = w.learned.and_then(|m| {
                         (0..self.lanes.len())
                             .filter_map(|k| self.learned.lane(m, k)?.next_open_at(now))
                             .min()
                     });
-                    [model, client, lanes].into_iter().flatten().max()
+                    // The key budgets: the first that has room for it.
+                    let budgets = w.tokens.and_then(|cost| {
+                        self.lanes
+                            .iter()
+                            .filter(|l| l.active)
+                            .filter_map(|l| l.tokens.as_ref()?.fits_at(cost, now))
+                            .min()
+                    });
+                    [model, client, lanes, budgets].into_iter().flatten().max()
                 })
                 .filter(|t| *t > now)
                 .min();

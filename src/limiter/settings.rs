@@ -12,12 +12,16 @@ pub struct KeyRate {
     pub name: Arc<str>,
     /// `None` follows the route's rate (`base_rpm`).
     pub rpm: Option<f64>,
+    /// Its own token budget; `None` follows the route's (`base_tpm`).
+    pub tpm: Option<u64>,
 }
 
 /// Everything the limiter is configured with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimiterSettings {
     pub base_rpm: f64,
+    /// Tokens per minute of every key without a budget of its own; `None`: no token budget.
+    pub base_tpm: Option<u64>,
     pub capacity: u32,
     pub queue_max: usize,
     pub retreat: RetreatSettings,
@@ -41,6 +45,7 @@ impl LimiterSettings {
     ) -> Self {
         LimiterSettings {
             base_rpm,
+            base_tpm: None,
             capacity,
             queue_max,
             retreat,
@@ -56,6 +61,7 @@ impl LimiterSettings {
             vec![KeyRate {
                 name: Arc::from("default"),
                 rpm: None,
+                tpm: None,
             }]
         } else {
             self.keys.clone()
@@ -109,6 +115,8 @@ impl Limiter {
         }
         for (lane, key) in self.lanes.iter_mut().zip(settings.key_rates()) {
             lane.own_rpm = key.rpm;
+            lane.own_tpm = key.tpm;
+            lane.set_tpm(key.tpm.or(settings.base_tpm), now);
             if let Some(rpm) = key.rpm {
                 lane.controller.set_base_rpm(rpm);
             }

@@ -56,7 +56,7 @@ impl Limiter {
 
     /// How many more slots the waiters need of key `lane` than are held: the waiters not
     /// covered by the slots of every key, shared out evenly over the active keys.
-    pub fn slots_wanted(&self, lane: usize) -> usize {
+    pub fn slots_wanted(&self, lane: usize, now: Instant) -> usize {
         if !self.key_active(lane) {
             return 0;
         }
@@ -67,9 +67,10 @@ impl Limiter {
         let ready = if self.models.is_empty() && self.clients.is_empty() {
             self.queue.len()
         } else {
+            let resources = self.resources();
             self.queue
                 .iter()
-                .filter(|w| self.limits_allow(&w.client, w.model, w.learned))
+                .filter(|w| resources.limits_allow(&w.client, w.model, w.learned, w.tokens, now))
                 .count()
         };
         ready.saturating_sub(held).div_ceil(keys)

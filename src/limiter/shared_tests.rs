@@ -59,13 +59,13 @@ fn a_shared_bucket_grants_only_leased_slots_at_their_time() {
     let far = t0 + Duration::from_secs(60);
     let first = queued(limiter.request(client("a"), Priority::Normal, far, t0));
     let second = queued(limiter.request(client("b"), Priority::Normal, far, t0));
-    assert_eq!(limiter.slots_wanted(0), 2);
+    assert_eq!(limiter.slots_wanted(0, t0), 2);
     // Nothing refills locally: without a lease nobody is ever granted.
     assert!(granted(&limiter.poll(t0 + Duration::from_secs(5))).is_empty());
 
     let t1 = t0 + Duration::from_secs(5);
     limiter.add_slots(0, &[t1 + ms(100), t1 + ms(300)], ms(5), t1);
-    assert_eq!(limiter.slots_wanted(0), 0);
+    assert_eq!(limiter.slots_wanted(0, t1), 0);
     assert_eq!(limiter.next_wakeup(t1), Some(t1 + ms(100)));
     assert!(granted(&limiter.poll(t1 + ms(99))).is_empty());
     assert_eq!(granted(&limiter.poll(t1 + ms(101))), vec![first]);

@@ -358,6 +358,7 @@ pub fn run(scenario: Scenario, retreat: RetreatSettings, max_replays: u32) -> Ou
     let limiter = Limiter::new(
         LimiterSettings {
             base_rpm: scenario.rate_rpm,
+            base_tpm: None,
             capacity: 1,
             queue_max: 10_000,
             keys: Vec::new(),

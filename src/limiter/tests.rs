@@ -5,6 +5,7 @@ use super::*;
 pub(super) fn settings(rpm: f64, capacity: u32, queue_max: usize) -> LimiterSettings {
     LimiterSettings {
         base_rpm: rpm,
+        base_tpm: None,
         capacity,
         queue_max,
         keys: Vec::new(),

@@ -1,8 +1,10 @@
 //! Every metric the sidecar exports (prefix `nvidia_sidecar_`), defined in one place.
 //!
 //! Label values are bounded: routes come from the config, codes are HTTP status numbers,
-//! priorities and outcomes are fixed sets. Client ids never become labels; model ids (learned
-//! from request bodies) do, bounded by the number of models a route learns at once.
+//! priorities and outcomes are fixed sets. Model ids (learned from request bodies) are labels
+//! of the lane gauges, bounded by the number of models a route learns at once. The token
+//! counters name the first `TOKEN_LABELS_MAX` client ids and model ids they see, and count
+//! every later one as `other` (`BoundedLabels`), so that no client can grow the series.
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -10,9 +12,11 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+mod bounded;
 mod lanes;
 mod route;
 
+pub use bounded::{BoundedLabels, TOKEN_LABELS_MAX};
 pub use lanes::LaneGauges;
 pub use route::RouteMetrics;
 
@@ -27,6 +31,8 @@ pub enum Outcome {
     RejectedQueueTimeout,
     /// The upstream locked the request's model beyond its deadline.
     RejectedModelLocked,
+    /// Its estimated cost is more than a whole token budget (400 `request_too_large`).
+    RejectedTooLarge,
     /// The client went away (while queued or while the answer streamed).
     ClientClosed,
     /// The upstream could not be reached, timed out or broke off.
@@ -39,12 +45,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Forwarded,
         Outcome::Passthrough,
         Outcome::RejectedQueueFull,
         Outcome::RejectedQueueTimeout,
         Outcome::RejectedModelLocked,
+        Outcome::RejectedTooLarge,
         Outcome::ClientClosed,
         Outcome::UpstreamError,
         Outcome::ClientError,
@@ -58,6 +65,7 @@ impl Outcome {
             Outcome::RejectedQueueFull => "rejected_queue_full",
             Outcome::RejectedQueueTimeout => "rejected_queue_timeout",
             Outcome::RejectedModelLocked => "rejected_model_locked",
+            Outcome::RejectedTooLarge => "rejected_too_large",
             Outcome::ClientClosed => "client_closed",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientError => "client_error",
@@ -112,6 +120,13 @@ pub struct Metrics {
     pub redis_duration: Histogram,
     /// What every key and learned model's lane learned.
     pub lanes: LaneGauges,
+    /// Tokens the upstream counted (its answers' `usage`), by key, by client, by model.
+    pub key_tokens: IntCounterVec,
+    pub client_tokens: IntCounterVec,
+    pub model_tokens: IntCounterVec,
+    /// The client and model ids the token counters name.
+    pub token_clients: BoundedLabels,
+    pub token_models: BoundedLabels,
 }
 
 const PREFIX: &str = "nvidia_sidecar";
@@ -141,7 +156,30 @@ impl Metrics {
         let upstream_buckets = exponential_buckets(0.01, 2.0, 16).expect("valid bucket layout");
         let per_route =
             |name: &str, help: &str| register(r, GaugeVec::new(opts(name, help), &["route"]));
+        let tokens = |name: &str, help: &str, label: &str| {
+            register(
+                r,
+                IntCounterVec::new(opts(name, help), &["route", label, "kind"]),
+            )
+        };
         let m = Metrics {
+            key_tokens: tokens(
+                "tokens_total",
+                "Tokens the upstream counted (its answers' usage), by route, key and kind: prompt, completion.",
+                "key",
+            ),
+            client_tokens: tokens(
+                "client_tokens_total",
+                "Tokens the upstream counted, by route, client and kind (the first 64 client ids; later ones as other).",
+                "client",
+            ),
+            model_tokens: tokens(
+                "model_tokens_total",
+                "Tokens the upstream counted, by route, model and kind (the first 64 model ids; later ones as other).",
+                "model",
+            ),
+            token_clients: BoundedLabels::new(TOKEN_LABELS_MAX),
+            token_models: BoundedLabels::new(TOKEN_LABELS_MAX),
             requests: register(
                 r,
                 IntCounterVec::new(

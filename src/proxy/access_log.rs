@@ -57,7 +57,7 @@ impl SidecarProxy {
         let req = session.req_header();
         log::info!(
             target: "access",
-            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}{}{}",
+            "client={} route={} method={} path={} status={} priority={} queue_wait_ms={} upstream_ms={} replays={} outcome={}{}{}{}{}",
             log_value(ctx.client()),
             route_name,
             req.method,
@@ -71,6 +71,10 @@ impl SidecarProxy {
             if ctx.stage == Stage::FailOpen { " fallback=fail_open" } else { "" },
             if ctx.attempt.key.is_some() { " key=" } else { "" },
             ctx.attempt.key.as_deref().unwrap_or(""),
+            ctx.attempt.counted.map_or(String::new(), |u| format!(
+                " prompt_tokens={} completion_tokens={}",
+                u.prompt, u.completion
+            )),
         );
     }
 }

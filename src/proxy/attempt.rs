@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 
+use super::usage::UsageReader;
 use crate::admission::AdmissionGate;
-use crate::limiter::{Grant, UpstreamSignal};
+use crate::limiter::{Grant, UpstreamSignal, Usage};
 
 /// How much of an upstream error's body is kept: to classify a refusal passed on to the
 /// client, or to put into the error event that ends a kept-alive stream.
@@ -33,6 +34,10 @@ pub struct Attempt {
     pub first_chunk_seen: bool,
     /// An upstream refusal on its way to the client, classified once its body is read.
     pub refusal: Option<RefusalBody>,
+    /// Reads what the upstream counted from a successful answer as it passes.
+    pub usage: Option<UsageReader>,
+    /// What the upstream counted, once its answer ended.
+    pub counted: Option<Usage>,
 }
 
 impl Attempt {

@@ -175,5 +175,6 @@ fn rejected_outcome(why: Rejection) -> Outcome {
         Rejection::QueueFull => Outcome::RejectedQueueFull,
         Rejection::QueueTimeout => Outcome::RejectedQueueTimeout,
         Rejection::ModelLocked => Outcome::RejectedModelLocked,
+        Rejection::TooLarge { .. } => Outcome::RejectedTooLarge,
     }
 }

@@ -16,14 +16,14 @@ use std::time::Instant;
 
 use pingora::http::RequestHeader;
 use prometheus::IntGauge;
-use serde::Deserialize;
 
 use crate::admission::AdmissionGate;
 use crate::app::{App, Route, RouteTable};
-use crate::limiter::{model_index, Ask, ModelSettings, Priority};
+use crate::limiter::{model_index, Ask, ModelSettings, Priority, TokenAsk};
 
 pub use super::body::BodyPlan;
 use super::classify::{self, Asker};
+use super::prompt::{self, BodyFields};
 use super::respond::Answer;
 
 /// What the sidecar decided about a request from its head (and, once read, its body).
@@ -40,6 +40,8 @@ pub struct Intake {
     pub continues: bool,
     /// What its body asks for; `None` until the body is read (or known to stream).
     pub asks: Option<Asks>,
+    /// What its body may cost if it streams through unread: `None` without a body.
+    unread_cost: Option<TokenAsk>,
 }
 
 /// How a request goes upstream.
@@ -61,27 +63,27 @@ pub struct Asks {
     pub model_id: Option<Arc<str>>,
     /// `"stream": true`: the answer comes as server-sent events.
     pub stream: bool,
+    /// What it will cost in tokens, as far as its body tells (see `prompt`).
+    pub tokens: Option<TokenAsk>,
 }
 
 /// Longest model id whose limits are learned; a longer one (no real model has one) goes by its
 /// key's rate alone, so that clients cannot make the sidecar keep arbitrary text.
 const MAX_MODEL_ID: usize = 256;
 
-/// The fields the sidecar reads from a JSON request body.
-#[derive(Debug, Default, Deserialize)]
-struct BodyFields {
-    model: Option<String>,
-    stream: Option<bool>,
-}
-
 impl Asks {
     /// What `body` asks for, by the configured `models`: decoded once, here. A body that is
     /// not a JSON object, or whose fields have other types than the API gives them, asks for
-    /// nothing in particular; so does one that is not in hand (`None`: streamed).
-    pub fn read(body: Option<&[u8]>, models: &[ModelSettings]) -> Asks {
-        let fields: BodyFields = body
-            .and_then(|body| serde_json::from_slice(body).ok())
-            .unwrap_or_default();
+    /// no model in particular and is counted by its size; one that is not in hand (`None`:
+    /// streamed) is counted by `streamed`, its declared length or the held-body limit.
+    pub fn read(body: Option<&[u8]>, models: &[ModelSettings], streamed: Option<TokenAsk>) -> Asks {
+        let decoded: Option<BodyFields> = body.and_then(|body| serde_json::from_slice(body).ok());
+        let tokens = match (body, &decoded) {
+            (Some(body), Some(fields)) => Some(fields.ask(body.len())),
+            (Some(body), None) => Some(prompt::ask_of_unread(body.len())),
+            (None, _) => streamed,
+        };
+        let fields = decoded.unwrap_or_default();
         let model_id: Option<Arc<str>> = fields
             .model
             .as_deref()
@@ -91,6 +93,7 @@ impl Asks {
             model: model_id.as_deref().and_then(|id| model_index(models, id)),
             model_id,
             stream: fields.stream == Some(true),
+            tokens,
         }
     }
 }
@@ -116,20 +119,26 @@ impl Intake {
             Some(gate) if settings.fallback_passthrough && gate.is_degraded() => Mode::FailOpen,
             Some(gate) => Mode::Gated(gate.clone()),
         };
+        let body = BodyPlan::of(head, settings.max_replay_body);
+        let unread_cost = (body != BodyPlan::Empty).then(|| {
+            let declared = super::body::declared_length(head).map(|l| l as u64);
+            prompt::ask_of_streamed(declared, settings.max_replay_body)
+        });
         Ok(Intake {
             route,
             who,
             mode,
-            body: BodyPlan::of(head, settings.max_replay_body),
+            body,
             continues: classify::expects_continue(head),
             asks: None,
+            unread_cost,
         })
     }
 
     /// Reads what the body asks for, once: `body` is the whole body when it is in hand.
     pub fn read_body(&mut self, body: Option<&[u8]>, models: &[ModelSettings]) {
         if self.asks.is_none() {
-            self.asks = Some(Asks::read(body, models));
+            self.asks = Some(Asks::read(body, models, self.unread_cost));
         }
     }
 
@@ -139,6 +148,7 @@ impl Intake {
             model: None,
             model_id: None,
             stream: false,
+            tokens: None,
         };
         self.asks.as_ref().unwrap_or(&NOTHING)
     }
@@ -163,6 +173,7 @@ impl Intake {
             weight: self.who.weight,
             model: asks.model,
             model_id: asks.model_id.clone(),
+            tokens: asks.tokens,
         }
     }
 
@@ -384,10 +395,53 @@ routes:
     }
 
     #[test]
+    fn every_body_has_a_cost_and_one_without_a_body_none() {
+        let table = table(CONFIG);
+        let models = &table.settings.models;
+        let cost = |head: &[u8], body: Option<&[u8]>| {
+            let mut intake = take(head, &table).unwrap();
+            intake.read_body(body, models);
+            intake.ask().tokens
+        };
+        let get = cost(b"GET /x HTTP/1.1\r\n\r\n", None);
+        assert_eq!(get, None, "nothing to count");
+        let chat = cost(
+            b"POST /x HTTP/1.1\r\nContent-Length: 60\r\n\r\n",
+            Some(br#"{"messages":[{"role":"user","content":"abcdefgh"}],"max_tokens":9}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            (chat.prompt, chat.completion, chat.known),
+            (3 + 4, Some(9), true)
+        );
+        let junk = cost(
+            b"POST /x HTTP/1.1\r\nContent-Length: 9\r\n\r\n",
+            Some(b"not json!"),
+        )
+        .unwrap();
+        assert_eq!((junk.prompt, junk.known), (3, true));
+        let streamed = cost(
+            b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            None,
+        )
+        .unwrap();
+        assert!(!streamed.known && streamed.prompt > 0, "{streamed:?}");
+        let too_big = cost(
+            b"POST /x HTTP/1.1\r\nContent-Length: 30000000\r\n\r\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!((too_big.prompt, too_big.known), (10_000_000, false));
+    }
+
+    #[test]
     fn the_body_is_read_once_and_only_json_names_a_model() {
         let table = table(CONFIG);
         let models = &table.settings.models;
-        let asks = |body: &[u8]| Asks::read(Some(body), models);
+        let asks = |body: &[u8]| Asks {
+            tokens: None,
+            ..Asks::read(Some(body), models, None)
+        };
         let meta = asks(
             br#"{"messages":[{"role":"user","content":"hi"}],"model":"meta/x","stream":true}"#,
         );
@@ -416,7 +470,7 @@ routes:
         }
         let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_ID + 1));
         assert_eq!(asks(long.as_bytes()).model_id, None);
-        assert_eq!(Asks::read(None, models), Asks::default());
+        assert_eq!(Asks::read(None, models, None), Asks::default());
         let mut intake = take(b"POST /x HTTP/1.1\r\nContent-Length: 20\r\n\r\n", &table).unwrap();
         intake.read_body(Some(br#"{"model":"meta/a"}"#), models);
         intake.read_body(Some(br#"{"model":"meta/b"}"#), models);

@@ -34,9 +34,11 @@ mod front;
 mod intake;
 mod keepalive;
 mod observe;
+mod prompt;
 mod replay;
 mod respond;
 mod tenant;
+mod usage;
 mod wait;
 
 use std::any::Any;
@@ -67,6 +69,7 @@ use front::Parked;
 use intake::{Arrival, Intake, Mode};
 use keepalive::Downstream;
 use respond::Answer;
+use usage::UsageReader;
 
 /// Request headers meant for the sidecar (or for a proxy), never sent upstream.
 static FOR_THE_SIDECAR_ONLY: [HeaderName; 4] = [
@@ -445,6 +448,10 @@ impl ProxyHttp for SidecarProxy {
             });
             return Ok(());
         }
+        if (200..300).contains(&status) && ctx.grant().is_some_and(|g| g.tokens.is_some()) {
+            // What the upstream counts is read from the answer as it passes.
+            ctx.attempt.usage = Some(UsageReader::default());
+        }
         self.observe(ctx, &gate, &signal);
         Ok(())
     }
@@ -486,6 +493,14 @@ impl ProxyHttp for SidecarProxy {
             if let Some(chunk) = body.as_ref().filter(|b| !b.is_empty()) {
                 ctx.attempt.first_chunk_seen = true;
                 self.capacity_error_in_a_success(ctx, chunk);
+            }
+        }
+        if let Some(reader) = ctx.attempt.usage.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                reader.feed(chunk);
+            }
+            if end_of_stream {
+                self.settle_usage(ctx);
             }
         }
         ctx.downstream.answer_body(body, end_of_stream);

@@ -1,10 +1,10 @@
 //! What the upstream's answers tell the limiter: the key's controller, the model's
-//! concurrency, a key the upstream refused.
+//! concurrency, a key the upstream refused, the tokens it counted.
 
 use super::context::{RequestCtx, Stage};
 use super::SidecarProxy;
 use crate::admission::AdmissionGate;
-use crate::limiter::{Grant, UpstreamSignal};
+use crate::limiter::{Grant, UpstreamSignal, Usage};
 
 impl SidecarProxy {
     /// Feeds the current attempt's answer to the route's controller, once.
@@ -56,6 +56,48 @@ impl SidecarProxy {
             .with_label_values(&[ctx.route_name(), "worker_capacity"])
             .inc();
         gate.observe_capacity(grant, true);
+    }
+
+    /// The answer is over: what its `usage` said the upstream counted settles the request's
+    /// token reservations (see `Limiter::settle_tokens`). An answer without `usage` leaves
+    /// the estimate standing.
+    pub(super) fn settle_usage(&self, ctx: &mut RequestCtx) {
+        let Some(reader) = ctx.attempt.usage.take() else {
+            return;
+        };
+        let (Some(usage), Some(grant), Some(gate)) =
+            (reader.usage(), ctx.grant(), ctx.gate().cloned())
+        else {
+            return;
+        };
+        ctx.attempt.counted = Some(usage);
+        gate.settle_tokens(grant, usage);
+        self.count_tokens(ctx, grant, usage);
+    }
+
+    /// `tokens_total`, `client_tokens_total`, `model_tokens_total`.
+    fn count_tokens(&self, ctx: &RequestCtx, grant: Grant, usage: Usage) {
+        let m = &self.app.metrics;
+        let route = ctx.route_name();
+        let key = ctx
+            .settings
+            .upstream
+            .keys
+            .get(grant.lane)
+            .map_or_else(|| "default".into(), |k| k.name.clone());
+        let client = m.token_clients.label(ctx.client());
+        let model = m.token_models.label(ctx.model_id().unwrap_or("none"));
+        for (kind, tokens) in [("prompt", usage.prompt), ("completion", usage.completion)] {
+            m.key_tokens
+                .with_label_values(&[route, &key, kind])
+                .inc_by(tokens);
+            m.client_tokens
+                .with_label_values(&[route, &client, kind])
+                .inc_by(tokens);
+            m.model_tokens
+                .with_label_values(&[route, &model, kind])
+                .inc_by(tokens);
+        }
     }
 
     /// An upstream 401 (or repeated 403s) on a key of a pool: the key is taken out (logged

@@ -47,6 +47,17 @@ impl Answer {
                 "the upstream kept answering 429 and no token became free again before the deadline"
                     .to_string()
             }
+            (Rejection::TooLarge { tokens, limit }, _) => {
+                // Waiting would not help: a 400, which SDKs do not retry.
+                let message = format!(
+                    "the request is estimated at {tokens} tokens, more than the whole token budget of {limit} tokens per minute (tpm) it falls under, so it could never be sent; shorten the prompt or lower max_tokens"
+                );
+                return Answer {
+                    status: 400,
+                    body: error_body(&message, "invalid_request_error", why.code()),
+                    retry_after: None,
+                };
+            }
             (Rejection::ModelLocked, _) => {
                 let until = std::time::SystemTime::now() + retry_after;
                 format!(

@@ -174,7 +174,17 @@ pub struct Arrival {
     pub model: Option<String>,
     /// Refused by the model's own quota or lockout, not by the key's quota.
     pub by_model: bool,
+    /// Refused by the token quota (`MockState::set_token_quota`).
+    pub by_tokens: bool,
 }
+
+/// The prompt tokens the mock counts for a request body: its bytes over 4.
+pub fn prompt_tokens(body_len: usize) -> u64 {
+    (body_len / 4) as u64
+}
+
+/// The completion tokens of every answer.
+pub const COMPLETION_TOKENS: u64 = 2;
 
 /// Each model's quota, and what it remembers per key.
 type ModelQuotas = HashMap<String, (Quota, HashMap<String, QuotaBook>)>;
@@ -209,6 +219,12 @@ pub struct MockState {
     /// How the quota is stated in headers, and the limit to state instead of the true one.
     stating: Mutex<Option<(Stating, Option<String>)>>,
     pub streams_finished: AtomicUsize,
+    /// A quota of prompt tokens (`prompt_tokens`) per window, per key.
+    token_quota: Mutex<Option<(u64, Duration)>>,
+    /// What each key's token quota remembers: (when, tokens) of accepted requests.
+    token_books: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
+    /// Models that answer a request carrying `stream_options` with a 400.
+    no_stream_options: Mutex<HashSet<String>>,
 }
 
 /// What one quota remembers: the accepted arrivals (sliding and fixed windows) and the token
@@ -392,6 +408,9 @@ impl MockState {
             lockouts: Mutex::new(HashMap::new()),
             stating: Mutex::new(None),
             streams_finished: AtomicUsize::new(0),
+            token_quota: Mutex::new(None),
+            token_books: Mutex::new(HashMap::new()),
+            no_stream_options: Mutex::new(HashSet::new()),
         })
     }
 
@@ -712,6 +731,60 @@ impl MockState {
         }
     }
 
+    /// At most `limit` prompt tokens (`prompt_tokens` of the body) in any `window`, per key;
+    /// a request that would go over is answered 429 as the request quota would be.
+    pub fn set_token_quota(&self, limit: u64, window: Duration) {
+        *self.token_quota.lock().unwrap() = Some((limit, window));
+    }
+
+    /// `model` answers a request that carries `stream_options` with a 400.
+    pub fn reject_stream_options(&self, model: &str) {
+        self.no_stream_options
+            .lock()
+            .unwrap()
+            .insert(model.to_string());
+    }
+
+    /// Whether `tokens` fit in `key`'s token quota at `at`.
+    fn token_room(&self, key: Option<&str>, at: Instant, tokens: u64) -> bool {
+        let Some((limit, window)) = *self.token_quota.lock().unwrap() else {
+            return true;
+        };
+        let mut books = self.token_books.lock().unwrap();
+        let book = books.entry(key.unwrap_or("").to_string()).or_default();
+        while book
+            .front()
+            .is_some_and(|(t, _)| at.duration_since(*t) >= window)
+        {
+            book.pop_front();
+        }
+        book.iter().map(|(_, n)| n).sum::<u64>() + tokens <= limit
+    }
+
+    fn take_tokens(&self, key: Option<&str>, at: Instant, tokens: u64) {
+        if self.token_quota.lock().unwrap().is_some() {
+            let mut books = self.token_books.lock().unwrap();
+            books
+                .entry(key.unwrap_or("").to_string())
+                .or_default()
+                .push_back((at, tokens));
+        }
+    }
+
+    /// Answers refused by the token quota.
+    pub fn token_violations(&self) -> usize {
+        self.arrivals().iter().filter(|a| a.by_tokens).count()
+    }
+
+    /// Prompt tokens of the requests accepted in `[from, to)`.
+    pub fn tokens_accepted_between(&self, from: Instant, to: Instant) -> u64 {
+        self.arrivals()
+            .iter()
+            .filter(|a| a.status == 200 && a.at >= from && a.at < to)
+            .map(|a| prompt_tokens(a.body_len))
+            .sum()
+    }
+
     /// The next `n` chat requests get a 429 whatever the quota says.
     pub fn fail_next(&self, n: usize) {
         self.fail_next.store(n, Ordering::SeqCst);
@@ -845,6 +918,7 @@ impl Arrival {
             worker_busy,
             model: None,
             by_model: false,
+            by_tokens: false,
         }
     }
 
@@ -1010,8 +1084,13 @@ enum ChatOutcome {
     Limited(Answer),
     /// Accepted, answered with buffered JSON.
     Buffered(Answer),
-    /// Accepted, answered with an SSE stream of `chunks` events `delay` apart.
-    Stream { chunks: u64, delay: Duration },
+    /// Accepted, answered with an SSE stream of `chunks` events `delay` apart, and a last
+    /// event with `usage` (prompt tokens) when the request asked for it.
+    Stream {
+        chunks: u64,
+        delay: Duration,
+        usage: Option<u64>,
+    },
     /// A 200 stream whose first event is NVIDIA's worker-capacity error.
     StreamError,
 }
@@ -1032,13 +1111,17 @@ fn decide_chat(
         serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     let model = request["model"].as_str();
     // The body was parsed once already: record its model without parsing it again.
-    let record_as = |status: u16, worker_busy: bool, by_model: bool| {
+    let record_full = |status: u16, worker_busy: bool, by_model: bool, by_tokens: bool| {
         let arrival = Arrival {
             model: model.map(str::to_string),
             by_model,
+            by_tokens,
             ..Arrival::new(at, PATH, status, headers, body, worker_busy)
         };
         state.arrivals.lock().unwrap().push(arrival);
+    };
+    let record_as = |status: u16, worker_busy: bool, by_model: bool| {
+        record_full(status, worker_busy, by_model, false)
     };
     let record = |status: u16, worker_busy: bool| record_as(status, worker_busy, false);
     let style = *state.style.lock().unwrap();
@@ -1083,6 +1166,18 @@ fn decide_chat(
         record_as(429, false, true);
         return (ChatOutcome::Limited(answer), None);
     }
+    if !request["stream_options"].is_null()
+        && model.is_some_and(|m| state.no_stream_options.lock().unwrap().contains(m))
+    {
+        record(400, false);
+        let body = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","code":null}}"#;
+        return (ChatOutcome::Limited(Answer::json(400, body)), None);
+    }
+    let tokens = prompt_tokens(body.len());
+    if !state.token_room(key, at, tokens) {
+        record_full(429, false, false, true);
+        return (ChatOutcome::Limited(too_many(style)), None);
+    }
     if !state.admit_model(model, key, at) {
         record_as(429, false, true);
         let mut answer = too_many(style);
@@ -1109,6 +1204,7 @@ fn decide_chat(
         return (ChatOutcome::Limited(answer), None);
     }
     record(200, false);
+    state.take_tokens(key, at, tokens);
     let streaming = request["stream"].as_bool() == Some(true);
     if streaming
         && can_stream
@@ -1123,12 +1219,15 @@ fn decide_chat(
         let outcome = ChatOutcome::Stream {
             chunks: request["chunks"].as_u64().unwrap_or(5),
             delay: Duration::from_millis(request["chunk_delay_ms"].as_u64().unwrap_or(100)),
+            usage: (request["stream_options"]["include_usage"].as_bool() == Some(true))
+                .then_some(tokens),
         };
         return (outcome, slot);
     }
     let answer = serde_json::json!({
         "id": "chatcmpl-mock", "object": "chat.completion", "model": "mock",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": tokens, "completion_tokens": COMPLETION_TOKENS, "total_tokens": tokens + COMPLETION_TOKENS}
     });
     let mut answer = Answer::json(200, answer.to_string());
     // As before the raw server: rate limit headers on buffered answers only, not on streams.
@@ -1152,8 +1251,12 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
                 "data: {\"error\":{\"message\":\"ResourceExhausted: Worker local total request limit reached (33/32)\",\"code\":503}}\n\ndata: [DONE]\n\n",
             ))
             .unwrap(),
-        ChatOutcome::Stream { chunks, delay } => {
-            let stream = async_stream(chunks, delay, state.clone(), slot);
+        ChatOutcome::Stream {
+            chunks,
+            delay,
+            usage,
+        } => {
+            let stream = async_stream(chunks, delay, usage, state.clone(), slot);
             Response::builder()
                 .header("content-type", "text/event-stream")
                 .header("cache-control", "no-cache")
@@ -1168,6 +1271,7 @@ async fn chat(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Byt
 fn async_stream(
     chunks: u64,
     delay: Duration,
+    usage: Option<u64>,
     state: Arc<MockState>,
     slot: Option<ModelSlot>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
@@ -1179,7 +1283,12 @@ fn async_stream(
                 return None;
             }
             let event = if i == chunks {
-                "data: [DONE]\n\n".to_string()
+                match usage {
+                    Some(prompt) => format!(
+                        "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt},\"completion_tokens\":{COMPLETION_TOKENS}}}}}\n\ndata: [DONE]\n\n"
+                    ),
+                    None => "data: [DONE]\n\n".to_string(),
+                }
             } else {
                 if i > 0 {
                     tokio::time::sleep(delay).await;

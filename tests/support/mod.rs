@@ -9,7 +9,9 @@ pub mod sidecar;
 pub mod tls;
 
 #[allow(unused_imports)]
-pub use mock_upstream::{fnv1a64, Framing, LimitStyle, MockUpstream, Quota, QuotaKind, Stating};
+pub use mock_upstream::{
+    fnv1a64, prompt_tokens, Framing, LimitStyle, MockUpstream, Quota, QuotaKind, Stating,
+};
 
 #[allow(unused_imports)]
 pub use redis_server::{RedisServer, Sentinels};

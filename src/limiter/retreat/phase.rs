@@ -20,6 +20,8 @@ pub struct Grant {
     pub learned: Option<ModelGrant>,
     /// The grant tests whether a 429 another model met on this key was about the key.
     pub test: bool,
+    /// What the grant reserved on the token budgets, to be settled once the upstream counted.
+    pub tokens: Option<crate::limiter::HoldId>,
 }
 
 /// How a grant was stamped by the lane of its model on its key.
