@@ -148,6 +148,12 @@ async fn a_configured_token_budget_uses_the_quota_without_a_429() {
         counted <= accepted as f64 && counted >= 0.9 * accepted as f64,
         "the sidecar counted {counted} prompt tokens, the upstream {accepted}"
     );
+    let budget = &sidecar.status().await["keys"][0]["token_budget"];
+    assert_eq!(
+        (budget["tpm"].as_u64(), budget["source"].as_str()),
+        (Some(60_000), Some("config")),
+        "{budget}"
+    );
     let log = sidecar.access_log().await;
     assert!(
         log.iter().any(|l| l.contains(&format!(
@@ -207,4 +213,108 @@ async fn a_request_larger_than_the_budget_is_told_at_once() {
     assert_eq!(refused, 2.0);
     let status = sidecar.status().await;
     assert_eq!(status["errors"]["too_large"], 2, "{}", status["errors"]);
+}
+
+/// The upstream states its token quota in OpenAI's headers (30k a minute per key) and the
+/// sidecar is told nothing about tokens. The first answers teach it the budget and what is
+/// spent: in 20 s of 24 KiB prompts and tiny ones it meets at most one token 429, uses the
+/// budget, and never cuts the key's request rate for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stated_token_limit_is_learned_without_cutting_the_request_rate() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    mock.state.set_token_quota(30_000, Duration::from_secs(60));
+    mock.state.state_tokens();
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 60\n").await;
+    let url = sidecar.url("/v1/chat/completions");
+    let started = Instant::now();
+    let stop = started + Duration::from_secs(20);
+    let (big, small) = tokio::join!(
+        closed_loop(&url, "big", 2, chat_body("m", 24 * 1024, false), stop),
+        closed_loop(&url, "small", 3, chat_body("m", 100, false), stop),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = mock.state.tokens_accepted_between(started, Instant::now());
+    let status = sidecar.status().await;
+    let key = &status["keys"][0];
+    println!(
+        "prompt tokens accepted {accepted} of 30000; token 429s {}; 200s big {}, small {}; key {key}",
+        mock.state.token_violations(),
+        big.statuses.len(),
+        small.statuses.len()
+    );
+    assert!(
+        mock.state.token_violations() <= 1,
+        "{} token 429s",
+        mock.state.token_violations()
+    );
+    assert!(big
+        .statuses
+        .iter()
+        .chain(&small.statuses)
+        .all(|s| *s == 200));
+    assert!(accepted as f64 >= 0.85 * 30_000.0, "{accepted} of 30000");
+    assert!(
+        key["effective_rpm"].as_f64().unwrap() >= 590.0,
+        "the request rate was cut for a token limit: {key}"
+    );
+    assert!(small.statuses.len() >= 20, "{}", small.statuses.len());
+    let budget = &key["token_budget"];
+    assert_eq!(
+        (budget["tpm"].as_u64(), budget["source"].as_str()),
+        (Some(30_000), Some("header")),
+        "{budget}"
+    );
+    assert!(budget["used"].as_u64().unwrap() >= 25_000, "{budget}");
+}
+
+/// NVIDIA's way: a token quota (30k prompt tokens a minute per key) that no header states, and
+/// its bare 429. Told nothing about tokens, the sidecar learns a budget from the 429s that
+/// come with 24 KiB prompts and not with tiny ones: a few upstream 429s, none reaching a
+/// client, the key's request rate kept, the tiny clients served throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unstated_token_limit_is_learned_from_its_429s() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
+    mock.state.set_token_quota(30_000, Duration::from_secs(60));
+    let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 60\n").await;
+    let url = sidecar.url("/v1/chat/completions");
+    let started = Instant::now();
+    let stop = started + Duration::from_secs(20);
+    let (big, small) = tokio::join!(
+        closed_loop(&url, "big", 2, chat_body("m", 24 * 1024, false), stop),
+        closed_loop(&url, "small", 3, chat_body("m", 100, false), stop),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let accepted = mock.state.tokens_accepted_between(started, Instant::now());
+    let status = sidecar.status().await;
+    let key = &status["keys"][0];
+    let refused = mock.state.token_violations();
+    println!(
+        "prompt tokens accepted {accepted} of 30000; token 429s {refused}; 200s big {}, small {}; budget {}; rate {}",
+        big.statuses.len(),
+        small.statuses.len(),
+        key["token_budget"],
+        key["effective_rpm"]
+    );
+    assert!((1..=4).contains(&refused), "{refused} token 429s");
+    assert!(big
+        .statuses
+        .iter()
+        .chain(&small.statuses)
+        .all(|s| *s == 200));
+    assert!(accepted as f64 >= 0.8 * 30_000.0, "{accepted} of 30000");
+    assert!(
+        key["effective_rpm"].as_f64().unwrap() >= 590.0,
+        "the request rate was cut for a token limit: {key}"
+    );
+    assert_eq!(key["token_budget"]["source"], "learned", "{key}");
+    assert!(small.statuses.len() >= 20, "{}", small.statuses.len());
+    let token_refusals = sidecar
+        .metric("nvidia_sidecar_upstream_refusals_total{reason=\"token_limit\",route=\"default\"}")
+        .await;
+    assert!(
+        token_refusals >= 1.0,
+        "the 429s were not counted as the token limit's"
+    );
 }

@@ -25,6 +25,16 @@ pub struct KeyView {
     pub stated_rpm: Option<f64>,
     /// The lanes of the models learned on this key.
     pub models: Vec<ModelLaneView>,
+    /// The key's token budget (`null`: none): `tpm`, the tokens that count in the last 60 s
+    /// (`used`), and `source`, `config` or `header` (stated by the upstream).
+    pub token_budget: Option<TokenBudgetView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenBudgetView {
+    pub tpm: u64,
+    pub used: u64,
+    pub source: &'static str,
 }
 
 /// What a lane learned, and what it does next.
@@ -102,6 +112,11 @@ pub fn key_views(s: &LimiterSnapshot) -> Vec<KeyView> {
             learning: LearningView::of(&k.learning),
             stated_rpm: k.stated_rpm,
             models: k.models.iter().map(ModelLaneView::of).collect(),
+            token_budget: k.token_budget.as_ref().map(|b| TokenBudgetView {
+                tpm: b.tpm,
+                used: b.used,
+                source: b.source,
+            }),
         })
         .collect()
 }

@@ -273,17 +273,26 @@ impl AdmissionGate {
     }
 
     /// Feeds the upstream's answer to the request granted as `grant` to the adaptive controller.
-    pub fn observe(&self, signal: &UpstreamSignal, grant: Grant) {
-        self.lock().limiter.observe_answer(signal, grant, now());
+    pub fn observe(&self, signal: &UpstreamSignal, grant: Grant) -> UpstreamSignal {
+        let judged = self.lock().limiter.observe_answer(signal, grant, now());
         self.wake.notify_one();
         if self.is_shared() {
             self.wake_links();
         }
+        judged
     }
 
     /// The limit the upstream stated on its answer to `grant` (`rate_rpm: auto`).
     pub fn observe_stated(&self, grant: Grant, stated: crate::limiter::StatedLimit) {
         self.lock().limiter.observe_stated(grant, stated, now());
+        self.wake.notify_one();
+    }
+
+    /// Takes the token limit the upstream stated on its answer to `grant`.
+    pub fn observe_stated_tokens(&self, grant: Grant, stated: crate::limiter::StatedTokens) {
+        self.lock()
+            .limiter
+            .observe_stated_tokens(grant, stated, now());
         self.wake.notify_one();
     }
 

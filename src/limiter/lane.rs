@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::blame::Blame;
-use super::{Admit, Grant, Limiter, RetreatController, Slots, Supply, TokenBucket, TokenWindow};
+use super::{
+    Admit, Grant, Limiter, RetreatController, Slots, Supply, TokenBucket, TokenLearning,
+    TokenWindow,
+};
 
 /// 403s in a row after which a key leaves the pool (see `Limiter::key_refused`).
 pub const FORBIDDEN_IN_A_ROW: u32 = 3;
@@ -20,8 +23,13 @@ pub struct Lane {
     /// The key's own token budget; `None` follows the route's `tpm`.
     pub own_tpm: Option<u64>,
     pub bucket: TokenBucket,
-    /// The key's token budget (`tpm`), when one is configured.
+    /// The key's token budget (`tpm`), when one is configured or the upstream stated one.
     pub tokens: Option<TokenWindow>,
+    /// The token limit the upstream stated for this key (`StatedTokens`), used while none is
+    /// configured.
+    pub stated_tpm: Option<u64>,
+    /// The token limit learned from 429s, used while none is configured or stated.
+    pub token_learning: TokenLearning,
     pub slots: Slots,
     pub supply: Supply,
     pub controller: RetreatController,
@@ -53,6 +61,8 @@ impl Lane {
             own_tpm: key.tpm,
             bucket: TokenBucket::new(base.capacity, now),
             tokens: key.tpm.or(base.base_tpm).map(|t| TokenWindow::new(t, now)),
+            stated_tpm: None,
+            token_learning: TokenLearning::new(now),
             slots: Slots::default(),
             supply: Supply::Refill { share: 1.0 },
             controller: RetreatController::new(
@@ -161,6 +171,35 @@ impl Lane {
         match (&self.tokens, cost) {
             (Some(window), Some(cost)) => window.fits(cost, now),
             _ => true,
+        }
+    }
+
+    /// The key's token budget: configured (its own, else the route's `base`), else stated by
+    /// the upstream, else learned from its 429s.
+    pub fn budget_tpm(&self, base: Option<u64>) -> Option<u64> {
+        self.own_tpm
+            .or(base)
+            .or(self.stated_tpm)
+            .or(self.token_learning.learned_tpm())
+    }
+
+    /// Where the key's token budget comes from: `config`, `header` or `learned`.
+    pub fn budget_source(&self, base: Option<u64>) -> &'static str {
+        if self.own_tpm.or(base).is_some() {
+            "config"
+        } else if self.stated_tpm.is_some() {
+            "header"
+        } else {
+            "learned"
+        }
+    }
+
+    /// Takes a budget learned or stated now: a key without a budget yet starts it with what
+    /// its requests cost over the last window.
+    pub fn adopt_tpm(&mut self, tpm: u64) {
+        match self.tokens.as_mut() {
+            Some(window) => window.set_limit(tpm),
+            None => self.tokens = Some(self.token_learning.budget(tpm)),
         }
     }
 

@@ -37,6 +37,7 @@ mod signals;
 mod slots;
 mod snapshot;
 mod stated;
+mod token_learning;
 mod token_window;
 
 pub use bucket::TokenBucket;
@@ -55,12 +56,12 @@ pub use settings::{KeyRate, LimiterSettings};
 pub use shared::Supply;
 pub use signals::{
     parse_go_duration, parse_rfc3339, retry_after_header, seconds, NonRateLimitReason, StatedLimit,
-    UpstreamSignal,
+    StatedTokens, UpstreamSignal,
 };
 pub use slots::Slots;
 pub use snapshot::{
     KeySnapshot, LearnedModelSnapshot, Learning, LimiterSnapshot, LimiterState, ModelLaneSnapshot,
-    ModelSnapshot, SavedModelLane,
+    ModelSnapshot, SavedModelLane, TokenBudgetSnapshot,
 };
 pub use token_window::{HoldId, Holds, TokenCost, TokenHold, TokenWindow, TOKEN_WINDOW};
 
@@ -69,6 +70,7 @@ use std::time::{Duration, Instant};
 
 use lane::Lane;
 use resources::{Backfill, Resources};
+use token_learning::TokenLearning;
 
 /// One shared quota: the keys' buckets and controllers, the model and client limits, and the
 /// queue, together.
@@ -97,6 +99,8 @@ pub struct Limiter {
     calibration: Calibration,
     /// The token reservations of granted requests, until their answers are counted.
     holds: Holds,
+    /// The route's `tpm`: while it is set, a stated token limit only tells what is spent.
+    base_tpm: Option<u64>,
 }
 
 impl Limiter {
@@ -126,6 +130,7 @@ impl Limiter {
             auto: settings.auto,
             calibration: Calibration::default(),
             holds: Holds::default(),
+            base_tpm: settings.base_tpm,
         }
     }
 
@@ -135,8 +140,13 @@ impl Limiter {
         // its model or client limit, a bucket saves no more than its capacity, so that the
         // wait does not end in a burst.
         let idle = self.queue.is_empty() || self.stalled;
+        let base_tpm = self.base_tpm;
         for lane in &mut self.lanes {
             lane.advance(now, idle);
+            if lane.token_learning.advance(now).is_some() {
+                // A learned budget climbed after a quiet window.
+                lane.set_tpm(lane.budget_tpm(base_tpm), now);
+            }
         }
         let lanes = &self.lanes;
         self.learned
@@ -198,8 +208,12 @@ impl Limiter {
         if !self.lanes[key].take(key, now) {
             return None;
         }
-        if let (Some(window), Some(cost)) = (self.lanes[key].tokens.as_mut(), cost) {
-            window.take(cost, now);
+        if let Some(cost) = cost {
+            let lane = &mut self.lanes[key];
+            lane.token_learning.granted(cost, now);
+            if let Some(window) = lane.tokens.as_mut() {
+                window.take(cost, now);
+            }
         }
         let key_rpm = self.lanes[key].controller.effective_rpm();
         let model_grant = learned.and_then(|m| {
@@ -403,6 +417,9 @@ impl Limiter {
         if let Some(hold) = grant.tokens.and_then(|id| self.holds.take(id)) {
             self.for_each_budget(grant, |window| window.refund(hold));
             self.clients.refund_tokens(hold);
+            if let Some(lane) = self.lanes.get_mut(grant.lane) {
+                lane.token_learning.refund(hold);
+            }
         }
     }
 
@@ -418,6 +435,9 @@ impl Limiter {
         let actual = usage.total();
         self.for_each_budget(grant, |window| window.settle(hold, actual));
         self.clients.settle(hold, actual);
+        if let (Some(lane), Some(id)) = (self.lanes.get_mut(grant.lane), grant.tokens) {
+            lane.token_learning.settle(id, hold, actual);
+        }
         self.calibration_mut(grant.learned.map(|m| m.model))
             .learn(hold.ask, usage);
         // Tokens given back may let a waiter go.

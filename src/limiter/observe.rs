@@ -18,8 +18,22 @@ impl Limiter {
     /// Feeds the upstream's answer to the request granted as `grant`. A pause empties the
     /// bucket of the lane it applies to; so does the start of probing, so that no token saved
     /// before the cut is spent into a full window when probing ends.
-    pub fn observe_answer(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
+    ///
+    /// Returns the answer as the limiter judged it: a 429 it found to be about tokens is
+    /// `NotRateLimit(TokenBudget)` (see `learn_tokens`).
+    pub fn observe_answer(
+        &mut self,
+        signal: &UpstreamSignal,
+        grant: Grant,
+        now: Instant,
+    ) -> UpstreamSignal {
         self.advance(now);
+        let judged = self.learn_tokens(signal.clone(), grant, now);
+        self.observe_judged(&judged, grant, now);
+        judged
+    }
+
+    fn observe_judged(&mut self, signal: &UpstreamSignal, grant: Grant, now: Instant) {
         // Full workers are the model's limit, not the key's: they never cut a rate.
         match signal {
             UpstreamSignal::NotRateLimit(
@@ -94,6 +108,63 @@ impl Limiter {
             lane.slots.clear();
         } else if lane.controller.is_probing() && !probing_before {
             lane.bucket.drain();
+        }
+    }
+
+    /// What an answer teaches of the key's token limit (see `token_learning`): an accepted
+    /// answer's cost, or a 429 that was about tokens, which it becomes
+    /// (`NonRateLimitReason::TokenBudget`). A key whose budget is configured or stated learns
+    /// nothing from 429s.
+    fn learn_tokens(
+        &mut self,
+        signal: UpstreamSignal,
+        grant: Grant,
+        now: Instant,
+    ) -> UpstreamSignal {
+        let Some(id) = grant.tokens else {
+            return signal;
+        };
+        let k = grant.lane.min(self.lanes.len() - 1);
+        let base_tpm = self.base_tpm;
+        match signal {
+            UpstreamSignal::Accepted { .. } => {
+                if let Some(hold) = self.holds.get(id) {
+                    let lane = &mut self.lanes[k];
+                    let learns = lane.own_tpm.or(base_tpm).or(lane.stated_tpm).is_none();
+                    if let Some(tpm) = lane.token_learning.accepted(id, hold, now) {
+                        if learns {
+                            lane.adopt_tpm(tpm);
+                        }
+                    }
+                }
+                signal
+            }
+            UpstreamSignal::RateLimited { .. } => {
+                let lane = &self.lanes[k];
+                if lane.own_tpm.or(base_tpm).or(lane.stated_tpm).is_some() {
+                    return signal;
+                }
+                let Some(hold) = self.holds.get(id) else {
+                    return signal;
+                };
+                let lane = &mut self.lanes[k];
+                let Some(tpm) = lane.token_learning.refused(hold, now) else {
+                    if lane.budget_tpm(base_tpm).is_none() {
+                        // A learned budget was forgotten: the key has none now.
+                        lane.tokens = None;
+                    }
+                    return signal;
+                };
+                // The refused request counts nowhere: the upstream did not take it.
+                self.holds.take(id);
+                if let Some(window) = lane.tokens.as_mut() {
+                    window.refund(hold);
+                }
+                lane.adopt_tpm(tpm);
+                self.stalled = false;
+                UpstreamSignal::NotRateLimit(NonRateLimitReason::TokenBudget)
+            }
+            _ => signal,
         }
     }
 

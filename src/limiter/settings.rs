@@ -107,6 +107,7 @@ impl Limiter {
     pub fn set_limits(&mut self, settings: &LimiterSettings, now: Instant) {
         self.advance(now);
         self.auto = settings.auto;
+        self.base_tpm = settings.base_tpm;
         if !self.auto {
             for lane in &mut self.lanes {
                 lane.stated = None;
@@ -116,7 +117,7 @@ impl Limiter {
         for (lane, key) in self.lanes.iter_mut().zip(settings.key_rates()) {
             lane.own_rpm = key.rpm;
             lane.own_tpm = key.tpm;
-            lane.set_tpm(key.tpm.or(settings.base_tpm), now);
+            lane.set_tpm(lane.budget_tpm(settings.base_tpm), now);
             if let Some(rpm) = key.rpm {
                 lane.controller.set_base_rpm(rpm);
             }

@@ -46,6 +46,10 @@ pub enum NonRateLimitReason {
     WorkerConcurrency,
     /// A 503: the upstream cannot take the request right now (overloaded, no free worker).
     Unavailable,
+    /// A 429 whose headers say the key's tokens are spent while its requests are not: the
+    /// key's token budget, which the limiter learns from those headers (`StatedTokens`),
+    /// not its request rate.
+    TokenBudget,
 }
 
 impl UpstreamSignal {
@@ -75,6 +79,9 @@ impl UpstreamSignal {
         }
         if let Some(reason) = non_rate_limit_reason(body) {
             return UpstreamSignal::NotRateLimit(reason);
+        }
+        if tokens_spent_not_requests(&header) {
+            return UpstreamSignal::NotRateLimit(NonRateLimitReason::TokenBudget);
         }
         UpstreamSignal::RateLimited {
             retry_after: retry_after(&header, now).map(|p| p.min(MAX_PAUSE)),
@@ -123,6 +130,7 @@ impl UpstreamSignal {
                 Some("insufficient_quota")
             }
             UpstreamSignal::NotRateLimit(NonRateLimitReason::Unavailable) => Some("unavailable"),
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::TokenBudget) => Some("token_limit"),
             UpstreamSignal::Accepted { .. } | UpstreamSignal::NoAnswer => None,
         }
     }
@@ -157,6 +165,84 @@ impl StatedLimit {
             remaining,
         })
     }
+}
+
+/// The largest token limit taken from headers: ten billion a minute.
+const STATED_TOKENS_MAX: u64 = 10_000_000_000;
+
+/// The token limit an upstream states in its headers, per minute: OpenAI's
+/// `x-ratelimit-{limit,remaining,reset}-tokens` (the reset a duration, `6m0s`), Anthropic's
+/// `anthropic-ratelimit-tokens-{limit,remaining,reset}` (RFC 3339) or, without those, the
+/// stricter of its `-input-tokens-*` and `-output-tokens-*` budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatedTokens {
+    pub limit: u64,
+    pub remaining: Option<u64>,
+    /// When the spent part is back, if the headers say.
+    pub reset: Option<Duration>,
+}
+
+impl StatedTokens {
+    /// The token limit the headers state; `None` when they state none, or something that is
+    /// no limit: not a whole number, zero, absurdly large, or less than what they say remains.
+    pub fn read<'a>(
+        header: impl Fn(&str) -> Option<&'a str>,
+        now: SystemTime,
+    ) -> Option<StatedTokens> {
+        let number = |name: &str| header(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let rfc3339 = |name: &str| {
+            let at = parse_rfc3339(header(name)?)?;
+            Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+        };
+        let openai = || {
+            Some(StatedTokens {
+                limit: number("x-ratelimit-limit-tokens")?,
+                remaining: number("x-ratelimit-remaining-tokens"),
+                reset: header("x-ratelimit-reset-tokens").and_then(parse_go_duration),
+            })
+        };
+        let anthropic = |kind: &str| {
+            Some(StatedTokens {
+                limit: number(&format!("anthropic-ratelimit-{kind}-limit"))?,
+                remaining: number(&format!("anthropic-ratelimit-{kind}-remaining")),
+                reset: rfc3339(&format!("anthropic-ratelimit-{kind}-reset")),
+            })
+        };
+        let stated = openai().or_else(|| anthropic("tokens")).or_else(|| {
+            let input = anthropic("input-tokens");
+            let output = anthropic("output-tokens");
+            match (input, output) {
+                (Some(i), Some(o)) => Some(if o.limit < i.limit { o } else { i }),
+                (i, o) => i.or(o),
+            }
+        })?;
+        let sane = (1..=STATED_TOKENS_MAX).contains(&stated.limit)
+            && stated.remaining.is_none_or(|r| r <= stated.limit);
+        sane.then(|| StatedTokens {
+            reset: stated.reset.map(|r| r.min(MAX_PAUSE)),
+            ..stated
+        })
+    }
+}
+
+/// Whether a 429's headers say the tokens are spent and the requests are not.
+fn tokens_spent_not_requests<'a>(header: &impl Fn(&str) -> Option<&'a str>) -> bool {
+    let number = |name: &str| header(name).and_then(|v| v.trim().parse::<f64>().ok());
+    let tokens_spent = [
+        "x-ratelimit-remaining-tokens",
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-input-tokens-remaining",
+        "anthropic-ratelimit-output-tokens-remaining",
+    ]
+    .iter()
+    .any(|name| number(name).is_some_and(|r| r <= 0.0));
+    let requests_spent = [
+        "x-ratelimit-remaining-requests",
+        "anthropic-ratelimit-requests-remaining",
+    ]
+    .iter()
+    .any(|name| number(name).is_some_and(|r| r <= 0.0));
+    tokens_spent && !requests_spent
 }
 
 /// RFC 3339 (`2026-12-01T12:00:30Z`, `…30.5+01:00`) as a system time.
@@ -374,6 +460,130 @@ mod tests {
                 .map(|(_, v)| *v)
         };
         UpstreamSignal::read(status, lookup, body.as_bytes(), SystemTime::UNIX_EPOCH)
+    }
+
+    fn stated(headers: &[(&str, &str)], now: SystemTime) -> Option<StatedTokens> {
+        StatedTokens::read(
+            |name: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| *v)
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn token_limits_are_read_in_either_style_and_hostile_ones_ignored() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_590_400); // 2025-12-01T12:00:00Z
+        assert_eq!(
+            stated(
+                &[
+                    ("x-ratelimit-limit-tokens", "150000"),
+                    ("x-ratelimit-remaining-tokens", "149000"),
+                    ("x-ratelimit-reset-tokens", "6m0s"),
+                ],
+                now
+            ),
+            Some(StatedTokens {
+                limit: 150_000,
+                remaining: Some(149_000),
+                reset: Some(Duration::from_secs(360)),
+            })
+        );
+        let anthropic = stated(
+            &[
+                ("anthropic-ratelimit-input-tokens-limit", "40000"),
+                ("anthropic-ratelimit-input-tokens-remaining", "0"),
+                (
+                    "anthropic-ratelimit-input-tokens-reset",
+                    "2025-12-01T12:00:30Z",
+                ),
+                ("anthropic-ratelimit-output-tokens-limit", "8000"),
+                ("anthropic-ratelimit-output-tokens-remaining", "8000"),
+            ],
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            (anthropic.limit, anthropic.remaining),
+            (8_000, Some(8_000)),
+            "the stricter"
+        );
+        let both = stated(
+            &[
+                ("anthropic-ratelimit-tokens-limit", "50000"),
+                ("anthropic-ratelimit-tokens-remaining", "10"),
+                ("anthropic-ratelimit-tokens-reset", "2025-12-01T12:00:30Z"),
+            ],
+            now,
+        )
+        .unwrap();
+        assert_eq!(both.reset, Some(Duration::from_secs(30)));
+        for bad in [
+            [
+                ("x-ratelimit-limit-tokens", "0"),
+                ("x-ratelimit-remaining-tokens", "0"),
+            ],
+            [
+                ("x-ratelimit-limit-tokens", "-5"),
+                ("x-ratelimit-remaining-tokens", "0"),
+            ],
+            [
+                ("x-ratelimit-limit-tokens", "1e9"),
+                ("x-ratelimit-remaining-tokens", "0"),
+            ],
+            [
+                ("x-ratelimit-limit-tokens", "100"),
+                ("x-ratelimit-remaining-tokens", "101"),
+            ],
+            [
+                ("x-ratelimit-limit-tokens", "99999999999999999999"),
+                ("x", ""),
+            ],
+        ] {
+            assert_eq!(stated(&bad, now), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_429_with_tokens_spent_and_requests_left_is_the_token_budget() {
+        let tokens = read(
+            429,
+            &[
+                ("x-ratelimit-remaining-requests", "12"),
+                ("x-ratelimit-remaining-tokens", "0"),
+            ],
+            "",
+        );
+        assert_eq!(
+            tokens,
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::TokenBudget)
+        );
+        assert_eq!(tokens.refusal_reason(), Some("token_limit"));
+        let anthropic = read(
+            429,
+            &[("anthropic-ratelimit-input-tokens-remaining", "0")],
+            "",
+        );
+        assert_eq!(
+            anthropic,
+            UpstreamSignal::NotRateLimit(NonRateLimitReason::TokenBudget)
+        );
+        for requests in [
+            &[
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-remaining-tokens", "0"),
+            ][..],
+            &[("x-ratelimit-remaining-tokens", "500")],
+            &[],
+        ] {
+            assert!(
+                matches!(read(429, requests, ""), UpstreamSignal::RateLimited { .. }),
+                "{requests:?}"
+            );
+        }
     }
 
     #[test]

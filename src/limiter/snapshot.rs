@@ -26,6 +26,17 @@ pub struct KeySnapshot {
     pub stated_rpm: Option<f64>,
     /// The lanes of the models learned on this key.
     pub models: Vec<ModelLaneSnapshot>,
+    /// The key's token budget, if it has one.
+    pub token_budget: Option<TokenBudgetSnapshot>,
+}
+
+/// A token budget as it stands: its limit, what counts in it now, and where the limit comes
+/// from (`config`, or `header` when the upstream stated it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBudgetSnapshot {
+    pub tpm: u64,
+    pub used: u64,
+    pub source: &'static str,
 }
 
 /// What a controller learned and what it does next, for `/status` and the metrics.
@@ -173,6 +184,11 @@ impl Limiter {
                     source: CeilingSource::Header,
                 })),
                 stated_rpm: l.stated,
+                token_budget: l.tokens.as_ref().map(|w| TokenBudgetSnapshot {
+                    tpm: w.limit(),
+                    used: w.used(now),
+                    source: l.budget_source(self.base_tpm),
+                }),
                 models: self
                     .learned
                     .models()

@@ -12,7 +12,10 @@
 
 use std::time::Instant;
 
-use super::{Grant, Limiter, StatedLimit};
+use super::{Grant, Limiter, StatedLimit, StatedTokens, TOKEN_WINDOW};
+
+/// The lowest token budget a statement sets: less is more likely a hostile value than a limit.
+const STATED_MIN_TPM: u64 = 1_000;
 
 /// A stated limit below this share of what the lane accepted over its last window
 /// contradicts what was seen, and is ignored.
@@ -77,6 +80,37 @@ impl Limiter {
         if (base - current).abs() > 1e-9 {
             key.controller.set_base_rpm(base);
         }
+    }
+}
+
+impl Limiter {
+    /// Takes the token limit the upstream stated on its answer to `grant`, whatever
+    /// `rate_rpm` is: a key without a `tpm` of its own (or the route's) gets that budget, and
+    /// what the upstream says is spent beyond what this sidecar counted (its own requests not
+    /// settled yet, other users of the key) counts as spent until the upstream says it is back.
+    pub fn observe_stated_tokens(&mut self, grant: Grant, stated: StatedTokens, now: Instant) {
+        self.advance(now);
+        let k = grant.lane.min(self.lanes.len() - 1);
+        let base_tpm = self.base_tpm;
+        let lane = &mut self.lanes[k];
+        if lane.own_tpm.is_none() && base_tpm.is_none() {
+            let tpm = stated.limit.max(STATED_MIN_TPM);
+            lane.stated_tpm = Some(tpm);
+            lane.adopt_tpm(tpm);
+        }
+        let (Some(window), Some(remaining)) = (lane.tokens.as_mut(), stated.remaining) else {
+            return;
+        };
+        // What remains is the upstream's word, whatever budget this sidecar has: no more than
+        // that goes until the reset.
+        let spent = window.limit().saturating_sub(remaining);
+        let counted = window.used(now);
+        if spent > counted {
+            let until = now + stated.reset.unwrap_or(TOKEN_WINDOW).min(TOKEN_WINDOW);
+            window.spent_until(spent - counted, until, now);
+        }
+        // Tokens spent may hold waiters that fit later: the clock looks again.
+        self.stalled = false;
     }
 }
 

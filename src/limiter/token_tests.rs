@@ -406,3 +406,241 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn a_stated_token_limit_becomes_the_key_s_budget_and_what_is_spent_waits_for_its_reset() {
+    let t0 = Instant::now();
+    let mut l = Limiter::new(settings(600.0, 1, 100), t0);
+    let far = t0 + Duration::from_secs(600);
+    assert_eq!(
+        l.request_with(ask("a", 30_000, far), t0),
+        Admission::Granted
+    );
+    let grant = l.last_grant();
+    // The answer says: 40k a minute, 2k left (other users of the key spent the rest), back in 5 s.
+    l.observe_stated_tokens(
+        grant,
+        StatedTokens {
+            limit: 40_000,
+            remaining: Some(2_000),
+            reset: Some(Duration::from_secs(5)),
+        },
+        t0 + ms(100),
+    );
+    l.settle_tokens(grant, usage(30_000), t0 + ms(100));
+    match l.request_with(ask("b", 40_001, far), t0 + ms(200)) {
+        Admission::Rejected {
+            why: Rejection::TooLarge { limit, .. },
+            ..
+        } => assert_eq!(limit, 40_000, "the stated limit is the budget"),
+        other => panic!("{other:?}"),
+    }
+    let next = queued(l.request_with(ask("b", 5_000, far), t0 + ms(300)));
+    // 38k spent until about 5 s (the reset rounded up to the next second).
+    assert!(
+        granted(&l.poll(t0 + ms(4_900))).is_empty(),
+        "what is spent counts until its reset"
+    );
+    assert_eq!(granted(&l.poll(t0 + ms(6_200))), vec![next]);
+    // A configured budget wins over a stated one; what the upstream says remains still counts.
+    let mut configured = budgeted(600.0, 100_000, t0);
+    assert_eq!(
+        configured.request_with(ask("a", 1_000, far), t0),
+        Admission::Granted
+    );
+    let g = configured.last_grant();
+    configured.observe_stated_tokens(
+        g,
+        StatedTokens {
+            limit: 10_000,
+            remaining: Some(0),
+            reset: None,
+        },
+        t0,
+    );
+    assert!(matches!(
+        configured.request_with(ask("b", 20_000, far), t0 + ms(100)),
+        Admission::Queued(_)
+    ));
+}
+
+/// An upstream that allows `rpm` requests and `tpm` prompt tokens in any 60 s, and says
+/// nothing about tokens (NVIDIA's), against clients that each keep one request going.
+struct HiddenTokenQuota {
+    rpm: usize,
+    tpm: u64,
+    accepted: Vec<(Instant, u64)>,
+    refused: usize,
+}
+
+impl HiddenTokenQuota {
+    fn answer(&mut self, tokens: u64, now: Instant) -> bool {
+        let live: Vec<&(Instant, u64)> = self
+            .accepted
+            .iter()
+            .filter(|(t, _)| now - *t < TOKEN_WINDOW)
+            .collect();
+        let used: u64 = live.iter().map(|(_, n)| n).sum();
+        let ok = live.len() < self.rpm && used + tokens <= self.tpm;
+        if ok {
+            self.accepted.push((now, tokens));
+        } else {
+            self.refused += 1;
+        }
+        ok
+    }
+}
+
+/// What the run served: the answers accepted to the big and the small clients, the upstream's
+/// 429s, the key's rate at the end, and its token budget. `priced` false asks as before token
+/// budgets: no request has a cost.
+fn run_hidden(seconds: u64, priced: bool) -> (usize, usize, usize, f64, Option<u64>) {
+    run_against(seconds, priced, 40, 100_000)
+}
+
+/// `run_hidden` against an upstream of `rpm` requests and `tpm` tokens a minute.
+fn run_against(
+    seconds: u64,
+    priced: bool,
+    rpm: usize,
+    tpm: u64,
+) -> (usize, usize, usize, f64, Option<u64>) {
+    let t0 = Instant::now();
+    let mut l = Limiter::new(settings(40.0, 1, 100), t0);
+    let mut upstream = HiddenTokenQuota {
+        rpm,
+        tpm,
+        accepted: Vec::new(),
+        refused: 0,
+    };
+    let far = t0 + Duration::from_secs(3_600);
+    // Three clients of 12k-token prompts, six of 100-token ones; an answer takes a second.
+    let clients: Vec<(String, u32)> = (0..3)
+        .map(|i| (format!("big{i}"), 12_000))
+        .chain((0..6).map(|i| (format!("small{i}"), 100)))
+        .collect();
+    let mut waiting: HashMap<WaiterId, usize> = HashMap::new();
+    // Requests granted now, to go out; answers that end later (when, client, grant).
+    let mut sent: Vec<(usize, Grant)> = Vec::new();
+    let mut ending: Vec<(Instant, usize, Grant)> = Vec::new();
+    let mut served = [0usize; 2];
+    let queue = |l: &mut Limiter,
+                 c: usize,
+                 again: bool,
+                 now: Instant,
+                 waiting: &mut HashMap<WaiterId, usize>,
+                 sent: &mut Vec<(usize, Grant)>| {
+        let a = ask(&clients[c].0, clients[c].1, far);
+        let a = if priced { a } else { Ask { tokens: None, ..a } };
+        let admission = if again {
+            l.request_again_with(a, now)
+        } else {
+            l.request_with(a, now)
+        };
+        match admission {
+            Admission::Granted => sent.push((c, l.last_grant())),
+            Admission::Queued(id) => {
+                waiting.insert(id, c);
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut now = t0;
+    for c in 0..clients.len() {
+        queue(&mut l, c, false, now, &mut waiting, &mut sent);
+    }
+    let end = t0 + Duration::from_secs(seconds);
+    while now < end {
+        now += ms(50);
+        let done: Vec<(Instant, usize, Grant)> =
+            ending.iter().copied().filter(|e| e.0 <= now).collect();
+        ending.retain(|e| e.0 > now);
+        for (_, c, grant) in done {
+            let tokens = u64::from(clients[c].1);
+            l.settle_tokens(grant, usage(tokens), now);
+            queue(&mut l, c, false, now, &mut waiting, &mut sent);
+        }
+        for r in l.poll(now) {
+            if let Resolution::Granted(id, grant) = r {
+                let c = waiting.remove(&id).unwrap();
+                sent.push((c, grant));
+            }
+        }
+        // The upstream counts a request when it arrives, and answers a 429 at once.
+        while !sent.is_empty() {
+            for (c, grant) in std::mem::take(&mut sent) {
+                let tokens = u64::from(clients[c].1);
+                if upstream.answer(tokens, now) {
+                    l.observe_answer(&UpstreamSignal::Accepted { pause: None }, grant, now);
+                    served[usize::from(c >= 3)] += 1;
+                    ending.push((now + Duration::from_secs(1), c, grant));
+                } else {
+                    l.observe_answer(
+                        &UpstreamSignal::RateLimited { retry_after: None },
+                        grant,
+                        now,
+                    );
+
+                    queue(&mut l, c, true, now, &mut waiting, &mut sent);
+                }
+            }
+        }
+    }
+    let budget = l.snapshot(now).keys[0].token_budget.as_ref().map(|b| b.tpm);
+    (
+        served[0],
+        served[1],
+        upstream.refused,
+        l.controller().effective_rpm(),
+        budget,
+    )
+}
+
+/// NVIDIA's hidden limit: 40 requests and 100k prompt tokens a minute per key, nothing said
+/// about tokens. Three clients send 12k-token prompts, six send 100-token ones, for 150 s.
+/// Told nothing, the sidecar learns a token budget from the first 429s on big prompts and keeps
+/// its request rate: it serves nearly all the 100 requests the rate allows, with a handful of
+/// 429s. Without the estimate (no request has a cost, as before token budgets) the rate is cut
+/// for the token limit's 429s.
+#[test]
+fn a_hidden_token_limit_is_learned_and_the_request_rate_kept() {
+    let (big, small, refused, rpm, budget) = run_hidden(150, true);
+    let (big_before, small_before, refused_before, rpm_before, _) = run_hidden(150, false);
+    println!(
+        "learning: big {big}, small {small}, upstream 429s {refused}, key rate {rpm:.1}, budget {budget:?}; \
+         without: big {big_before}, small {small_before}, 429s {refused_before}, rate {rpm_before:.1}"
+    );
+    assert!(big + small >= 90, "{} served of about 100", big + small);
+    assert!(refused <= 6, "{refused} upstream 429s");
+    assert!(rpm >= 39.0, "the request rate was cut: {rpm}");
+    assert!(
+        budget.is_some_and(|b| (80_000..=110_000).contains(&b)),
+        "{budget:?}"
+    );
+    assert!(big >= 15, "the big clients starved: {big}");
+    assert!(
+        big + small > big_before + small_before,
+        "learning gained nothing"
+    );
+    // A request limit (20 a minute against the sidecar's 40) with the same mix and no token
+    // limit: learning tokens costs no more 429s than not, and the rate is cut as before.
+    let (big, small, refused, rpm, budget) = run_against(150, true, 20, u64::MAX);
+    let (big_before, small_before, refused_before, rpm_before, _) =
+        run_against(150, false, 20, u64::MAX);
+    println!(
+        "request limit: served {} ({} without learning), upstream 429s {refused} ({refused_before}), rate {rpm:.1} ({rpm_before:.1}), budget {budget:?}",
+        big + small,
+        big_before + small_before
+    );
+    assert!(
+        refused <= refused_before + 2,
+        "{refused} 429s against {refused_before}"
+    );
+    assert!(big + small + 3 >= big_before + small_before);
+    assert_eq!(budget, None, "a token budget learned from a request limit");
+    // Ten minutes: the budget keeps finding the limit, a 429 now and then.
+    let (big, small, refused, rpm, budget) = run_hidden(600, true);
+    println!("ten minutes: big {big}, small {small}, upstream 429s {refused}, key rate {rpm:.1}, budget {budget:?}");
+    assert!(big + small >= 360, "{} served of about 400", big + small);
+    assert!(refused <= 12, "{refused} upstream 429s in ten minutes");
+}

@@ -146,7 +146,11 @@ impl TokenWindow {
     pub fn new(limit: u64, now: Instant) -> TokenWindow {
         TokenWindow {
             limit: limit.max(1),
-            origin: now,
+            // A window back, so that tokens spent before the budget existed can be counted in
+            // the slots they would have been in (`spent_until`).
+            origin: now
+                .checked_sub(Duration::from_secs(HELD_FOR))
+                .unwrap_or(now),
             slots: VecDeque::new(),
         }
     }
@@ -237,6 +241,24 @@ impl TokenWindow {
         match self.slots.back_mut() {
             Some((last, reserved)) if *last == slot => *reserved += tokens,
             _ => self.slots.push_back((slot, tokens)),
+        }
+    }
+
+    /// Counts `tokens` the upstream says are spent (by this sidecar's requests it has not
+    /// counted yet, or by others using the same key) until `until`: as a reservation in the
+    /// slot that stops counting then, or in the current one if that is later than a window.
+    pub fn spent_until(&mut self, tokens: u64, until: Instant, now: Instant) {
+        let Some(current) = self.slot_of(now) else {
+            return;
+        };
+        let ends = until
+            .checked_duration_since(self.origin)
+            .map_or(0, |d| d.as_secs_f64().ceil() as u64);
+        let slot = ends.saturating_sub(HELD_FOR).min(current);
+        let at = self.slots.partition_point(|(s, _)| *s < slot);
+        match self.slots.get_mut(at) {
+            Some((s, reserved)) if *s == slot => *reserved += tokens,
+            _ => self.slots.insert(at, (slot, tokens)),
         }
     }
 
@@ -371,6 +393,32 @@ mod tests {
         assert!(holds.get(b).is_some());
         holds.prune(t0 + HOLD_KEPT + secs(1.0));
         assert_eq!((holds.get(b), holds.len()), (None, 0));
+    }
+
+    #[test]
+    fn tokens_spent_elsewhere_count_until_the_upstream_says_they_are_back() {
+        let t0 = Instant::now();
+        let mut w = TokenWindow::new(10_000, t0);
+        let now = t0 + secs(100.0);
+        w.take(cost(1_000), t0 + secs(90.0));
+        w.spent_until(6_000, now + secs(6.0), now);
+        assert_eq!(w.used(now), 7_000);
+        assert!(!w.fits(cost(4_000), now));
+        assert_eq!(w.fits_at(cost(4_000), now), Some(now + secs(6.0)));
+        w.spent_until(2_000, now + secs(600.0), now);
+        assert_eq!(w.used(now + secs(60.0)), 2_000);
+        assert_eq!(
+            w.used(now + secs(62.0)),
+            0,
+            "no longer than a window from now"
+        );
+        let mut fresh = TokenWindow::new(10_000, now);
+        fresh.spent_until(9_000, now + secs(5.0), now);
+        assert!(!fresh.fits(cost(2_000), now + secs(4.0)));
+        assert!(
+            fresh.fits(cost(2_000), now + secs(6.0)),
+            "a new budget counts it 5 s too"
+        );
     }
 
     #[test]

@@ -43,7 +43,7 @@ mod wait;
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -56,7 +56,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 
 use crate::admission::{now, Verdict};
 use crate::app::{App, RouteTable};
-use crate::limiter::StatedLimit;
+use crate::limiter::{StatedLimit, StatedTokens};
 
 pub use classify::ambiguous_path;
 pub use context::{RequestCtx, Stage};
@@ -416,6 +416,12 @@ impl ProxyHttp for SidecarProxy {
             let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
             if let Some(stated) = StatedLimit::read(header) {
                 gate.observe_stated(grant, stated);
+            }
+        }
+        if let Some(grant) = ctx.grant() {
+            let header = |name: &str| response.headers.get(name).and_then(|v| v.to_str().ok());
+            if let Some(stated) = StatedTokens::read(header, SystemTime::now()) {
+                gate.observe_stated_tokens(grant, stated);
             }
         }
         if let (401 | 403, Some(grant)) = (status, ctx.grant()) {

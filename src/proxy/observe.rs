@@ -14,14 +14,19 @@ impl SidecarProxy {
         gate: &AdmissionGate,
         signal: &UpstreamSignal,
     ) {
-        if let Some(reason) = signal.refusal_reason() {
-            self.app
-                .metrics
-                .upstream_refusals
-                .with_label_values(&[ctx.route_name(), reason])
-                .inc();
-        }
+        let route = ctx.route().cloned();
+        let count = |signal: &UpstreamSignal| {
+            if let Some(reason) = signal.refusal_reason() {
+                let name = route.as_ref().map_or("none", |r| r.name());
+                self.app
+                    .metrics
+                    .upstream_refusals
+                    .with_label_values(&[name, reason])
+                    .inc();
+            }
+        };
         if ctx.attempt.observed {
+            count(signal);
             return;
         }
         ctx.attempt.observed = true;
@@ -30,8 +35,10 @@ impl SidecarProxy {
             // Answers to requests sent without a token still tell about the quota.
             _ => gate.current_grant(),
         };
-        // The model's concurrency hears it too (`Limiter::observe_answer`).
-        gate.observe(signal, grant);
+        // The model's concurrency hears it too (`Limiter::observe_answer`); a 429 it finds to
+        // be about tokens is counted as such.
+        let judged = gate.observe(signal, grant);
+        count(&judged);
     }
 
     /// NVIDIA's capacity error as the first event of a 200 (the status said success, the

@@ -42,7 +42,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -225,6 +225,8 @@ pub struct MockState {
     token_books: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
     /// Models that answer a request carrying `stream_options` with a 400.
     no_stream_options: Mutex<HashSet<String>>,
+    /// The token quota is stated in OpenAI's headers (`x-ratelimit-*-tokens`).
+    states_tokens: AtomicBool,
 }
 
 /// What one quota remembers: the accepted arrivals (sliding and fixed windows) and the token
@@ -411,6 +413,7 @@ impl MockState {
             token_quota: Mutex::new(None),
             token_books: Mutex::new(HashMap::new()),
             no_stream_options: Mutex::new(HashSet::new()),
+            states_tokens: AtomicBool::new(false),
         })
     }
 
@@ -735,6 +738,47 @@ impl MockState {
     /// a request that would go over is answered 429 as the request quota would be.
     pub fn set_token_quota(&self, limit: u64, window: Duration) {
         *self.token_quota.lock().unwrap() = Some((limit, window));
+    }
+
+    /// States the token quota on chat answers (200s and its own 429s) in OpenAI's headers:
+    /// `x-ratelimit-limit-tokens`, `-remaining-tokens`, `-reset-tokens`, and
+    /// `x-ratelimit-remaining-requests: 1000` beside them.
+    pub fn state_tokens(&self) {
+        self.states_tokens.store(true, Ordering::SeqCst);
+    }
+
+    /// The token headers for `key` at `at`, when they are stated.
+    fn add_token_headers(&self, key: Option<&str>, at: Instant, answer: &mut Answer) {
+        if !self.states_tokens.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some((limit, window)) = *self.token_quota.lock().unwrap() else {
+            return;
+        };
+        let books = self.token_books.lock().unwrap();
+        let live: Vec<(Instant, u64)> = books
+            .get(key.unwrap_or(""))
+            .map(|b| {
+                b.iter()
+                    .copied()
+                    .filter(|(t, _)| at.duration_since(*t) < window)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let used: u64 = live.iter().map(|(_, n)| n).sum();
+        let reset = live
+            .first()
+            .map_or(Duration::ZERO, |(t, _)| window - at.duration_since(*t));
+        answer.set_header("x-ratelimit-limit-tokens", limit.to_string());
+        answer.set_header(
+            "x-ratelimit-remaining-tokens",
+            limit.saturating_sub(used).to_string(),
+        );
+        answer.set_header(
+            "x-ratelimit-reset-tokens",
+            format!("{}ms", reset.as_millis().max(1)),
+        );
+        answer.set_header("x-ratelimit-remaining-requests", "1000".to_string());
     }
 
     /// `model` answers a request that carries `stream_options` with a 400.
@@ -1176,7 +1220,9 @@ fn decide_chat(
     let tokens = prompt_tokens(body.len());
     if !state.token_room(key, at, tokens) {
         record_full(429, false, false, true);
-        return (ChatOutcome::Limited(too_many(style)), None);
+        let mut answer = too_many(style);
+        state.add_token_headers(key, at, &mut answer);
+        return (ChatOutcome::Limited(answer), None);
     }
     if !state.admit_model(model, key, at) {
         record_as(429, false, true);
@@ -1235,6 +1281,7 @@ fn decide_chat(
         add_ratelimit_headers(state, key, at, &mut answer);
     }
     state.add_stated(key, at, &mut answer);
+    state.add_token_headers(key, at, &mut answer);
     (ChatOutcome::Buffered(answer), slot)
 }
 
