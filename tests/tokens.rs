@@ -9,7 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{client, prompt_tokens, LimitStyle, MockUpstream, Quota, Sidecar};
+use support::{client, prompt_tokens, Framing, LimitStyle, MockUpstream, Quota, Sidecar};
 
 /// The timing-sensitive tests run one at a time on this 2-core machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -215,6 +215,35 @@ async fn a_request_larger_than_the_budget_is_told_at_once() {
     assert_eq!(status["errors"]["too_large"], 2, "{}", status["errors"]);
 }
 
+/// What a run of `big_and_tiny` saw.
+struct MixRun {
+    big: Seen,
+    small: Seen,
+    /// Prompt tokens the upstream accepted.
+    accepted: u64,
+    /// `/status` at the end.
+    status: serde_json::Value,
+}
+
+/// Two clients of 24 KiB prompts and three of tiny ones for 20 s, told nothing about tokens.
+async fn big_and_tiny(sidecar: &Sidecar, mock: &MockUpstream) -> MixRun {
+    let url = sidecar.url("/v1/chat/completions");
+    let started = Instant::now();
+    let stop = started + Duration::from_secs(20);
+    let (big, small) = tokio::join!(
+        closed_loop(&url, "big", 2, chat_body("m", 24 * 1024, false), stop),
+        closed_loop(&url, "small", 3, chat_body("m", 100, false), stop),
+    );
+    // Whatever was in flight at the stop ends first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    MixRun {
+        big,
+        small,
+        accepted: mock.state.tokens_accepted_between(started, Instant::now()),
+        status: sidecar.status().await,
+    }
+}
+
 /// The upstream states its token quota in OpenAI's headers (30k a minute per key) and the
 /// sidecar is told nothing about tokens. The first answers teach it the budget and what is
 /// spent: in 20 s of 24 KiB prompts and tiny ones it meets at most one token 429, uses the
@@ -226,16 +255,12 @@ async fn a_stated_token_limit_is_learned_without_cutting_the_request_rate() {
     mock.state.set_token_quota(30_000, Duration::from_secs(60));
     mock.state.state_tokens();
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 60\n").await;
-    let url = sidecar.url("/v1/chat/completions");
-    let started = Instant::now();
-    let stop = started + Duration::from_secs(20);
-    let (big, small) = tokio::join!(
-        closed_loop(&url, "big", 2, chat_body("m", 24 * 1024, false), stop),
-        closed_loop(&url, "small", 3, chat_body("m", 100, false), stop),
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let accepted = mock.state.tokens_accepted_between(started, Instant::now());
-    let status = sidecar.status().await;
+    let MixRun {
+        big,
+        small,
+        accepted,
+        status,
+    } = big_and_tiny(&sidecar, &mock).await;
     let key = &status["keys"][0];
     println!(
         "prompt tokens accepted {accepted} of 30000; token 429s {}; 200s big {}, small {}; key {key}",
@@ -278,16 +303,12 @@ async fn an_unstated_token_limit_is_learned_from_its_429s() {
     let mock = MockUpstream::start(None, LimitStyle::Nvidia).await;
     mock.state.set_token_quota(30_000, Duration::from_secs(60));
     let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 600\nrequest_timeout: 60\n").await;
-    let url = sidecar.url("/v1/chat/completions");
-    let started = Instant::now();
-    let stop = started + Duration::from_secs(20);
-    let (big, small) = tokio::join!(
-        closed_loop(&url, "big", 2, chat_body("m", 24 * 1024, false), stop),
-        closed_loop(&url, "small", 3, chat_body("m", 100, false), stop),
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let accepted = mock.state.tokens_accepted_between(started, Instant::now());
-    let status = sidecar.status().await;
+    let MixRun {
+        big,
+        small,
+        accepted,
+        status,
+    } = big_and_tiny(&sidecar, &mock).await;
     let key = &status["keys"][0];
     let refused = mock.state.token_violations();
     println!(
@@ -317,4 +338,55 @@ async fn an_unstated_token_limit_is_learned_from_its_429s() {
         token_refusals >= 1.0,
         "the 429s were not counted as the token limit's"
     );
+}
+
+/// The upstream's `usage` is read however its answer is framed: the head and the body in
+/// separate writes, or a chunked body in one or two chunks. What the sidecar counts is what
+/// the upstream counted, for prompts from a few bytes to 200 KiB.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_is_read_whatever_the_framing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    for framing in [
+        Framing::Split {
+            delay: Duration::from_millis(20),
+        },
+        Framing::Chunked {
+            delay: Duration::from_millis(20),
+        },
+    ] {
+        let mock = MockUpstream::start_framed(None, LimitStyle::Nvidia, framing).await;
+        let sidecar = Sidecar::start(&mock.url(), "rate_rpm: 6000\ntpm: 1000000\n").await;
+        let url = sidecar.url("/v1/chat/completions");
+        for size in [10, 3_000, 48 * 1024, 200 * 1024] {
+            let response = client()
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(chat_body("m", size, false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{framing:?}");
+            response.text().await.unwrap();
+        }
+        let accepted = mock
+            .state
+            .tokens_accepted_between(mock.state.started(), Instant::now());
+        let mut counted = 0.0;
+        for _ in 0..50 {
+            counted = sidecar
+                .metric("nvidia_sidecar_tokens_total{key=\"default\",kind=\"prompt\",route=\"default\"}")
+                .await;
+            if counted as u64 == accepted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(counted as u64, accepted, "{framing:?}");
+        let budget = &sidecar.status().await["keys"][0]["token_budget"];
+        assert_eq!(
+            budget["used"].as_u64(),
+            Some(accepted + 4 * 2),
+            "{framing:?}: {budget}"
+        );
+    }
 }

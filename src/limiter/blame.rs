@@ -92,7 +92,7 @@ impl Limiter {
         let resources = self.resources();
         let others_wait = self.queue.iter().any(|w| {
             w.learned != Some(mg.model)
-                && resources.limits_allow(&w.client, w.model, w.learned, w.tokens, now)
+                && resources.limits_allow(&w.client, w.model, w.learned, w.cost(), now)
                 && self.can_test(grant.lane, w.learned, now)
         });
         let window = controller.settings().window;

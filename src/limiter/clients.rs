@@ -187,18 +187,4 @@ impl ClientCaps {
             .and_then(|(w, cost)| w.fits_at(cost, now));
         rate.max(tokens)
     }
-
-    /// Tokens used and the limit of each client budget, for status.
-    pub fn token_use(&self, now: Instant) -> Vec<(Arc<str>, u64, u64)> {
-        let mut out: Vec<_> = self
-            .caps
-            .iter()
-            .filter_map(|(id, c)| {
-                let w = c.tokens.as_ref()?;
-                Some((id.clone(), w.used(now), w.limit()))
-            })
-            .collect();
-        out.sort();
-        out
-    }
 }

@@ -183,14 +183,19 @@ impl Lane {
             .or(self.token_learning.learned_tpm())
     }
 
+    /// Whether the key's budget is its own to learn: neither configured nor stated.
+    pub fn learns_tokens(&self, base: Option<u64>) -> bool {
+        self.own_tpm.or(base).or(self.stated_tpm).is_none()
+    }
+
     /// Where the key's token budget comes from: `config`, `header` or `learned`.
     pub fn budget_source(&self, base: Option<u64>) -> &'static str {
         if self.own_tpm.or(base).is_some() {
             "config"
-        } else if self.stated_tpm.is_some() {
-            "header"
-        } else {
+        } else if self.learns_tokens(base) {
             "learned"
+        } else {
+            "header"
         }
     }
 

@@ -367,8 +367,7 @@ impl Limiter {
             weight: ask.weight.max(1),
             model: ask.model,
             learned,
-            tokens: priced.map(|p| p.cost),
-            asked: priced.map(|p| p.ask),
+            priced,
         };
         self.learned.waiting(learned, true);
         if front {

@@ -130,18 +130,16 @@ impl Limiter {
             UpstreamSignal::Accepted { .. } => {
                 if let Some(hold) = self.holds.get(id) {
                     let lane = &mut self.lanes[k];
-                    let learns = lane.own_tpm.or(base_tpm).or(lane.stated_tpm).is_none();
-                    if let Some(tpm) = lane.token_learning.accepted(id, hold, now) {
-                        if learns {
-                            lane.adopt_tpm(tpm);
-                        }
+                    let learns = lane.learns_tokens(base_tpm);
+                    if let (Some(tpm), true) = (lane.token_learning.accepted(id, hold, now), learns)
+                    {
+                        lane.adopt_tpm(tpm);
                     }
                 }
                 signal
             }
             UpstreamSignal::RateLimited { .. } => {
-                let lane = &self.lanes[k];
-                if lane.own_tpm.or(base_tpm).or(lane.stated_tpm).is_some() {
+                if !self.lanes[k].learns_tokens(base_tpm) {
                     return signal;
                 }
                 let Some(hold) = self.holds.get(id) else {

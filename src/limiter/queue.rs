@@ -74,10 +74,15 @@ pub struct Waiter {
     pub model: Option<usize>,
     /// The learned model the request asks for.
     pub learned: Option<super::ModelRef>,
+    /// What it told of its cost in tokens, and what that comes to.
+    pub priced: Option<super::Priced>,
+}
+
+impl Waiter {
     /// What it is expected to cost in tokens.
-    pub tokens: Option<super::TokenCost>,
-    /// What it asked, for its grant's `TokenHold`.
-    pub asked: Option<super::TokenAsk>,
+    pub fn cost(&self) -> Option<super::TokenCost> {
+        self.priced.map(|p| p.cost)
+    }
 }
 
 /// The pass a client's waiter advances by when served, for weight 1; a client of weight `w`

@@ -82,10 +82,10 @@ impl Resources<'_> {
             &waiter.client,
             waiter.model,
             waiter.learned,
-            waiter.tokens,
+            waiter.cost(),
             now,
         ) && self
-            .ready_lane(waiter.learned, waiter.tokens, now)
+            .ready_lane(waiter.learned, waiter.cost(), now)
             .is_some()
     }
 
@@ -98,7 +98,7 @@ impl Resources<'_> {
         backfill: &RefCell<Backfill>,
         now: Instant,
     ) -> bool {
-        let Some(cost) = waiter.tokens else {
+        let Some(cost) = waiter.cost() else {
             return self.serve(waiter, now);
         };
         // Held by something else than tokens: it has no claim on them yet.

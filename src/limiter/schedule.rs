@@ -6,7 +6,7 @@ use std::time::Instant;
 use std::cell::RefCell;
 
 use super::resources::{Backfill, Resources};
-use super::{Limiter, Priced, Rejection, Resolution};
+use super::{Limiter, Rejection, Resolution};
 
 impl Limiter {
     /// Expires waiters whose deadline passed and grants tokens to the next waiters in line.
@@ -52,10 +52,7 @@ impl Limiter {
                     &waiter.client,
                     waiter.model,
                     waiter.learned,
-                    waiter
-                        .tokens
-                        .zip(waiter.asked)
-                        .map(|(cost, ask)| Priced { cost, ask }),
+                    waiter.priced,
                     &backfill.borrow(),
                     now,
                 )
@@ -85,15 +82,15 @@ impl Limiter {
                     let model = w
                         .model
                         .and_then(|m| self.models.get(m))
-                        .and_then(|m| m.next_ready_at(w.tokens, now));
-                    let client = self.clients.next_ready_at(&w.client, w.tokens, now);
+                        .and_then(|m| m.next_ready_at(w.cost(), now));
+                    let client = self.clients.next_ready_at(&w.client, w.cost(), now);
                     let lanes = w.learned.and_then(|m| {
                         (0..self.lanes.len())
                             .filter_map(|k| self.learned.lane(m, k)?.next_open_at(now))
                             .min()
                     });
                     // The key budgets: the first that has room for it.
-                    let budgets = w.tokens.and_then(|cost| {
+                    let budgets = w.cost().and_then(|cost| {
                         self.lanes
                             .iter()
                             .filter(|l| l.active)

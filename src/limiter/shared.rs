@@ -70,7 +70,7 @@ impl Limiter {
             let resources = self.resources();
             self.queue
                 .iter()
-                .filter(|w| resources.limits_allow(&w.client, w.model, w.learned, w.tokens, now))
+                .filter(|w| resources.limits_allow(&w.client, w.model, w.learned, w.cost(), now))
                 .count()
         };
         ready.saturating_sub(held).div_ceil(keys)

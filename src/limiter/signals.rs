@@ -201,21 +201,38 @@ impl StatedTokens {
                 reset: header("x-ratelimit-reset-tokens").and_then(parse_go_duration),
             })
         };
-        let anthropic = |kind: &str| {
+        // (limit, remaining, reset) of one of Anthropic's budgets.
+        let anthropic = |[limit, remaining, reset]: [&str; 3]| {
             Some(StatedTokens {
-                limit: number(&format!("anthropic-ratelimit-{kind}-limit"))?,
-                remaining: number(&format!("anthropic-ratelimit-{kind}-remaining")),
-                reset: rfc3339(&format!("anthropic-ratelimit-{kind}-reset")),
+                limit: number(limit)?,
+                remaining: number(remaining),
+                reset: rfc3339(reset),
             })
         };
-        let stated = openai().or_else(|| anthropic("tokens")).or_else(|| {
-            let input = anthropic("input-tokens");
-            let output = anthropic("output-tokens");
-            match (input, output) {
-                (Some(i), Some(o)) => Some(if o.limit < i.limit { o } else { i }),
-                (i, o) => i.or(o),
-            }
-        })?;
+        let stated = openai()
+            .or_else(|| {
+                anthropic([
+                    "anthropic-ratelimit-tokens-limit",
+                    "anthropic-ratelimit-tokens-remaining",
+                    "anthropic-ratelimit-tokens-reset",
+                ])
+            })
+            .or_else(|| {
+                let input = anthropic([
+                    "anthropic-ratelimit-input-tokens-limit",
+                    "anthropic-ratelimit-input-tokens-remaining",
+                    "anthropic-ratelimit-input-tokens-reset",
+                ]);
+                let output = anthropic([
+                    "anthropic-ratelimit-output-tokens-limit",
+                    "anthropic-ratelimit-output-tokens-remaining",
+                    "anthropic-ratelimit-output-tokens-reset",
+                ]);
+                match (input, output) {
+                    (Some(i), Some(o)) => Some(if o.limit < i.limit { o } else { i }),
+                    (i, o) => i.or(o),
+                }
+            })?;
         let sane = (1..=STATED_TOKENS_MAX).contains(&stated.limit)
             && stated.remaining.is_none_or(|r| r <= stated.limit);
         sane.then(|| StatedTokens {

@@ -93,7 +93,7 @@ impl Limiter {
         let k = grant.lane.min(self.lanes.len() - 1);
         let base_tpm = self.base_tpm;
         let lane = &mut self.lanes[k];
-        if lane.own_tpm.is_none() && base_tpm.is_none() {
+        if lane.own_tpm.or(base_tpm).is_none() {
             let tpm = stated.limit.max(STATED_MIN_TPM);
             lane.stated_tpm = Some(tpm);
             lane.adopt_tpm(tpm);

@@ -139,9 +139,8 @@ impl TokenLearning {
             return None;
         }
         self.lo = held;
-        if let Some(hi) = self.hi.filter(|hi| *hi <= held) {
+        if self.hi.is_some_and(|hi| hi <= held) {
             // The upstream took more than it refused before: that bound no longer holds.
-            let _ = hi;
             self.hi = None;
         }
         self.learned.is_some().then(|| self.settle_budget(now))

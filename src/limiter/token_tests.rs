@@ -33,6 +33,17 @@ fn budgeted(rpm: f64, tpm: u64, t0: Instant) -> Limiter {
     )
 }
 
+/// The estimate and the limit of a request refused as larger than a whole budget.
+fn too_large(admission: Admission) -> (u32, u64) {
+    match admission {
+        Admission::Rejected {
+            why: Rejection::TooLarge { tokens, limit },
+            ..
+        } => (tokens, limit),
+        other => panic!("expected request_too_large, got {other:?}"),
+    }
+}
+
 fn usage(prompt: u64) -> Usage {
     Usage {
         prompt,
@@ -45,13 +56,10 @@ fn a_request_over_the_whole_budget_is_told_at_once() {
     let t0 = Instant::now();
     let mut l = budgeted(600.0, 10_000, t0);
     let far = t0 + Duration::from_secs(600);
-    match l.request_with(ask("a", 10_001, far), t0) {
-        Admission::Rejected {
-            why: Rejection::TooLarge { tokens, limit },
-            ..
-        } => assert_eq!((tokens, limit), (10_001, 10_000)),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        too_large(l.request_with(ask("a", 10_001, far), t0)),
+        (10_001, 10_000)
+    );
     assert_eq!(
         l.request_with(ask("a", 10_000, far), t0),
         Admission::Granted
@@ -268,13 +276,8 @@ fn a_model_and_a_client_budget_hold_their_own_requests_only() {
     let free = queued(l.request_with(ask("free", 2_000, far), t0 + ms(40)));
     assert_eq!(granted(&l.poll(t0 + ms(50))), vec![free]);
     assert!(l.is_waiting(capped) && l.is_waiting(held));
-    match l.request_with(ask("capped", 5_001, far), t0 + ms(60)) {
-        Admission::Rejected {
-            why: Rejection::TooLarge { limit, .. },
-            ..
-        } => assert_eq!(limit, 5_000),
-        other => panic!("{other:?}"),
-    }
+    let refused = l.request_with(ask("capped", 5_001, far), t0 + ms(60));
+    assert_eq!(too_large(refused).1, 5_000);
 }
 
 #[test]
@@ -428,13 +431,12 @@ fn a_stated_token_limit_becomes_the_key_s_budget_and_what_is_spent_waits_for_its
         t0 + ms(100),
     );
     l.settle_tokens(grant, usage(30_000), t0 + ms(100));
-    match l.request_with(ask("b", 40_001, far), t0 + ms(200)) {
-        Admission::Rejected {
-            why: Rejection::TooLarge { limit, .. },
-            ..
-        } => assert_eq!(limit, 40_000, "the stated limit is the budget"),
-        other => panic!("{other:?}"),
-    }
+    let refused = l.request_with(ask("b", 40_001, far), t0 + ms(200));
+    assert_eq!(
+        too_large(refused).1,
+        40_000,
+        "the stated limit is the budget"
+    );
     let next = queued(l.request_with(ask("b", 5_000, far), t0 + ms(300)));
     // 38k spent until about 5 s (the reset rounded up to the next second).
     assert!(

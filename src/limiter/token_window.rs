@@ -124,12 +124,9 @@ impl Holds {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.held.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
     }
 }
 
@@ -197,8 +194,7 @@ impl TokenWindow {
 
     /// Whether `cost` fits in the budget at `now`.
     pub fn fits(&self, cost: TokenCost, now: Instant) -> bool {
-        let cost = cost.reserved(self.limit);
-        cost <= self.limit && self.used(now) + cost <= self.limit
+        self.used(now) + cost.reserved(self.limit) <= self.limit
     }
 
     /// Whether `cost` fits at `now` and still leaves room at `at` for `theirs`, a request that

@@ -15,6 +15,7 @@ pub const OTHER: &str = "other";
 pub struct BoundedLabels {
     named: Mutex<HashSet<Arc<str>>>,
     max: usize,
+    other: Arc<str>,
 }
 
 impl BoundedLabels {
@@ -22,6 +23,7 @@ impl BoundedLabels {
         BoundedLabels {
             named: Mutex::new(HashSet::new()),
             max,
+            other: Arc::from(OTHER),
         }
     }
 
@@ -36,7 +38,7 @@ impl BoundedLabels {
             return known.clone();
         }
         if named.len() >= self.max || id == OTHER {
-            return Arc::from(OTHER);
+            return self.other.clone();
         }
         let id: Arc<str> = Arc::from(id);
         named.insert(id.clone());

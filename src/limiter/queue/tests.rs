@@ -11,8 +11,7 @@ fn waiter(client: &str, priority: Priority, t0: Instant, timeout_s: u64) -> Wait
         weight: 1,
         model: None,
         learned: None,
-        tokens: None,
-        asked: None,
+        priced: None,
     }
 }
 
