@@ -16,9 +16,13 @@
 //!    learns is remembered as that model's. The first request of another model hands it over:
 //!    the model's lane takes the key's retreat, the key starts again from its base rate. If
 //!    the key was the limit after all, both models meet 429s and the key is charged then;
-//! 4. with other models seen lately that cannot test now (their own lanes hold them), a key
-//!    that was accepted nearly its whole rate over a busy window (running full) is charged;
-//!    one that was not, was not the limit: the model met one of its own.
+//! 4. with other models seen lately that cannot test now (their own lanes hold them, or none
+//!    of theirs waits at this instant), a key that was accepted nearly its whole rate over a
+//!    busy window (running full) is charged; one that was not, was not the limit: the model
+//!    met one of its own. A model whose own lane already holds it below the key is charged
+//!    itself even on a full key: the other models filling the key met no 429 (one that did
+//!    charges the key, whatever else holds), so the key is full of what the upstream accepts,
+//!    and the 429 is the model's.
 //!
 //! A test costs no extra request: it is a request that would have gone anyway, and the key
 //! goes on at its rate while the test is out, since a 429 comes back long before the next
@@ -108,7 +112,7 @@ impl Limiter {
             Charge::Judge
         } else if !others_seen {
             Charge::KeyAlone
-        } else if controller.running_full(now) {
+        } else if controller.running_full(now) && !lane.is_some_and(|l| l.limiting(now)) {
             Charge::Key
         } else {
             Charge::Model

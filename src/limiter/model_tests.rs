@@ -339,3 +339,63 @@ fn a_configured_model_rate_shows_as_the_lane_s_ceiling() {
     assert_eq!(lane.learning.ceiling_rpm, Some(12.0));
     assert_eq!(lane.learning.ceiling_source, Some("config"));
 }
+
+/// The fast model keeps the key full for a whole window while the slow model's lane holds it
+/// below the key; then a slow request meets a 429 at an instant when no fast request happens
+/// to wait. The key is full of what the upstream accepts, and no fast request met a 429: the
+/// 429 is the slow model's, and the key keeps its rate.
+#[test]
+fn a_limited_model_s_429_on_a_key_the_others_fill_is_the_model_s() {
+    let (mut l, t0, slow, mut models) = slow_granted_others_waiting();
+    let far = t0 + secs(600);
+    l.observe_answer(&LIMITED, slow, t0 + ms(100));
+    l.release(slow);
+    let mut now = t0 + ms(100);
+    let mut n = 0;
+    let mut last_slow = None;
+    while now < t0 + secs(15) {
+        now += ms(100);
+        for r in l.poll(now) {
+            if let Resolution::Granted(id, grant) = r {
+                let model = models[&id];
+                l.observe_answer(&OK, grant, now);
+                l.release(grant);
+                if model == "slow" {
+                    last_slow = Some(now);
+                }
+                n += 1;
+                let next = queued(l.request_with(ask(&format!("{model}{n}"), model, far), now));
+                models.insert(next, model);
+            }
+        }
+    }
+    assert!(last_slow.is_some(), "the slow lane lets some through");
+    assert_eq!(l.snapshot(now).keys[0].state, RetreatState::Normal);
+    // Nobody of the fast model waits at this instant; the next slow grant meets a 429.
+    let fast: Vec<WaiterId> = models
+        .iter()
+        .filter(|(id, m)| **m == "fast" && l.is_waiting(**id))
+        .map(|(id, _)| *id)
+        .collect();
+    for id in fast {
+        l.cancel(id, now);
+    }
+    let mut slow_grant = None;
+    while slow_grant.is_none() && now < t0 + secs(60) {
+        now += ms(100);
+        for r in l.poll(now) {
+            if let Resolution::Granted(_, grant) = r {
+                slow_grant = Some(grant);
+            }
+        }
+    }
+    let slow_grant = slow_grant.expect("a slow request is granted");
+    l.observe_answer(&LIMITED, slow_grant, now);
+    let key = &l.snapshot(now).keys[0];
+    assert_eq!(
+        key.state,
+        RetreatState::Normal,
+        "the key was cut for the model's 429"
+    );
+    assert_eq!(key.effective_rpm, 60.0);
+}
