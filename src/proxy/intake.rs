@@ -40,8 +40,6 @@ pub struct Intake {
     pub continues: bool,
     /// What its body asks for; `None` until the body is read (or known to stream).
     pub asks: Option<Asks>,
-    /// What its body may cost if it streams through unread: `None` without a body.
-    unread_cost: Option<TokenAsk>,
 }
 
 /// How a request goes upstream.
@@ -120,9 +118,12 @@ impl Intake {
             Some(gate) => Mode::Gated(gate.clone()),
         };
         let body = BodyPlan::of(head, settings.max_replay_body);
-        let unread_cost = (body != BodyPlan::Empty).then(|| {
+        // A body that streams through is never read: what it asks is known now, its cost by
+        // its declared length, or the held-body limit.
+        let asks = matches!(body, BodyPlan::Stream(_)).then(|| {
             let declared = super::body::declared_length(head).map(|l| l as u64);
-            prompt::ask_of_streamed(declared, settings.max_replay_body)
+            let guess = prompt::ask_of_streamed(declared, settings.max_replay_body);
+            Asks::read(None, &settings.models, Some(guess))
         });
         Ok(Intake {
             route,
@@ -130,15 +131,20 @@ impl Intake {
             mode,
             body,
             continues: classify::expects_continue(head),
-            asks: None,
-            unread_cost,
+            asks,
         })
     }
 
     /// Reads what the body asks for, once: `body` is the whole body when it is in hand.
     pub fn read_body(&mut self, body: Option<&[u8]>, models: &[ModelSettings]) {
         if self.asks.is_none() {
-            self.asks = Some(Asks::read(body, models, self.unread_cost));
+            // Not in hand although planned to be held (the budget was full): its declared
+            // length is the plan's.
+            let unread = match self.body {
+                BodyPlan::Hold(len) => Some(prompt::ask_of_streamed(Some(len as u64), len)),
+                BodyPlan::Empty | BodyPlan::Stream(_) => None,
+            };
+            self.asks = Some(Asks::read(body, models, unread));
         }
     }
 

@@ -37,27 +37,29 @@ pub struct UsageReader {
 }
 
 impl UsageReader {
-    /// Looks at the next chunk of the answer.
+    /// Looks at the next chunk of the answer. The carry is one buffer, reused: nothing is
+    /// allocated per chunk once it has grown to `2 * CARRY`.
     pub fn feed(&mut self, chunk: &[u8]) {
         if chunk.is_empty() {
             return;
         }
-        if self.carry.is_empty() {
+        // What straddles the last chunk and this one: the carry and this chunk's start.
+        let head = chunk.len().min(CARRY);
+        let mut joined = std::mem::take(&mut self.carry);
+        joined.extend_from_slice(&chunk[..head]);
+        self.scan(&joined);
+        if chunk.len() > head {
             self.scan(chunk);
-        } else {
-            let mut joined = std::mem::take(&mut self.carry);
-            joined.extend_from_slice(chunk);
-            self.scan(&joined);
-            self.carry = joined;
         }
-        let text = if self.carry.is_empty() {
-            chunk
+        // The next carry: the last `CARRY` bytes of all that was seen.
+        if chunk.len() >= CARRY {
+            joined.clear();
+            joined.extend_from_slice(&chunk[chunk.len() - CARRY..]);
         } else {
-            &self.carry[..]
-        };
-        let keep = text.len().min(CARRY);
-        let tail = text[text.len() - keep..].to_vec();
-        self.carry = tail;
+            let excess = joined.len().saturating_sub(CARRY);
+            joined.drain(..excess);
+        }
+        self.carry = joined;
     }
 
     fn scan(&mut self, text: &[u8]) {
@@ -141,6 +143,22 @@ mod tests {
         for split in 1..body.len() {
             let (a, b) = body.split_at(split);
             assert_eq!(read(&[a, b]), usage(1200, 34), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn an_object_dripped_a_few_bytes_at_a_time_is_found() {
+        let body = br#"data: {"choices":[],"usage":{"prompt_tokens":777,"completion_tokens":5}}"#;
+        for size in [1, 3, 7, 64] {
+            let chunks: Vec<&[u8]> = body.chunks(size).collect();
+            assert_eq!(read(&chunks), usage(777, 5), "chunks of {size}");
+        }
+        let mut long = vec![b' '; 5_000];
+        long.extend_from_slice(body);
+        long.extend_from_slice(&[b' '; 3_000]);
+        for size in [1_000, 1_024, 1_500, 4_096] {
+            let chunks: Vec<&[u8]> = long.chunks(size).collect();
+            assert_eq!(read(&chunks), usage(777, 5), "chunks of {size}");
         }
     }
 
